@@ -1,0 +1,94 @@
+"""Trainable-parameter accounting and budget matching across methods.
+
+Methods are compared at equal trainable budgets (the papers match a LoRA of
+rank 8). `count_parameters` is the METHODS.md formula for a config on a set of
+layer shapes; tests check it against the parameters a built model really has.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .config import AdapterConfig, ConfigError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
+from .targets import find_target_layers
+
+__all__ = ["BudgetError", "count_parameters", "lora_budget", "match_budget", "model_dims"]
+
+
+class BudgetError(ValueError):
+    """No size of a method lands close enough to the requested budget."""
+
+
+def model_dims(model: nn.Module, target_modules=None) -> tuple[dict[str, tuple[int, int]], int]:
+    """(layer shapes, embedding width) that the formulas need."""
+    shapes = find_target_layers(model, target_modules)
+    return shapes, model.get_input_embeddings().embedding_dim
+
+
+def count_parameters(config: AdapterConfig, shapes: dict[str, tuple[int, int]], d_model: int) -> int:
+    """Trainable parameters of `config` on layers of these (P, Q) shapes (METHODS.md)."""
+    r = config.rank
+    total = 0
+    for P, Q in shapes.values():
+        if isinstance(config, LoraConfig):
+            total += r * (P + Q)
+        elif isinstance(config, MoLoRAConfig):
+            S = config.n_skills
+            down = r * P if config.shared_down else S * r * P
+            total += down + S * r * Q + P * S
+        elif isinstance(config, PolyConfig):  # Poly and MHR
+            S = config.n_skills
+            total += S * r * (P + Q) + config.n_tasks * config.n_splits * S
+        elif isinstance(config, MoDEConfig):
+            m, p = config.n_skills, config.expert_rank
+            total += r * P + m * r * Q + (r // p) * m * P
+        elif isinstance(config, OrchMoEConfig):
+            S = config.n_skills
+            total += S * r * (P + Q) + config.n_abstract_tasks * S
+        else:  # pragma: no cover
+            raise ConfigError(f"no parameter formula for {type(config).__name__}")
+    if isinstance(config, OrchMoEConfig):
+        K, H = config.n_abstract_tasks, config.task_router_hidden
+        total += (d_model * H + H + H * K + K) if H > 0 else d_model * K + K
+    return total
+
+
+def lora_budget(model: nn.Module, rank: int = 8, target_modules=None) -> int:
+    """Trainable parameters of a plain LoRA of this rank: the usual reference budget."""
+    shapes, d = model_dims(model, target_modules)
+    return count_parameters(LoraConfig(rank=rank, target_modules=target_modules), shapes, d)
+
+
+def match_budget(config: AdapterConfig, model: nn.Module, budget: int, *, vary: str = "rank",
+                 tolerance: float = 0.1, max_value: int = 256) -> AdapterConfig:
+    """The config with `vary` (``rank`` or ``n_skills``) set so its count is closest to `budget`.
+
+    Raises BudgetError when even the closest size is more than `tolerance`
+    (relative) away, naming the closest size it found.
+    """
+    if budget <= 0:
+        raise BudgetError(f"budget must be a positive number of parameters, got {budget}")
+    names = {f.name for f in dataclasses.fields(config)}
+    if vary not in names:
+        raise BudgetError(f"{type(config).__name__} has no field {vary!r} to vary; choose from {sorted(names)}")
+    shapes, d = model_dims(model, config.target_modules)
+    best: tuple[float, AdapterConfig, int] | None = None
+    for value in range(1, max_value + 1):
+        try:
+            candidate = config.replace(**{vary: value})
+        except ConfigError:
+            continue  # e.g. MoDE rank not divisible by expert_rank
+        n = count_parameters(candidate, shapes, d)
+        gap = abs(n - budget) / budget
+        if best is None or gap < best[0]:
+            best = (gap, candidate, n)
+        if n > budget * (1 + tolerance) and best[0] <= tolerance:
+            break
+    if best is None or best[0] > tolerance:
+        closest = "" if best is None else f"; the closest is {vary}={getattr(best[1], vary)} with {best[2]:,} parameters ({best[0]:.0%} off)"
+        raise BudgetError(
+            f"cannot meet a budget of {budget:,} trainable parameters with {config.method} within {tolerance:.0%} "
+            f"by varying {vary}{closest}"
+        )
+    return best[1]
