@@ -202,9 +202,10 @@ class RoutedModel(nn.Module):
         if isinstance(cfg, PolyConfig):
             if task_ids is None:
                 raise RoutingError(f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate()")
-            bad = task_ids[(task_ids < 0) | (task_ids >= cfg.n_tasks)]
+            bad = task_ids[(task_ids < -1) | (task_ids >= cfg.n_tasks)]
             if bad.numel():
-                raise RoutingError(f"task id {int(bad[0])} out of range: this {cfg.method} adapter has n_tasks={cfg.n_tasks} (ids 0..{cfg.n_tasks - 1})")
+                raise RoutingError(f"task id {int(bad[0])} out of range: this {cfg.method} adapter has n_tasks={cfg.n_tasks} "
+                                   f"(ids 0..{cfg.n_tasks - 1}, or -1 for an unseen task)")
         elif isinstance(cfg, OrchMoEConfig):
             prompt_mask = self._prompt_mask(attention_mask, labels, routing_mask, shape)
             probs = self.task_probabilities(input_ids, attention_mask, inputs_embeds, prompt_mask)

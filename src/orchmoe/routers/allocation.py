@@ -35,9 +35,14 @@ class PolyRouter(nn.Module):
         self.logits = _init_logits(n_tasks, n_splits, n_skills)
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        task_ids = state.task_ids_for(x.shape[0], "Poly/MHR routing")
-        logits = self.logits[task_ids].view(-1, self.n_splits, self.n_skills)  # (b, h, S)
-        return relaxed_allocation(logits, self.training)  # (b, h, S)
+        task_ids = state.task_ids_for(x.shape[0], "Poly/MHR routing")  # (b,), -1 for an unseen task
+        logits = self.logits[task_ids.clamp_min(0)].view(-1, self.n_splits, self.n_skills)  # (b, h, S)
+        w = relaxed_allocation(logits, self.training)  # (b, h, S)
+        unseen = task_ids < 0
+        if unseen.any():  # no row for it: the mean evaluation-mode allocation of the training tasks
+            mean = relaxed_allocation(self.logits.view(self.n_tasks, self.n_splits, self.n_skills), False).mean(0)  # (h, S)
+            w = torch.where(unseen[:, None, None], mean, w)
+        return w
 
     def allocation(self, task_id: int) -> torch.Tensor:
         """Evaluation-mode weights of one task, (h, S)."""
