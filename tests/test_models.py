@@ -1,0 +1,292 @@
+"""Tests for orchmoe.models: tiny models, checkpoint loading, atomic cache, SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchmoe import models
+from orchmoe.models import (
+    DEFAULT_MODEL,
+    atomic_materialize,
+    is_encoder_decoder,
+    load_model_and_tokenizer,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+ARCHS = ["llama", "gpt2", "t5"]
+EXPECTED_MODULES = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gpt2": {"c_attn", "c_proj", "c_fc"},
+    "t5": {"q", "k", "v", "o", "wi", "wo"},
+}
+
+
+def _wordlevel_tokenizer_without_pad():
+    """A tokenizer with eos but no pad token: the loader must fall back to eos."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "</s>", "<s>", "hello", "world", "the", "capital", "of", "france"]
+    vocab += [f"w{i}" for i in range(128 - len(vocab))]
+    backend = Tokenizer(tk_models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+def _forward(model, input_ids, attention_mask):
+    kw = {"decoder_input_ids": input_ids[:, :3]} if is_encoder_decoder(model) else {}
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+
+
+# ------------------------------------------------------------------ tiny models
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_builds_and_runs(arch):
+    model = tiny_model(arch)
+    assert not model.training
+    cfg = model.config
+    assert cfg.vocab_size == 128
+    assert (cfg.pad_token_id, cfg.eos_token_id) == (models.TINY_PAD_ID, models.TINY_EOS_ID)
+    if arch == "t5":
+        assert cfg.decoder_start_token_id == models.TINY_PAD_ID
+    leaf_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert EXPECTED_MODULES[arch] <= leaf_names
+    assert is_encoder_decoder(model) == (arch == "t5")
+
+    tok = tiny_tokenizer()
+    enc = tok(["what is the capital of france ?", "paris"], padding=True, return_tensors="pt")
+    assert enc["input_ids"].max() < 128
+    logits = _forward(model, enc["input_ids"], enc["attention_mask"])
+    expected_len = 3 if arch == "t5" else enc["input_ids"].shape[1]
+    assert logits.shape == (2, expected_len, 128)
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_model_seeded_and_rng_neutral():
+    state = torch.random.get_rng_state()
+    a, b, c = tiny_model("llama", seed=0), tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["model.layers.0.self_attn.q_proj.weight"], pc["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_tiny_model_custom_vocab_and_bad_arch():
+    assert tiny_model("gpt2", vocab_size=64).config.vocab_size == 64
+    assert len(tiny_tokenizer(64)) == 64
+    with pytest.raises(ValueError, match="unknown tiny arch"):
+        tiny_model("mamba")
+
+
+def test_is_encoder_decoder_accepts_configs_and_wrappers():
+    t5 = tiny_model("t5")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+    assert is_encoder_decoder(t5.config)
+    assert is_encoder_decoder(Wrapper(t5))
+    assert not is_encoder_decoder(Wrapper(tiny_model("gpt2")))
+    assert not is_encoder_decoder(object())
+
+
+# ------------------------------------------------------------- local checkpoints
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_saved_tiny_checkpoint(tmp_path, arch):
+    model = tiny_model(arch)
+    model.config.pad_token_id = None  # the loader must fill it from the tokenizer
+    tok = _wordlevel_tokenizer_without_pad()
+    ckpt = tmp_path / f"tiny-{arch}"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+
+    loaded, ltok, info = load_model_and_tokenizer(ckpt)
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    assert info["name"] == f"tiny-{arch}"
+    assert info["is_encoder_decoder"] == (arch == "t5")
+    assert info["model_type"] == model.config.model_type
+    assert Path(info["source"]) == ckpt.resolve()
+    assert ltok.pad_token == "</s>" and ltok.pad_token_id == ltok.eos_token_id
+    assert loaded.config.pad_token_id == ltok.pad_token_id
+    assert loaded.dtype == torch.float32
+    ref = model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+    enc = ltok(["hello world", "the capital of france"], padding=True, return_tensors="pt")
+    assert _forward(loaded, enc["input_ids"], enc["attention_mask"]).shape[-1] == 128
+
+
+def test_load_with_dtype_and_device(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    model, tok, info = load_model_and_tokenizer(str(ckpt), dtype="bf16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    assert tok.pad_token_id == models.TINY_PAD_ID
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model_and_tokenizer(ckpt, dtype="int3")
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/orchmoe/model-dir", "./missing.gguf", "no-such-org/no-such-model"])
+def test_nonexistent_model_error(spec):
+    with pytest.raises(FileNotFoundError) as exc:
+        load_model_and_tokenizer(spec)
+    msg = str(exc.value)
+    assert spec in msg
+    assert "offline" in msg
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model_and_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------- atomic cache
+
+
+def _dead_pid() -> int:
+    pid = 2**22 - 7
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def _tiny_writer(tmp: Path) -> None:
+    tiny_model("llama").save_pretrained(tmp)
+    tiny_tokenizer().save_pretrained(tmp)
+
+
+def test_atomic_cache_ignores_and_cleans_leftover_tmp(tmp_path):
+    final = tmp_path / "models" / "tiny"
+    final.parent.mkdir(parents=True)
+    # What a conversion killed mid-write leaves behind: a temp dir with a half file.
+    leftover = final.parent / f".tmp-tiny-{socket.gethostname()}-{_dead_pid()}-deadbeef"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{ truncated")
+    (leftover / "model.safetensors").write_bytes(b"\0" * 10)
+
+    out = atomic_materialize(final, _tiny_writer, {"name": "tiny"})
+    assert out == final
+    assert json.loads((final / models.CACHE_MARKER).read_text())["name"] == "tiny"
+    assert not leftover.exists(), "stale temp dir of a dead writer should be removed"
+    assert [p.name for p in final.parent.iterdir()] == ["tiny"]
+    model, _, info = load_model_and_tokenizer(final)
+    assert info["name"] == "tiny" and model.config.model_type == "llama"
+
+
+def test_atomic_cache_failed_write_leaves_nothing(tmp_path):
+    final = tmp_path / "models" / "tiny"
+
+    def crashing_writer(tmp: Path) -> None:
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_materialize(final, crashing_writer)
+    assert not final.exists()
+    assert list(final.parent.iterdir()) == []
+
+
+def test_atomic_cache_replaces_unmarked_dir(tmp_path):
+    final = tmp_path / "models" / "tiny"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{ half written by an old version")
+    atomic_materialize(final, _tiny_writer)
+    assert (final / models.CACHE_MARKER).is_file()
+    assert json.loads((final / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_atomic_cache_reuses_valid_and_rebuilds_stale(tmp_path):
+    final = tmp_path / "models" / "tiny"
+    atomic_materialize(final, _tiny_writer, {"version": 1})
+
+    def must_not_run(tmp: Path) -> None:
+        raise AssertionError("valid cache should be reused")
+
+    atomic_materialize(final, must_not_run, {"version": 2})  # default validity: has a marker
+
+    def is_v2(path: Path) -> bool:
+        marker = models._read_marker(path)
+        return marker is not None and marker.get("version") == 2
+
+    atomic_materialize(final, _tiny_writer, {"version": 2}, is_valid=is_v2)
+    assert json.loads((final / models.CACHE_MARKER).read_text())["version"] == 2
+    assert [p.name for p in final.parent.iterdir()] == ["tiny"]
+
+
+# ------------------------------------------------------------------- SmolLM2 GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """Session-wide cache dir, removed afterwards (the fp32 copy is ~540 MB)."""
+    path = tmp_path_factory.mktemp("orchmoe-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_smollm2_gguf_end_to_end(smollm2_cache):
+    """Real default model: first load converts the GGUF (~20-40 s), then cache hits.
+
+    Not skipped when the package is missing: smollm2_gguf_path() raises with the
+    install hint, which is the failure we want CI to show.
+    """
+    gguf = models.smollm2_gguf_path()
+    assert gguf.is_file() and gguf.suffix == ".gguf"
+
+    models_dir = smollm2_cache / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    leftover = models_dir / f".tmp-{DEFAULT_MODEL}-{socket.gethostname()}-{_dead_pid()}-0000"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{ truncated")
+
+    t0 = time.perf_counter()
+    model, tok, info = load_model_and_tokenizer(cache_dir=smollm2_cache)
+    first = time.perf_counter() - t0
+    cached_dir = models_dir / DEFAULT_MODEL
+    assert not leftover.exists()
+    assert (cached_dir / "model.safetensors").is_file() and (cached_dir / models.CACHE_MARKER).is_file()
+    assert "quantization_config" not in json.loads((cached_dir / "config.json").read_text())
+
+    t0 = time.perf_counter()
+    model, tok, info = load_model_and_tokenizer(DEFAULT_MODEL, cache_dir=smollm2_cache)
+    cached = time.perf_counter() - t0
+    print(f"\nSmolLM2: first load {first:.1f} s, cached load {cached:.2f} s")
+    assert cached < 10, cached  # ~0.3-0.7 s warm; generous for loaded CI boxes
+
+    assert info == {**info, "name": DEFAULT_MODEL, "is_encoder_decoder": False, "model_type": "llama"}
+    assert model.dtype == torch.float32 and not model.training
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.pad_token is not None and model.config.pad_token_id == tok.pad_token_id
+    assert tok.chat_template
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    print("SmolLM2 says:", repr(text))
+    assert "Paris" in text
