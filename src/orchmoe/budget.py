@@ -10,7 +10,7 @@ import dataclasses
 
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
+from .config import AdapterConfig, ConfigError, LoraConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
 from .targets import find_target_layers
 
 __all__ = ["BudgetError", "count_parameters", "lora_budget", "match_budget", "model_dims"]

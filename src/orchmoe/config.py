@@ -217,6 +217,8 @@ class OrchMoEConfig(AdapterConfig):
             raise ConfigError(f"OrchMoEConfig: n_abstract_tasks must be >= 1, got {self.n_abstract_tasks}")
         if self.task_temperature <= 0:
             raise ConfigError("OrchMoEConfig: task_temperature must be > 0")
+        if self.task_router_hidden < 0:
+            raise ConfigError(f"OrchMoEConfig: task_router_hidden must be >= 0 (0: linear router), got {self.task_router_hidden}")
         if self.balance_coef < 0:
             raise ConfigError("OrchMoEConfig: balance_coef must be >= 0")
 

@@ -46,7 +46,9 @@ def fixed_allocations(model: RoutedModel, *, task_id: int | None = None, abstrac
         else:
             was = model.training
             model.eval()
-            pi = model.task_probabilities(torch.as_tensor(input_ids).reshape(1, -1), attention_mask)
+            ids = torch.as_tensor(input_ids).reshape(1, -1).to(model.device)
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1).to(model.device)
+            pi = model.task_probabilities(ids, mask)
             model.train(was)
         out = {}
         for p, layer in layers.items():

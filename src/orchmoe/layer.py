@@ -53,15 +53,25 @@ class RoutedLoraLayer(nn.Module):
         self.in_features, self.out_features = P, Q
         self.n_experts, self.rank, self.scale, self.n_splits = n_experts, rank, scale, n_splits
         self.shared_down = shared_down
-        self.router = router
+        device = next(base_layer.parameters()).device  # experts and router live with the base weights (fp32 by default)
+        self.router = router.to(device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = next(base_layer.parameters()).device
         self.lora_A = nn.Parameter(torch.empty(1 if shared_down else n_experts, P, rank, device=device))  # (D, P, r)
         self.lora_B = nn.Parameter(torch.zeros(n_experts, rank, Q, device=device))  # (S, r, Q)
         bound = 1.0 / math.sqrt(P)  # kaiming_uniform(a=sqrt(5)) on (r, P), as LoRA and Poly initialise A
         nn.init.uniform_(self.lora_A, -bound, bound)
         self.state = None  # the model's RoutingState; set by the model, not a submodule
         self.disabled = False
+
+    # Model code reads these from the layer it called (T5's `self.wo.weight.dtype`, quantisation checks):
+    # the wrapped layer answers for the base weights, as a PEFT tuner layer does.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.n_experts}, rank={self.rank}, "

@@ -84,6 +84,8 @@ class RoutedModel(nn.Module):
         self.base_model_name = base_model_name or _model_name(base_model)
         self.is_encoder_decoder = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", False))
         self.routing_state = RoutingState()
+        if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
+            raise ValueError(f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh base model")
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.layer_shapes = find_target_layers(base_model, config.target_modules)
@@ -93,6 +95,13 @@ class RoutedModel(nn.Module):
             layer = _layer_for(config, getattr(parent, leaf), P)
             layer.state = self.routing_state
             setattr(parent, leaf, layer)
+        if self.is_encoder_decoder:  # decoder tokens are not the input's: their routers read the decoder mask
+            get_decoder = getattr(base_model, "get_decoder", None)
+            decoder = get_decoder() if callable(get_decoder) else None
+            if isinstance(decoder, nn.Module) and decoder is not base_model:
+                for layer in decoder.modules():
+                    if isinstance(layer, RoutedLoraLayer):
+                        layer.router.decoder_side = True
         self.task_router: TaskRouter | None = None
         if isinstance(config, OrchMoEConfig):
             emb = base_model.get_input_embeddings()
@@ -152,12 +161,27 @@ class RoutedModel(nn.Module):
         for layer in self.routed_layers.values():
             layer.disabled = not enabled
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Non-reentrant by default: recomputation re-reads the same routing context, so routers get gradients."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if kwargs["use_reentrant"]:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Non-reentrant by default: recomputation re-reads the same routing context, so routers get gradients.
+
+        Also reachable as `activation_checkpointing_enable` (the transformers >= 5 name, used when the base has it).
+        """
+        ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or kwargs.pop("activation_checkpointing_kwargs", None) or {})}
+        cfg = self.adapter_config
+        if ckpt["use_reentrant"] and (isinstance(cfg, OrchMoEConfig) or (isinstance(cfg, MoLoRAConfig) and cfg.aux_loss_coef > 0)):
+            # A reentrant checkpoint runs its forward without autograd and backpropagates only to its explicit
+            # inputs: the prompt-level pi (computed once, outside the layers) cannot get its gradient back, and a
+            # balance loss computed inside the checkpoint would be silently dropped.
+            raise ConfigError(f"{cfg.method} needs non-reentrant checkpointing (use_reentrant=False, the default): "
+                              "reentrant checkpointing loses the task-router gradient / the load-balancing loss")
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:  # transformers 4
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+        if ckpt["use_reentrant"]:
             self.base_model.enable_input_require_grads()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     # -- routing -----------------------------------------------------------
     def prompt_summary(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
@@ -167,8 +191,8 @@ class RoutedModel(nn.Module):
         mask = prompt_mask if prompt_mask is not None else attention_mask
         if mask is None:
             mask = torch.ones(emb.shape[:2], device=emb.device)
-        m = mask.to(emb.dtype).unsqueeze(-1)  # (b,n,1)
-        return (emb.detach() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b,d)
+        m = mask.to(device=emb.device, dtype=torch.float32).unsqueeze(-1)  # (b,n,1)
+        return (emb.detach().float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b,d), fp32 whatever the base dtype
 
     def _prompt_mask(self, attention_mask, labels, routing_mask, shape) -> torch.Tensor:
         if routing_mask is not None:
@@ -187,7 +211,7 @@ class RoutedModel(nn.Module):
         return self.task_router(self.prompt_summary(input_ids, attention_mask, inputs_embeds, prompt_mask))
 
     def set_routing(self, *, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                    task_ids=None, routing_mask=None) -> None:
+                    task_ids=None, routing_mask=None, decoder_attention_mask=None) -> None:
         """Fill the routing context for the next forward(s): once per prompt batch."""
         cfg = self.adapter_config
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -209,31 +233,58 @@ class RoutedModel(nn.Module):
         elif isinstance(cfg, OrchMoEConfig):
             prompt_mask = self._prompt_mask(attention_mask, labels, routing_mask, shape)
             probs = self.task_probabilities(input_ids, attention_mask, inputs_embeds, prompt_mask)
-        self.routing_state.set(task_ids=task_ids, task_probs=probs, token_mask=attention_mask)
+        decoder_mask = None
+        if self.is_encoder_decoder:
+            decoder_mask = decoder_attention_mask if decoder_attention_mask is not None else (
+                labels != -100 if labels is not None else None)
+        self.routing_state.set(task_ids=task_ids, task_probs=probs, token_mask=attention_mask, decoder_token_mask=decoder_mask)
         if probs is not None and cfg.balance_coef > 0 and self.training and torch.is_grad_enabled():
             self.routing_state.add_aux_loss(cfg.balance_coef * TaskRouter.balance_loss(probs))
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, routing_mask=None, **kwargs):
-        if not (self.routing_state.ready and _continues_decode(kwargs)):  # a continued decode keeps its prompt's routing
+        reuse = self.routing_state.ready and (
+            _continues_decode(kwargs)  # a continued decode keeps its prompt's routing
+            or (input_ids is None and kwargs.get("inputs_embeds") is None and kwargs.get("encoder_outputs") is not None
+                and task_ids is None))  # a decoder step over an already encoded prompt
+        if not reuse:
             self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
-                             labels=labels, task_ids=task_ids, routing_mask=routing_mask)
+                             labels=labels, task_ids=task_ids, routing_mask=routing_mask,
+                             decoder_attention_mask=kwargs.get("decoder_attention_mask"))
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         aux = self.routing_state.aux_losses
         if aux:
-            total = torch.stack([a.float() for a in aux]).sum()
+            device = out["loss"].device if out.get("loss") is not None else aux[0].device  # layers may sit on several devices
+            total = torch.stack([a.float().to(device) for a in aux]).sum()
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + total.to(out["loss"].dtype)
             out["aux_loss"] = total
         return out
 
+    def _routers(self) -> list[nn.Module]:
+        routers = [layer.router for layer in self.routed_layers.values()]
+        return routers + ([self.task_router] if self.task_router is not None else [])
+
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, routing_mask=None, **kwargs):
-        """Routing computed once from the prompt and held for every decoding step and beam."""
-        self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
-                         task_ids=task_ids, routing_mask=routing_mask)
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
-        return self.base_model.generate(attention_mask=attention_mask, **kwargs)
+        """Routing computed once from the prompt and held for every decoding step and beam.
+
+        The routers run in evaluation mode whatever the model's mode: a training-mode
+        router would draw a new Gumbel sample at every decoding step, so the tokens
+        already in the KV cache would have been computed under another routing.
+        """
+        routers = self._routers()
+        modes = [r.training for r in routers]
+        for r in routers:
+            r.eval()
+        try:
+            self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
+                             task_ids=task_ids, routing_mask=routing_mask)
+            if input_ids is not None:
+                kwargs["input_ids"] = input_ids
+            return self.base_model.generate(attention_mask=attention_mask, **kwargs)
+        finally:
+            for r, mode in zip(routers, modes):
+                r.train(mode)
 
     # -- persistence -------------------------------------------------------
     def save_adapter(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -313,8 +364,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterMismatchError(f"{file} is not valid JSON: {e}") from e
-    if meta.get("format") != "orchmoe-adapter":
-        raise AdapterMismatchError(f"{file} is not an orchmoe adapter config (format={meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != "orchmoe-adapter":
+        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterMismatchError(f"{file} is not an orchmoe adapter config (format={fmt!r})")
+    missing = [k for k in ("config", "layers") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise AdapterMismatchError(f"{file} is incomplete: no {' or '.join(repr(k) for k in missing)} section")
     return meta
 
 

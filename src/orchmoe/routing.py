@@ -26,16 +26,18 @@ class RoutingState:
     def clear(self) -> None:
         self.task_ids: torch.Tensor | None = None  # (b,) long
         self.task_probs: torch.Tensor | None = None  # (b, K) pi(x)
-        self.token_mask: torch.Tensor | None = None  # (b, n) 1 for real tokens
+        self.token_mask: torch.Tensor | None = None  # (b, n) 1 for real tokens of the (encoder) input
+        self.decoder_token_mask: torch.Tensor | None = None  # (b, m) real decoder tokens (encoder-decoder models)
         self.aux_losses: list[torch.Tensor] = []
         self._expanded: dict[tuple[str, int], torch.Tensor] = {}
         self.ready = False
 
-    def set(self, *, task_ids=None, task_probs=None, token_mask=None) -> None:
+    def set(self, *, task_ids=None, task_probs=None, token_mask=None, decoder_token_mask=None) -> None:
         self.clear()
         self.task_ids = task_ids
         self.task_probs = task_probs
         self.token_mask = token_mask
+        self.decoder_token_mask = decoder_token_mask
         self.ready = True
 
     def _for_batch(self, name: str, value: torch.Tensor | None, batch: int, method: str) -> torch.Tensor:
@@ -60,12 +62,14 @@ class RoutingState:
     def task_probs_for(self, batch: int, method: str) -> torch.Tensor:
         return self._for_batch("task_probs", self.task_probs, batch, method)
 
-    def token_mask_for(self, shape: torch.Size) -> torch.Tensor | None:
-        """The padding mask when it describes these (b, n) tokens (not the T5 decoder side)."""
-        m = self.token_mask
+    def token_mask_for(self, shape: torch.Size, decoder: bool = False) -> torch.Tensor | None:
+        """The padding mask when it describes these (b, n) tokens; ``decoder``: a layer of an
+        encoder-decoder model's decoder, whose tokens are not those of the input mask."""
+        name = "decoder_token_mask" if decoder else "token_mask"
+        m = getattr(self, name)
         if m is None or m.dim() != 2 or m.shape[1] != shape[1] or shape[0] % m.shape[0]:
             return None
-        return self._for_batch("token_mask", m, shape[0], "")
+        return self._for_batch(name, m, shape[0], "")
 
     def add_aux_loss(self, loss: torch.Tensor) -> None:
         self.aux_losses.append(loss)

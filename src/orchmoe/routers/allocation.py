@@ -35,7 +35,7 @@ class PolyRouter(nn.Module):
         self.logits = _init_logits(n_tasks, n_splits, n_skills)
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        task_ids = state.task_ids_for(x.shape[0], "Poly/MHR routing")  # (b,), -1 for an unseen task
+        task_ids = state.task_ids_for(x.shape[0], "Poly/MHR routing").to(self.logits.device)  # (b,), -1 for an unseen task
         logits = self.logits[task_ids.clamp_min(0)].view(-1, self.n_splits, self.n_skills)  # (b, h, S)
         w = relaxed_allocation(logits, self.training)  # (b, h, S)
         unseen = task_ids < 0
@@ -65,7 +65,7 @@ class SkillRouter(nn.Module):
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
         pi = state.task_probs_for(x.shape[0], "OrchMoE skill routing")  # (b, K)
         z = relaxed_allocation(self.logits, self.training)  # (K, S)
-        return (pi.to(z.dtype) @ z).unsqueeze(1)  # (b, K) @ (K, S) -> (b, S) -> (b, 1, S)
+        return (pi.to(device=z.device, dtype=z.dtype) @ z).unsqueeze(1)  # (b, K) @ (K, S) -> (b, S) -> (b, 1, S)
 
     def allocation(self) -> torch.Tensor:
         """Evaluation-mode allocation matrix, (K, S): the rows the paper's Figure 3 clusters."""

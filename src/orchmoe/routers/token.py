@@ -18,6 +18,7 @@ class TokenRouter(nn.Module):
     """
 
     mixing = "tokens"
+    decoder_side = False  # set by the model on routers inside an encoder-decoder model's decoder
 
     def __init__(self, in_features: int, n_experts: int, n_blocks: int = 1, top_k: int | None = None, aux_loss_coef: float = 0.0) -> None:
         super().__init__()
@@ -35,7 +36,7 @@ class TokenRouter(nn.Module):
             gates = torch.zeros_like(probs).scatter(-1, idx, top)
             gates = gates / gates.sum(-1, keepdim=True)
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled() and state is not None:
-            state.add_aux_loss(self.aux_loss_coef * self.balance_loss(probs, state.token_mask_for(x.shape)))
+            state.add_aux_loss(self.aux_loss_coef * self.balance_loss(probs, state.token_mask_for(x.shape, decoder=self.decoder_side)))
         return gates.to(x.dtype)
 
     def balance_loss(self, probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -43,7 +44,7 @@ class TokenRouter(nn.Module):
         k = self.top_k or 1
         chosen = F.one_hot(probs.topk(k, dim=-1).indices, self.n_experts).sum(-2).to(probs.dtype)  # (b,n,k,S)
         if mask is not None:
-            w = mask.to(probs.dtype)[..., None, None]  # (b,n,1,1)
+            w = mask.to(device=probs.device, dtype=probs.dtype)[..., None, None]  # (b,n,1,1)
             denom = w.sum().clamp_min(1.0) * self.n_blocks
             f = (chosen * w).sum((0, 1, 2)) / (denom * k)  # (S,)
             p = (probs * w).sum((0, 1, 2)) / denom

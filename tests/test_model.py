@@ -1,0 +1,533 @@
+"""RoutedModel: injection, training, generation, routing context, aux losses, save/load, dtype/device."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from core_helpers import (ARCHS, METHOD_NAMES, N_TASKS, PAD, method_config, randomize_adapter, task_kwargs,
+                          tiny_base, toy_batch)
+
+from orchmoe import (AdapterMismatchError, ConfigError, LoraConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig,
+                     PolyConfig, RoutedLoraLayer, RoutingError, get_model, load_adapter)
+from orchmoe.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+
+def _routed(arch, method, seed=0, **overrides):
+    model = get_model(tiny_base(arch, seed=seed), method_config(method, **overrides))
+    randomize_adapter(model)
+    return model.eval()
+
+
+def _sharpen(model):
+    """A decisive task router, so OrchMoE routes different prompts differently."""
+    if model.task_router is not None:
+        with torch.no_grad():
+            for p in model.task_router.parameters():
+                p.mul_(20)
+
+
+def _lm_logits(model, batch, **kw):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, **_dec(model, batch), **kw).logits
+
+
+def _dec(model, batch):
+    return {"decoder_input_ids": batch["labels"].clamp_min(0)} if model.config.is_encoder_decoder else {}
+
+
+# ----------------------------------------------------------------------------- injection
+def test_injection_by_names_and_regex_freezes_everything_else():
+    model = get_model(tiny_base("llama"), LoraConfig(rank=2, target_modules=["q_proj", "down_proj"]))
+    assert sorted(model.routed_layers) == sorted(f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj"))
+    adapter = {id(p) for p in model.adapter_state_dict().values()}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) in adapter), name
+    regex = get_model(tiny_base("llama"), LoraConfig(rank=2, target_modules=r"model\.layers\.1\.self_attn\.(k|v)_proj"))
+    assert sorted(regex.routed_layers) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    # defaults per model type
+    assert sorted(get_model(tiny_base("t5"), LoraConfig(rank=2)).routed_layers)[0].endswith(".q")
+    assert all(k.endswith("c_attn") for k in get_model(tiny_base("gpt2"), LoraConfig(rank=2)).routed_layers)
+
+
+def test_target_modules_matching_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"matched no nn.Linear / Conv1D.*q_proj"):
+        get_model(tiny_base("llama"), LoraConfig(target_modules=["query"]))
+
+
+def test_mhr_splits_must_divide_layer_width():
+    with pytest.raises(ValueError, match="n_splits=5 must divide"):
+        get_model(tiny_base("llama"), method_config("mhr", n_splits=5))
+
+
+def test_getattr_delegates_to_base_model():
+    base = tiny_base("llama")
+    model = get_model(base, LoraConfig(rank=2))
+    assert model.config is base.config and model.generation_config is base.generation_config
+    assert model.device == torch.device("cpu")
+    assert model.get_input_embeddings() is base.get_input_embeddings()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        model.no_such_thing  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- routing errors
+def test_poly_needs_task_ids_in_range():
+    model = _routed("llama", "poly")
+    ids = torch.randint(3, 60, (2, 5))
+    with pytest.raises(RoutingError, match="task_ids"):
+        model(input_ids=ids)
+    with pytest.raises(RoutingError, match=f"task id {N_TASKS} out of range.*n_tasks={N_TASKS}"):
+        model(input_ids=ids, task_ids=torch.tensor([0, N_TASKS]))
+    with pytest.raises(RoutingError, match="got 3 task_ids for a batch of 2"):
+        model(input_ids=ids, task_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(RoutingError, match="task_ids"):
+        model.generate(input_ids=ids, max_new_tokens=2)
+
+
+def test_unseen_task_uses_mean_allocation():
+    model = _routed("llama", "poly")
+    ids = torch.randint(3, 60, (1, 5))
+    out = model(input_ids=ids, task_ids=torch.tensor([-1])).logits
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- equivalences
+def _copy_adapter(src, dst, extra_ok=()):
+    """Copy adapter weights across models; keys only `dst` has must end with one of `extra_ok`."""
+    with torch.no_grad():
+        s, d = src.adapter_state_dict(), dst.adapter_state_dict()
+        assert set(s) <= set(d) and all(k.endswith(tuple(extra_ok)) for k in set(d) - set(s)) if extra_ok else set(s) == set(d)
+        for k in s:
+            d[k].copy_(s[k])
+
+
+def test_mode_m1_equals_lora_and_mode_p_eq_r_equals_molora_sd():
+    batch, _ = toy_batch("llama")
+    lora = _routed("llama", "lora", rank=4)
+    mode1 = get_model(tiny_base("llama"), MoDEConfig(n_skills=1, rank=4, expert_rank=2)).eval()
+    _copy_adapter(lora, mode1, extra_ok=[".router.weight"])  # a softmax over one expert: its router is inert
+    torch.testing.assert_close(_lm_logits(mode1, batch), _lm_logits(lora, batch), atol=1e-6, rtol=0)
+
+    sd = get_model(tiny_base("llama"), MoLoRAConfig(n_skills=3, rank=4, shared_down=True)).eval()
+    randomize_adapter(sd)
+    mode = get_model(tiny_base("llama"), MoDEConfig(n_skills=3, rank=4, expert_rank=4)).eval()
+    _copy_adapter(sd, mode)
+    torch.testing.assert_close(_lm_logits(mode, batch), _lm_logits(sd, batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_orchmoe_with_onehot_pi_equals_poly(arch):
+    batch, tasks = toy_batch(arch)
+    poly = _routed(arch, "poly")
+    orch = get_model(tiny_base(arch), OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=N_TASKS)).eval()
+    with torch.no_grad():
+        for path, layer in poly.routed_layers.items():
+            o = orch.routed_layers[path]
+            o.lora_A.copy_(layer.lora_A), o.lora_B.copy_(layer.lora_B), o.router.logits.copy_(layer.router.logits)
+    expected = _lm_logits(poly, batch, task_ids=tasks)
+    # pi = the one-hot true task: fill the routing context, then run the base model under it
+    orch.routing_state.set(task_probs=F.one_hot(tasks, N_TASKS).float(), token_mask=batch["attention_mask"])
+    with torch.no_grad():
+        got = orch.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- training
+def _grads_exactly_on_adapter(model):
+    adapter = model.adapter_state_dict()
+    ids = {id(p) for p in adapter.values()}
+    for name, p in model.base_model.named_parameters():
+        if id(p) not in ids:
+            assert p.grad is None and not p.requires_grad, f"base parameter {name} got a gradient"
+    for name, p in adapter.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    if model.task_router is not None:
+        assert any(k.startswith("task_router.") for k in adapter)
+
+
+TRAIN_TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "t5": ["q", "v", "o", "wo"]}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_loss_falls_and_only_adapters_train(arch, method):
+    torch.manual_seed(0)
+    over = {"top_k": None} if method == "molora" else {}
+    model = get_model(tiny_base(arch), method_config(method, target_modules=TRAIN_TARGETS[arch], **over))
+    batch, tasks = toy_batch(arch)
+    kw = task_kwargs(method, tasks)
+    opt = torch.optim.Adam(model.parameter_groups(lr=3e-2, router_lr=0.15))
+    model.train()
+    losses = []
+    for step in range(16):
+        opt.zero_grad()
+        loss = model(**batch, **kw).loss
+        loss.backward()
+        losses.append(loss.item())
+        if step < 15:
+            opt.step()
+    _grads_exactly_on_adapter(model)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- aux losses, DDP-safety
+def _ce(model, batch, logits):
+    labels = batch["labels"]
+    if not model.config.is_encoder_decoder:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("method,arch", [("molora", "llama"), ("molora", "t5"), ("orchmoe", "llama")])
+def test_aux_loss_reported_and_added_in_training_only(method, arch):
+    over = {"top_k": 1, "aux_loss_coef": 0.5} if method == "molora" else {"balance_coef": 0.5}
+    model = _routed(arch, method, **over)
+    batch, _ = toy_batch(arch)
+    model.train()
+    out = model(**batch)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad and out.aux_loss.item() > 0
+    torch.testing.assert_close(out.loss, _ce(model, batch, out.logits) + out.aux_loss)
+    model.eval()
+    out = model(**batch)
+    assert out.get("aux_loss") is None
+    torch.testing.assert_close(out.loss, _ce(model, batch, out.logits))
+    with torch.no_grad():  # training mode without gradients (e.g. a validation pass): no aux term either
+        model.train()
+        assert model(**batch).get("aux_loss") is None
+
+
+def test_top1_molora_gives_every_expert_a_gradient():
+    model = _routed("llama", "molora", top_k=1)
+    model.train()
+    batch, _ = toy_batch("llama", n_per_task=1)
+    model(**batch).loss.backward()
+    for name, p in model.adapter_state_dict().items():
+        assert p.grad is not None, name
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_gradient_checkpointing_same_gradients(method):
+    arch = "t5" if method == "orchmoe" else "llama"
+    batch, tasks = toy_batch(arch, n_per_task=2)
+    grads = []
+    for ckpt in (False, True):
+        model = _routed(arch, method)
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        calls = []
+        first = next(iter(model.routed_layers.values()))
+        handle = first.register_forward_hook(lambda *a: calls.append(1))
+        torch.manual_seed(123)  # the same Gumbel samples in both runs
+        model(**batch, **task_kwargs(method, tasks)).loss.backward()
+        handle.remove()
+        assert len(calls) == (2 if ckpt else 1)  # checkpointing really recomputed the layer in backward
+        grads.append({k: p.grad.clone() for k, p in model.adapter_state_dict().items()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_reentrant_checkpointing_works_for_poly_and_is_refused_where_it_loses_gradients():
+    batch, tasks = toy_batch("llama", n_per_task=1)
+    grads = []
+    for reentrant in (None, True):
+        model = _routed("llama", "poly")
+        if reentrant:
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+        model.train()
+        torch.manual_seed(5)
+        model(**batch, task_ids=tasks).loss.backward()
+        grads.append([p.grad.clone() for p in model.adapter_state_dict().values()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for method in ("orchmoe", "molora"):
+        with pytest.raises(ConfigError, match="needs non-reentrant checkpointing"):
+            _routed("llama", method).gradient_checkpointing_enable({"use_reentrant": True})
+
+
+# ----------------------------------------------------------------------------- generation
+def _prompts(arch):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 60, (2, 6), generator=g)
+    ids[0, :2], ids[1, :2] = 3, 5  # two different tasks
+    return ids
+
+
+def _gen(model, ids, method, tasks, **kw):
+    kw = {"max_new_tokens": 4, **kw}
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          **task_kwargs(method, tasks), **kw)
+
+
+def _same_up_to_padding(a, b):
+    n = max(a.shape[-1], b.shape[-1])
+    a, b = F.pad(a, (0, n - a.shape[-1]), value=PAD), F.pad(b, (0, n - b.shape[-1]), value=PAD)
+    assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_cache_and_beams_match_per_example_routing(arch, method):
+    if arch == "t5":  # the random T5 decoder repeats one token whatever q/v do: adapt every projection, strongly
+        model = _routed(arch, method, target_modules=["q", "k", "v", "o", "wi", "wo"])
+        randomize_adapter(model, std=1.0)
+    else:
+        model = _routed(arch, method)
+    _sharpen(model)
+    ids, tasks = _prompts(arch), torch.tensor([0, 2])
+    base_out = tiny_base(arch).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    cached = _gen(model, ids, method, tasks)
+    assert not torch.equal(cached, base_out)  # the adapter changes what is generated
+    _same_up_to_padding(_gen(model, ids, method, tasks, use_cache=False), cached)
+    beams = _gen(model, ids, method, tasks, num_beams=3, num_return_sequences=2)
+    assert beams.shape[0] == 4
+    for i in range(2):  # beam search over the batch == beam search of each example alone
+        alone = _gen(model, ids[i:i + 1], method, tasks[i:i + 1], num_beams=3, num_return_sequences=2)
+        _same_up_to_padding(beams[2 * i:2 * i + 2], alone)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_padded_batch_equals_each_prompt_alone(arch, method):
+    model = _routed(arch, method)
+    _sharpen(model)
+    g = torch.Generator().manual_seed(11)
+    short, long_ = torch.randint(3, 60, (1, 4), generator=g), torch.randint(3, 60, (1, 7), generator=g)
+    left = arch != "t5"  # decoder-only models generate from left-padded prompts
+    pad = torch.full((1, 3), PAD)
+    ids = torch.cat([torch.cat([pad, short] if left else [short, pad], 1), long_])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0 if left else 1
+    mask[0, 4:] = 1 if left else 0
+    together = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              **task_kwargs(method, [0, 2]))
+    for row, (prompt, task) in enumerate([(short, 0), (long_, 2)]):
+        alone = _gen(model, prompt, method, torch.tensor([task]), max_new_tokens=5)
+        got = together[row, 3:] if (left and row == 0) else together[row]
+        _same_up_to_padding(got[None], alone)
+
+
+def test_encoder_decoder_routing_comes_from_encoder_input():
+    model = _routed("t5", "orchmoe")
+    _sharpen(model)
+    ids = _prompts("t5")
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, num_beams=2)
+    torch.testing.assert_close(model.routing_state.task_probs, model.task_probabilities(ids, torch.ones_like(ids)))
+
+
+# ----------------------------------------------------------------------------- padding does not change routing
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_does_not_change_orchmoe_routing(side):
+    model = _routed("llama", "orchmoe")
+    _sharpen(model)
+    short, long_ = torch.randint(3, 60, (1, 4)), torch.randint(3, 60, (1, 7))
+    pad = torch.full((1, 3), PAD)
+    short_p = torch.cat([pad, short] if side == "left" else [short, pad], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 4)] if side == "left" else [torch.ones(1, 4), torch.zeros(1, 3)], 1).long()
+    batch_ids, batch_mask = torch.cat([short_p, long_]), torch.cat([mask, torch.ones(1, 7, dtype=torch.long)])
+    pi_batch = model.task_probabilities(batch_ids, batch_mask)
+    torch.testing.assert_close(pi_batch[0], model.task_probabilities(short, torch.ones_like(short))[0])
+    torch.testing.assert_close(pi_batch[1], model.task_probabilities(long_, torch.ones_like(long_))[0])
+    if side == "right":  # causal model, right padding: the real positions' logits are those of the row alone
+        with torch.no_grad():
+            together = model(input_ids=batch_ids, attention_mask=batch_mask).logits
+            alone = model(input_ids=short, attention_mask=torch.ones_like(short)).logits
+        torch.testing.assert_close(together[0, :4], alone[0], atol=1e-5, rtol=0)
+    # the training prompt mask: answer tokens (labels != -100) do not route
+    labels = torch.full_like(batch_ids, -100)
+    labels[1, 5:] = batch_ids[1, 5:]
+    model.set_routing(input_ids=batch_ids, attention_mask=batch_mask, labels=labels)
+    torch.testing.assert_close(model.routing_state.task_probs[1],
+                               model.task_probabilities(long_[:, :5], torch.ones(1, 5, dtype=torch.long))[0])
+
+
+# ----------------------------------------------------------------------------- dtype and device
+def test_bf16_base_with_fp32_adapters():
+    batch, tasks = toy_batch("llama")
+    ref = _routed("llama", "orchmoe")
+    model = get_model(tiny_base("llama", dtype=torch.bfloat16), method_config("orchmoe"))
+    _copy_adapter(ref, model)
+    assert all(p.dtype == torch.float32 for p in model.adapter_state_dict().values())
+    out = _lm_logits(model, batch)
+    assert out.dtype == torch.bfloat16
+    assert F.cosine_similarity(out.float().flatten(), _lm_logits(ref, batch).flatten(), dim=0) > 0.99
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.adapter_state_dict().values())
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_adapters_and_routers_live_on_the_base_model_device(method):
+    with torch.device("meta"):
+        base = tiny_base("llama")
+    model = get_model(base, method_config(method))
+    assert {p.device.type for p in model.adapter_state_dict().values()} == {"meta"}
+
+
+# ----------------------------------------------------------------------------- optimiser groups
+def test_parameter_groups_two_speeds():
+    model = get_model(tiny_base("llama"), method_config("orchmoe"))
+    experts, routers = model.parameter_groups(lr=1e-3, router_lr=0.1)
+    assert (experts["lr"], routers["lr"]) == (1e-3, 0.1)
+    n = sum(p.numel() for g in (experts, routers) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == model.num_parameters_split()[0]
+    assert all(p.dim() == 3 for p in experts["params"])  # lora_A / lora_B
+    assert any(p is model.task_router.net.weight for p in routers["params"])
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_save_load_round_trip_is_exact(method, tmp_path):
+    arch = "t5" if method == "mode" else "llama"
+    model = _routed(arch, method)
+    batch, tasks = toy_batch(arch)
+    kw = task_kwargs(method, tasks)
+    expected = _lm_logits(model, batch, **kw)
+    model.save_adapter(tmp_path / "a", metadata={"note": "x"})
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    assert meta["method"] == method and meta["trainable_parameters"] == model.num_parameters_split()[0]
+    loaded = load_adapter(tiny_base(arch), tmp_path / "a")
+    assert loaded.adapter_metadata == {"note": "x"} and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(_lm_logits(loaded, batch, **kw), expected)
+    trainable = load_adapter(tiny_base(arch), tmp_path / "a", is_trainable=True)
+    assert all(p.requires_grad for p in trainable.adapter_state_dict().values())
+
+
+@pytest.fixture
+def saved(tmp_path):
+    _routed("llama", "poly").save_adapter(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def test_load_onto_another_model_shape_names_the_difference(saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(AdapterMismatchError, match="hidden_size: adapter 32 vs model 48"):
+        load_adapter(other, saved)
+    with pytest.raises(AdapterMismatchError, match="model_type: adapter 'llama' vs model 'gpt2'"):
+        load_adapter(tiny_base("gpt2"), saved)
+    fresh = get_model(tiny_base("llama"), method_config("poly", n_skills=2))
+    with pytest.raises(AdapterMismatchError, match=r"lora_A has shape \(4, 32, 2\), model expects \(2, 32, 2\)"):
+        fresh.load_adapter_weights(saved)
+
+
+def test_load_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapter(tiny_base("llama"), tmp_path / "nothing")
+    cfg_file = saved / ADAPTER_CONFIG
+    good = cfg_file.read_text()
+    cfg_file.write_text(good[:-20])
+    with pytest.raises(AdapterMismatchError, match="not valid JSON"):
+        load_adapter(tiny_base("llama"), saved)
+    cfg_file.write_text(json.dumps({"format": "something"}))
+    with pytest.raises(AdapterMismatchError, match="not an orchmoe adapter"):
+        load_adapter(tiny_base("llama"), saved)
+    meta = json.loads(good)
+    meta["config"]["method"] = "wizard"
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="unknown method 'wizard'"):
+        load_adapter(tiny_base("llama"), saved)
+    meta = json.loads(good)
+    del meta["layers"]
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="incomplete: no 'layers' section"):
+        load_adapter(tiny_base("llama"), saved)
+    meta = json.loads(good)
+    meta["config"]["n_skills"] = 0
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="n_skills must be >= 1"):
+        load_adapter(tiny_base("llama"), saved)
+    meta = json.loads(good)
+    meta["config"]["target_modules"] = ["q_proj", "v_proj", "k_proj"]
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="other layers"):
+        load_adapter(tiny_base("llama"), saved)
+    cfg_file.write_text(good)
+    (saved / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter weights"):
+        load_adapter(tiny_base("llama"), saved)
+
+
+def test_load_with_missing_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _routed("llama", "orchmoe").save_adapter(tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    tensors.pop("task_router.net.weight")
+    save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    with pytest.raises(AdapterMismatchError, match=r"missing tensors \['task_router.net.weight'\]"):
+        load_adapter(tiny_base("llama"), tmp_path / "a")
+
+
+def test_poly_config_used_in_roundtrip_keeps_task_count(tmp_path):
+    model = get_model(tiny_base("llama"), PolyConfig(n_tasks=5, n_skills=2, rank=2))
+    model.save_adapter(tmp_path / "p")
+    assert load_adapter(tiny_base("llama"), tmp_path / "p").adapter_config == model.adapter_config
+
+
+def test_routed_layers_are_leaf_modules_owning_their_experts():
+    model = get_model(tiny_base("llama"), method_config("molora"))
+    for layer in model.routed_layers.values():
+        assert isinstance(layer, RoutedLoraLayer)
+        own = dict(layer.named_parameters(recurse=False))
+        assert set(own) == {"lora_A", "lora_B"}
+
+
+def test_second_injection_is_refused():
+    base = tiny_base("llama")
+    get_model(base, LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="already carries routed adapters"):
+        get_model(base, LoraConfig(rank=2))
+
+
+def test_deepcopy_keeps_one_shared_routing_state():
+    import copy
+
+    model = copy.deepcopy(_routed("llama", "orchmoe"))
+    assert all(layer.state is model.routing_state for layer in model.routed_layers.values())
+    batch, _ = toy_batch("llama")
+    assert torch.isfinite(_lm_logits(model, batch)).all()
+
+
+@pytest.mark.parametrize("method", ["poly", "orchmoe", "molora"])
+def test_generate_in_training_mode_routes_as_in_evaluation(method):
+    model = _routed("llama", method)
+    ids, tasks = _prompts("llama"), torch.tensor([1, 2])
+    expected = _gen(model, ids, method, tasks)
+    model.train()
+    torch.manual_seed(0)
+    assert torch.equal(_gen(model, ids, method, tasks), expected)
+    assert all(r.training for r in model._routers())  # modes restored
+
+
+def test_t5_decoder_step_over_encoder_outputs_keeps_the_prompt_routing():
+    model = _routed("t5", "orchmoe", target_modules=["q", "v", "o", "wo"])
+    _sharpen(model)
+    ids = _prompts("t5")
+    dec = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    with torch.no_grad():
+        full = model(input_ids=ids, decoder_input_ids=dec).logits
+        enc = model.get_encoder()(input_ids=ids)  # runs under the routing just set from `ids`
+        model(input_ids=ids[[1, 0]], decoder_input_ids=dec)  # another routing in between...
+        model.set_routing(input_ids=ids)  # ...restored for this prompt batch
+        step = model(encoder_outputs=enc, decoder_input_ids=dec).logits
+    torch.testing.assert_close(step, full)
+
+
+def test_encoder_decoder_token_routers_read_the_decoder_mask():
+    model = _routed("t5", "molora", target_modules=["q", "v"])
+    sides = {p: layer.router.decoder_side for p, layer in model.routed_layers.items()}
+    assert all(v == p.startswith("decoder.") for p, v in sides.items()) and any(sides.values())
+    ids = torch.randint(3, 60, (2, 4))
+    labels = torch.tensor([[5, 6, -100, -100], [5, 6, 7, 8]])  # same length as the encoder input
+    model.set_routing(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), labels=labels)
+    state = model.routing_state
+    assert state.token_mask_for(torch.Size([2, 4]), decoder=True).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert state.token_mask_for(torch.Size([2, 4])).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]

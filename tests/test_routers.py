@@ -1,0 +1,193 @@
+"""Routers and the routing context: allocation / gate invariants (Hypothesis), losses, batch expansion."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchmoe.routers import ConstantRouter, PolyRouter, SkillRouter, TaskRouter, TokenRouter, relaxed_allocation
+from orchmoe.routing import RoutingError, RoutingState
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+def _state(**kw):
+    s = RoutingState()
+    s.set(**kw)
+    return s
+
+
+# ----------------------------------------------------------------------------- allocations (Poly, MHR, OrchMoE)
+@SETTINGS
+@given(rows=st.integers(1, 5), S=st.integers(1, 6), scale=st.floats(0.0, 8.0), training=st.booleans(), seed=st.integers(0, 999))
+def test_allocation_rows_are_distributions(rows, S, scale, training, seed):
+    # Logits within +-8: the 1e-12 stabiliser of Poly/PEFT (w = z / (sum z + 1e-12)) only shows when every
+    # sigmoid of a row is below ~1e-7, i.e. all logits below about -16.
+    torch.manual_seed(seed)
+    w = relaxed_allocation((torch.rand(rows, S) * 2 - 1) * scale, training)
+    assert w.shape == (rows, S) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(rows), atol=1e-5, rtol=0)
+
+
+@SETTINGS
+@given(T=st.integers(1, 4), S=st.integers(1, 5), h=st.integers(1, 4), b=st.integers(1, 5), training=st.booleans(), seed=st.integers(0, 999))
+def test_poly_router_allocations(T, S, h, b, training, seed):
+    torch.manual_seed(seed)
+    router = PolyRouter(T, S, h).train(training)
+    with torch.no_grad():
+        router.logits.normal_()
+    tasks = torch.randint(-1, T, (b,))
+    w = router(torch.zeros(b, 2, 8), _state(task_ids=tasks))
+    assert w.shape == (b, h, S) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(b, h), atol=1e-5, rtol=0)
+    if not training:
+        for i, t in enumerate(tasks.tolist()):
+            expected = router.allocation(t) if t >= 0 else torch.stack([router.allocation(j) for j in range(T)]).mean(0)
+            torch.testing.assert_close(w[i], expected)
+
+
+def test_poly_router_eval_is_normalised_sigmoid_and_training_samples():
+    router = PolyRouter(2, 3, 1)
+    with torch.no_grad():
+        router.logits.copy_(torch.tensor([[0.0, 1.0, -1.0], [2.0, 2.0, 2.0]]))
+    state = _state(task_ids=torch.tensor([0, 1]))
+    sig = torch.sigmoid(router.logits)
+    torch.testing.assert_close(router.eval()(torch.zeros(2, 1, 4), state)[:, 0], sig / sig.sum(-1, keepdim=True))
+    torch.manual_seed(0)
+    a = router.train()(torch.zeros(2, 1, 4), state)
+    b = router(torch.zeros(2, 1, 4), state)
+    assert not torch.allclose(a, b)  # a Gumbel-sigmoid sample each call in training
+    a.sum().backward()  # rsample: gradients reach the logits
+    assert router.logits.grad is not None
+
+
+@SETTINGS
+@given(K=st.integers(1, 5), S=st.integers(1, 5), b=st.integers(1, 4), seed=st.integers(0, 999))
+def test_skill_router_is_a_convex_mix_of_rows(K, S, b, seed):
+    torch.manual_seed(seed)
+    router = SkillRouter(K, S).eval()
+    with torch.no_grad():
+        router.logits.normal_()
+    pi = torch.softmax(torch.randn(b, K), -1)
+    w = router(torch.zeros(b, 1, 4), _state(task_probs=pi))
+    assert w.shape == (b, 1, S) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(b, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w[:, 0], pi @ router.allocation())
+
+
+def test_skill_router_with_onehot_pi_equals_poly_router():
+    T, S = 4, 3
+    poly, skill = PolyRouter(T, S).eval(), SkillRouter(T, S).eval()
+    with torch.no_grad():
+        poly.logits.normal_()
+        skill.logits.copy_(poly.logits)
+    tasks = torch.tensor([3, 0, 2, 2, 1])
+    w_poly = poly(torch.zeros(5, 1, 2), _state(task_ids=tasks))
+    w_orch = skill(torch.zeros(5, 1, 2), _state(task_probs=F.one_hot(tasks, T).float()))
+    torch.testing.assert_close(w_orch, w_poly)
+
+
+def test_routers_need_their_context():
+    with pytest.raises(RoutingError, match="needs task_ids"):
+        PolyRouter(2, 2)(torch.zeros(1, 1, 2), RoutingState())
+    with pytest.raises(RoutingError, match="needs task_probs"):
+        SkillRouter(2, 2)(torch.zeros(1, 1, 2), RoutingState())
+    assert ConstantRouter()(torch.zeros(1, 1, 2), None) is None
+
+
+# ----------------------------------------------------------------------------- token gates (MoLoRA, MoDE)
+@SETTINGS
+@given(b=st.integers(1, 3), n=st.integers(1, 5), P=st.integers(1, 8), S=st.integers(1, 6), blocks=st.integers(1, 3),
+       top_k=st.one_of(st.none(), st.integers(1, 6)), seed=st.integers(0, 999))
+def test_token_gates_sum_to_one_and_keep_exactly_top_k(b, n, P, S, blocks, top_k, seed):
+    top_k = None if top_k is None else min(top_k, S)
+    torch.manual_seed(seed)
+    router = TokenRouter(P, S, blocks, top_k).eval()
+    g = router(torch.randn(b, n, P), None)
+    assert g.shape == (b, n, blocks, S) and (g >= 0).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(b, n, blocks), atol=1e-5, rtol=0)
+    kept = (g > 0).sum(-1)
+    assert (kept == (S if top_k is None else top_k)).all()
+
+
+def test_top_k_keeps_the_largest_and_renormalises():
+    router = TokenRouter(2, 4, 1, top_k=2)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+    g = router(torch.tensor([[[1.0, 0.0]]]), None)[0, 0, 0]
+    p = torch.softmax(torch.tensor([2.0, 3.0]), -1)
+    torch.testing.assert_close(g, torch.tensor([0.0, p[0], p[1], 0.0]))
+
+
+def test_switch_balance_loss_values_and_padding_mask():
+    router = TokenRouter(4, 4, 1, top_k=1, aux_loss_coef=0.1)
+    uniform = torch.full((2, 3, 1, 4), 0.25)
+    collapsed = torch.zeros(2, 3, 1, 4)
+    collapsed[..., 0] = 1.0
+    assert float(router.balance_loss(collapsed, None)) == pytest.approx(4.0)
+    assert float(router.balance_loss(uniform, None)) == pytest.approx(1.0)
+    # padded tokens do not count: the loss of a padded batch equals that of its real tokens
+    probs = torch.softmax(torch.randn(1, 5, 1, 4), -1)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    torch.testing.assert_close(router.balance_loss(probs, mask), router.balance_loss(probs[:, :3], None))
+
+
+def test_token_router_adds_aux_loss_only_in_training_with_grad():
+    router = TokenRouter(4, 3, 1, top_k=1, aux_loss_coef=0.5)
+    state = _state(token_mask=torch.ones(2, 3))
+    router.train()(torch.randn(2, 3, 4), state)
+    assert len(state.aux_losses) == 1 and state.aux_losses[0].requires_grad
+    with torch.no_grad():
+        router(torch.randn(2, 3, 4), state)
+    router.eval()(torch.randn(2, 3, 4), state)
+    assert len(state.aux_losses) == 1
+
+
+# ----------------------------------------------------------------------------- task router (OrchMoE)
+@SETTINGS
+@given(b=st.integers(1, 4), d=st.integers(2, 16), K=st.integers(1, 6), hidden=st.sampled_from([0, 5]),
+       tau=st.floats(0.1, 5.0), seed=st.integers(0, 999))
+def test_task_router_outputs_distributions(b, d, K, hidden, tau, seed):
+    torch.manual_seed(seed)
+    router = TaskRouter(d, K, temperature=tau, hidden=hidden)
+    pi = router(torch.randn(b, d))
+    assert pi.shape == (b, K) and (pi >= 0).all()
+    torch.testing.assert_close(pi.sum(-1), torch.ones(b), atol=1e-5, rtol=0)
+
+
+def test_task_router_hard_routing_and_normalisation():
+    torch.manual_seed(0)
+    router = TaskRouter(8, 4, hard=True)
+    u = torch.randn(3, 8)
+    pi = router.eval()(u)
+    assert torch.equal(pi.sum(-1), torch.ones(3)) and set(pi.unique().tolist()) <= {0.0, 1.0}
+    pi = router.train()(u)  # straight-through Gumbel-softmax: one-hot forward, gradient backward
+    assert set(pi.unique().tolist()) <= {0.0, 1.0}
+    (pi * torch.arange(4.0)).sum().backward()
+    assert router.net.weight.grad is not None and router.net.weight.grad.abs().sum() > 0
+    soft = TaskRouter(8, 4).eval()  # the parameter-free layer norm: the scale of u(x) does not matter
+    torch.testing.assert_close(soft(u), soft(100 * u), atol=1e-5, rtol=1e-4)
+
+
+def test_task_balance_loss():
+    assert float(TaskRouter.balance_loss(torch.full((4, 5), 0.2))) == pytest.approx(1.0)
+    assert float(TaskRouter.balance_loss(F.one_hot(torch.zeros(4, dtype=torch.long), 5).float())) == pytest.approx(5.0)
+
+
+# ----------------------------------------------------------------------------- routing state
+def test_state_expands_prompts_for_beams_contiguously():
+    state = _state(task_ids=torch.tensor([4, 7]), task_probs=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert state.task_ids_for(6, "x").tolist() == [4, 4, 4, 7, 7, 7]
+    assert state.task_probs_for(4, "x")[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert state.task_ids_for(6, "x") is state.task_ids_for(6, "x")  # computed once per batch size
+    with pytest.raises(RoutingError, match="batch of 3 rows does not extend the routed batch of 2"):
+        state.task_ids_for(3, "x")
+
+
+def test_state_token_mask_only_for_matching_tokens():
+    state = _state(token_mask=torch.tensor([[1, 1, 0]]))
+    assert state.token_mask_for(torch.Size([2, 3])).tolist() == [[1, 1, 0], [1, 1, 0]]
+    assert state.token_mask_for(torch.Size([1, 1])) is None  # a decoding step / the T5 decoder side
