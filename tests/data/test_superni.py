@@ -110,6 +110,9 @@ def test_select_tasks_string_forms(shared, tmp_path):
     assert select_tasks(shared, "available") == read_split(shared, "available", "train")
     with pytest.raises(DataError, match="task999_nope"):
         select_tasks(shared, f"{names[0]},task999_nope")
+    many = read_split(shared, "available", "train")[:12]  # longer than a file name may be
+    assert len(",".join(many)) > 255
+    assert select_tasks(shared, ",".join(many)) == many
 
 
 def test_select_tasks_split_name_keeps_present_and_warns(shared, caplog):

@@ -282,7 +282,11 @@ def select_tasks(
         if not spec:
             raise DataError("empty task specification")
         as_path = Path(spec).expanduser()
-        if as_path.is_file():
+        try:
+            is_file = as_path.is_file()
+        except OSError:  # a long comma-separated list is no file name (ENAMETOOLONG)
+            is_file = False
+        if is_file:
             names = _read_name_file(as_path)
             if not names:
                 raise DataError(f"task list file {as_path} names no task")
