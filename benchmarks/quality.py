@@ -1,0 +1,173 @@
+"""Quality benchmark: every method at the same trainable budget, same tasks, same model.
+
+Runs `orchmoe train` (which evaluates at the end) for each method and seed, then
+writes one table with mean and spread over seeds (ROUGE-L, ROUGE-1, exact match on
+held-out instances of seen tasks and on unseen test-split tasks, trainable
+parameters, train time) and a per-category table.
+
+    python benchmarks/quality.py --size cpu            # ~1 h on 2 CPU cores (see SIZES)
+    python benchmarks/quality.py --size ni100          # the papers' NI-100 protocol, for a GPU
+
+Finished runs (a metrics.json in their folder) are skipped, and an interrupted run
+resumes from its last checkpoint, so the command can simply be started again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "superni"
+
+# Equal budgets on SmolLM2-135M (q_proj 576->576, v_proj 576->192, 30 layers): LoRA r=8 has
+# 460,800 trainable parameters; each mixture is sized to land within a few percent of it
+# (MoLoRA's per-token router costs P*S per layer, MoDE's r/p*m*P, so they take fewer experts).
+METHOD_ARGS: dict[str, list[str]] = {
+    "lora": ["--method", "lora", "--rank", "8"],
+    "molora": ["--method", "molora", "--n-skills", "3", "--rank", "2"],
+    "poly": ["--method", "poly", "--n-skills", "4", "--rank", "2"],
+    "mhr": ["--method", "mhr", "--n-skills", "4", "--rank", "2", "--n-splits", "8"],
+    "mode": ["--method", "mode", "--n-skills", "2", "--rank", "3", "--expert-rank", "1"],
+    "orchmoe": ["--method", "orchmoe", "--n-skills", "4", "--rank", "2", "--n-abstract-tasks", "8"],
+}
+
+# Short-prompt SuperNI tasks with short answers, spread over categories, for the CPU size.
+CPU_TASKS = [
+    "task1508_wordnet_antonyms",            # Word Semantics
+    "task1146_country_capital",             # Misc.
+    "task1314_country_abbreviation",        # Misc.
+    "task591_sciq_answer_generation",       # Question Answering
+    "task1412_web_questions_question_answering",  # Question Answering
+    "task568_circa_question_generation",    # Question Generation
+    "task565_circa_answer_generation",      # Dialogue Generation
+    "task899_freebase_qa_topic_generation",  # Question Understanding
+    "task454_swag_incorrect_answer_generation",  # Wrong Candidate Generation
+    "task455_swag_context_generation",      # Text Completion
+]
+CPU_UNSEEN = [
+    "task1195_disflqa_disfluent_to_fluent_conversion",  # Question Rewriting
+    "task645_summarization",                # Keyword Tagging
+    "task393_plausible_result_generation",  # Cause Effect Classification
+    "task957_e2e_nlg_text_generation_generate",  # Data to Text
+]
+
+SIZES: dict[str, dict] = {
+    # 10 seen tasks x 32 train / 10 eval instances, 4 unseen tasks x 10, one demonstration,
+    # prompts <= 160 tokens, answers <= 24 tokens: one epoch of 40 optimizer steps of 8 examples,
+    # ~4-5 minutes per run (train + eval) on 2 CPU cores, so 6 methods x 2 seeds fit in ~1 hour.
+    "cpu": {
+        "data": str(SHARED),
+        "args": ["--tasks", ",".join(CPU_TASKS), "--unseen-tasks", ",".join(CPU_UNSEEN),
+                 "--train-per-task", "32", "--eval-per-task", "10", "--unseen-per-task", "10",
+                 "--n-pos", "1", "--max-source-len", "160", "--max-target-len", "24", "--max-new-tokens", "24",
+                 "--batch-size", "8", "--epochs", "1", "--lr", "3e-3", "--router-lr", "1e-2", "--warmup-ratio", "0.1",
+                 "--checkpoint-every", "20", "--eval-batch-size", "16"],
+        "seeds": [0, 1],
+    },
+    # The papers' NI-100 protocol: 100 tasks, 1000 train + 100 eval instances each, all unseen test
+    # tasks on their first 100 instances. The shared subset holds 78 tasks with 1100 instances;
+    # --allow-fewer-train keeps the rest, training on what they have after the 100 held out.
+    "ni100": {
+        "data": str(SHARED),
+        "args": ["--tasks", "100", "--allow-fewer-train", "--train-per-task", "1000", "--eval-per-task", "100",
+                 "--unseen-tasks", "all", "--unseen-per-task", "100", "--n-pos", "2", "--max-source-len", "1024",
+                 "--max-target-len", "128", "--max-new-tokens", "64", "--batch-size", "16", "--epochs", "2",
+                 "--lr", "1e-3", "--router-lr", "1e-2", "--checkpoint-every", "1000", "--eval-batch-size", "64"],
+        "seeds": [0],
+    },
+}
+
+
+def run_one(method: str, seed: int, size: dict, out: Path, extra: list[str], method_args: list[str] | None = None) -> float:
+    """One `orchmoe train` (+ its evaluation) in a fresh process; an interrupted one resumes."""
+    cmd = [sys.executable, "-m", "orchmoe", "train", *(method_args or METHOD_ARGS[method]), "--data", size["data"],
+           *size["args"], "--seed", str(seed), "--out", str(out), *extra]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - start
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarise(root: Path, methods: list[str], seeds: list[int]) -> str:
+    rows, cats = [], {}
+    for method in methods:
+        runs = []
+        for seed in seeds:
+            metrics_file = root / f"{method}-s{seed}" / "metrics.json"
+            if metrics_file.exists():
+                runs.append(json.loads(metrics_file.read_text()))
+        if not runs:
+            continue
+
+        def vals(part: str, key: str) -> list[float]:
+            return [r[part]["overall"][key] for r in runs if part in r and r[part].get("overall")]
+
+        params = runs[0].get("trainable_parameters", "-")
+        train_s = [r.get("train_seconds") for r in runs if r.get("train_seconds") is not None]
+        rows.append([method, f"{params:,}" if isinstance(params, int) else params, str(len(runs)),
+                     mean_sd(vals("seen", "rougeL")), mean_sd(vals("seen", "rouge1")), mean_sd(vals("seen", "exact_match")),
+                     mean_sd(vals("unseen", "rougeL")), mean_sd(vals("unseen", "exact_match")),
+                     f"{statistics.mean(train_s) / 60:.1f} min" if train_s else "-"])
+        for r in runs:
+            for cat, s in r.get("seen", {}).get("per_category", {}).items():
+                cats.setdefault(cat, {}).setdefault(method, []).append(s["rougeL"])
+    head = ["method", "trainable params", "seeds", "seen ROUGE-L", "seen ROUGE-1", "seen EM",
+            "unseen ROUGE-L", "unseen EM", "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    done = [r[0] for r in rows]
+    lines += ["", "Seen-task ROUGE-L per category (mean over seeds):", "",
+              "| category | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
+    for cat in sorted(cats):
+        lines.append(f"| {cat} | " + " | ".join(mean_sd(cats[cat].get(m, [])) for m in done) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--methods", default=",".join(METHOD_ARGS), help="comma-separated subset of " + ",".join(METHOD_ARGS))
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's)")
+    p.add_argument("--out", default=None, help="root folder of the runs (default: runs/quality-<size>)")
+    p.add_argument("--model", default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--summary-only", action="store_true", help="only rebuild the tables from finished runs")
+    args, extra = p.parse_known_args(argv)
+    size = SIZES[args.size]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_ARGS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {sorted(METHOD_ARGS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else size["seeds"]
+    root = Path(args.out or REPO / "runs" / f"quality-{args.size}")
+    root.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        extra = ["--model", args.model, *extra]
+    if not args.summary_only:
+        for seed in seeds:  # seed-major: after the first pass every method has one result
+            for method in methods:
+                out = root / f"{method}-s{seed}"
+                if (out / "metrics.json").exists():
+                    print(f"= {out} done, skipped", flush=True)
+                    continue
+                run_one(method, seed, size, out, ["--no-progress", *extra])
+    table = summarise(root, methods, seeds)
+    (root / "quality.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
