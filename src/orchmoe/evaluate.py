@@ -1,0 +1,260 @@
+"""Evaluation: batched greedy generation and the official SuperNI scores.
+
+Prompts are built exactly as in training (same demonstrations, token budget, chat template),
+left-padded and sorted by length so a batch wastes little compute; each prompt's routing is
+computed once from the prompt by `RoutedModel.generate` and held for every decoding step.
+Poly/MHR get the seen task's id and -1 (the mean allocation) for an unseen task; the other
+methods route from the input alone. Scores come from `orchmoe.metrics` (ROUGE-L, ROUGE-1,
+exact match; best over the references; x100).
+
+Writes into the run folder: ``predictions.jsonl`` (one record per instance), ``metrics.json``
+(overall / seen / unseen, per task, per category) and ``metrics.md`` (the same as tables).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown", "markdown_table"]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table; numbers are right-aligned and floats shown with 2 decimals."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        if v is None:
+            return "-"
+        return str(v).replace("|", "\\|")
+
+    body = [[cell(v) for v in r] for r in rows]
+    if align is None:
+        align = ["r" if rows and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) else "l"
+                 for i in range(len(headers))]
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _gather(obj: list, accelerator) -> list:
+    if accelerator is None or accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import gather_object
+
+    return gather_object(obj)
+
+
+@torch.no_grad()
+def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 2, max_source_len: int = 512,
+                         max_new_tokens: int = 64, chat_template: bool = False, decoder_only: bool = True,
+                         batch_size: int = 16, accelerator=None, progress: bool = True) -> list[str]:
+    """Greedy predictions for `examples` (in their order), decoded from the new tokens only and stripped.
+
+    Batches are cut from the prompts sorted longest first; with several processes each takes
+    every W-th batch and the predictions are gathered.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import encode_prompt, pad_batch
+    from .train import quiet_length_warning
+
+    if not examples:
+        return []
+    quiet_length_warning(tokenizer)
+    routed = model
+    needs_task_ids = routed.adapter_config.needs_task_ids
+    prompts = [encode_prompt(tokenizer, task_defs[ex.task], ex.input, n_pos=n_pos, max_source_len=max_source_len,
+                             decoder_only=decoder_only, chat_template=chat_template) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    mine = batches[rank::world]
+    device = next(routed.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
+                      temperature=None, top_p=None, top_k=None)
+    was_training = routed.training
+    routed.eval()
+    results: list[tuple[int, str]] = []
+    show = progress and (accelerator is None or accelerator.is_main_process)
+    bar = tqdm(total=len(examples), desc="generate", unit="ex", dynamic_ncols=True, disable=not show)
+    try:
+        for idx in mine:
+            feats = [{"input_ids": prompts[i]} for i in idx]
+            batch = pad_batch(feats, pad, "left", decoder_only=True)
+            input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            kwargs = dict(gen_kwargs)
+            if needs_task_ids:
+                kwargs["task_ids"] = torch.tensor([examples[i].task_id for i in idx], device=device)  # -1: unseen
+            seqs = routed.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            new = seqs[:, input_ids.shape[1]:] if decoder_only else seqs
+            start = None if decoder_only else routed.base_model.generation_config.decoder_start_token_id
+            for i, row in zip(idx, new.tolist()):
+                if start is not None and row and row[0] == start:
+                    row = row[1:]  # the decoder start token of an encoder-decoder model
+                if eos in row:
+                    row = row[: row.index(eos)]
+                results.append((i, tokenizer.decode(row, skip_special_tokens=True).strip()))
+            bar.update(len(idx) * world)
+    finally:
+        bar.close()
+        routed.train(was_training)
+    gathered = _gather(results, accelerator)
+    preds: list[str | None] = [None] * len(examples)
+    for i, p in gathered:
+        preds[i] = p
+    assert all(p is not None for p in preds), "a prediction went missing while gathering"
+    return preds  # type: ignore[return-value]
+
+
+def _row(scores: dict) -> list:
+    return [scores["n"], scores["rougeL"], scores["rouge1"], scores["exact_match"]]
+
+
+def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
+    """The summary (all / seen / unseen), per-category and per-task tables."""
+    title = f"## {metrics.get('run', 'run')}: {metrics.get('method', '?')} on {metrics.get('base_model', '?')}"
+    summary_rows = [["all", *_row(metrics["overall"])]]
+    for part, label in (("seen", "seen tasks (held-out instances)"), ("unseen", "unseen tasks")):
+        if part in metrics:
+            summary_rows.append([label, *_row(metrics[part]["overall"])])
+    parts = [title, "", markdown_table(["split", "n", "ROUGE-L", "ROUGE-1", "EM"], summary_rows)]
+    cat_rows = []
+    for part in ("seen", "unseen"):
+        for cat, s in metrics.get(part, {}).get("per_category", {}).items():
+            cat_rows.append([cat, part, *_row(s)])
+    if cat_rows:
+        parts += ["", "### Per category", "", markdown_table(["category", "tasks", "n", "ROUGE-L", "ROUGE-1", "EM"], cat_rows)]
+    if per_task:
+        task_rows = []
+        for part in ("seen", "unseen"):
+            for task, s in metrics.get(part, {}).get("per_task", {}).items():
+                task_rows.append([task, metrics.get("categories", {}).get(task, "?"), part, *_row(s)])
+        if task_rows:
+            parts += ["", "### Per task", "",
+                      markdown_table(["task", "category", "tasks", "n", "ROUGE-L", "ROUGE-1", "EM"], task_rows)]
+    return "\n".join(parts) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | None, *, accelerator=None,
+                   decoder_only: bool | None = None, print_table: bool = True) -> dict:
+    """Generate for the held-out instances of the seen tasks and the unseen tasks, score, write, print.
+
+    `model` is a RoutedModel (unwrapped), `data` a MultiTaskData, `cfg` the run's TrainConfig.
+    Returns the metrics dict (also written to ``out_dir/metrics.json``).
+    """
+    from .metrics import aggregate, score_example
+    from .models import is_encoder_decoder
+
+    if decoder_only is None:
+        decoder_only = not is_encoder_decoder(model.base_model)
+    examples = list(data.eval) + list(data.unseen)
+    if not examples:
+        raise ValueError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks")
+    is_main = accelerator is None or accelerator.is_main_process
+    t0 = time.perf_counter()
+    with accelerator.autocast() if accelerator is not None else nullcontext():  # the training precision
+        preds = generate_predictions(model, tokenizer, examples, data.task_defs, n_pos=cfg.n_pos,
+                                     max_source_len=cfg.max_source_len, max_new_tokens=cfg.generation_tokens,
+                                     chat_template=cfg.chat_template, decoder_only=decoder_only,
+                                     batch_size=cfg.eval_batch_size, accelerator=accelerator, progress=cfg.progress)
+    gen_seconds = time.perf_counter() - t0
+    records = [{"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references)}
+               for ex, p in zip(examples, preds)]
+    agg = aggregate(records)
+    out = Path(out_dir) if out_dir is not None else None
+    train_summary = {}
+    if out is not None and (out / "train_summary.json").is_file():
+        train_summary = json.loads((out / "train_summary.json").read_text())
+    n_trainable, _ = model.num_parameters_split()
+    metrics = {
+        "run": out.name if out is not None else None,
+        "method": model.adapter_config.method,
+        "base_model": model.base_model_name,
+        "trainable_parameters": n_trainable,
+        "train_seconds": train_summary.get("train_seconds"),
+        "train_steps": train_summary.get("steps"),
+        "n_seen_tasks": len(data.seen_tasks),
+        "n_unseen_tasks": len(data.unseen_tasks),
+        "n_examples": len(examples),
+        "eval_seconds": round(gen_seconds, 3),
+        "generation": {"max_new_tokens": cfg.generation_tokens, "batch_size": cfg.eval_batch_size, "n_pos": cfg.n_pos,
+                       "max_source_len": cfg.max_source_len, "chat_template": cfg.chat_template, "greedy": True},
+        "categories": data.categories(),
+        **agg,
+    }
+    if is_main:
+        table = format_metrics_markdown(metrics)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for ex, p in zip(examples, preds):
+                lines.append(json.dumps({"task": ex.task, "category": ex.category, "seen": ex.seen, "id": ex.id,
+                                         "input": ex.input, "prediction": p, "references": list(ex.references),
+                                         "scores": score_example(p, list(ex.references))}, ensure_ascii=False))
+            _atomic_write(out / "predictions.jsonl", "\n".join(lines) + "\n")
+            _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+            _atomic_write(out / "metrics.md", table)
+        if print_table:
+            print(format_metrics_markdown(metrics, per_task=len(agg["per_task"]) <= 40))
+            if out is not None:
+                print(f"predictions: {out / 'predictions.jsonl'}; metrics: {out / 'metrics.json'}, {out / 'metrics.md'}"
+                      f" ({len(examples)} examples in {gen_seconds:.0f} s)")
+    return metrics
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: str | None = None,
+                 batch_size: int | None = None, max_new_tokens: int | None = None, unseen_tasks: Any = None,
+                 progress: bool = True, print_table: bool = True) -> dict:
+    """Load base model + adapter from a run folder, rebuild its (seeded) evaluation sets, score them.
+
+    `data` / `model` override where the SuperNI files / the base model are found (e.g. a run
+    trained on another machine); the tasks and instances are the ones the run was trained with.
+    """
+    from accelerate import Accelerator
+
+    from .model import load_adapter
+    from .models import is_encoder_decoder, load_model_and_tokenizer
+    from .train import _mixed_precision, build_data, read_run_config
+
+    run = Path(run_dir)
+    if not (run / "adapter").is_dir():
+        raise FileNotFoundError(f"{run} has no adapter/ folder: train it first (or it is not an orchmoe run folder)")
+    cfg, _ = read_run_config(run)
+    if data is not None:
+        cfg.data = data
+    if model is not None:
+        cfg.model = model
+    if batch_size is not None:
+        cfg.eval_batch_size = batch_size
+    if max_new_tokens is not None:
+        cfg.max_new_tokens = max_new_tokens
+    if unseen_tasks is not None:
+        cfg.unseen_tasks = unseen_tasks
+    cfg.progress = progress
+    cfg.validate()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    base, tokenizer, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+    routed = load_adapter(base, run / "adapter", base_model_name=info["name"]).to(accelerator.device)
+    ds = build_data(cfg)
+    saved_ids = getattr(routed, "adapter_metadata", {}).get("task_to_id")
+    if saved_ids is not None and saved_ids != ds.task_to_id:
+        raise ValueError(f"the tasks rebuilt from {run / 'config.yaml'} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
+                         f"the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data")
+    return evaluate_model(routed, tokenizer, ds, cfg, run, accelerator=accelerator,
+                          decoder_only=not is_encoder_decoder(base), print_table=print_table)

@@ -1,0 +1,100 @@
+"""`orchmoe report RUN [RUN...]`: one Markdown comparison of finished runs.
+
+Reads each run folder's ``metrics.json`` (written by training or `orchmoe eval`) and puts the
+runs side by side: method, trainable parameters, training time, seen-task ROUGE-L / ROUGE-1 /
+exact match, unseen-task ROUGE-L / exact match; then ROUGE-L per task category.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .evaluate import markdown_table
+
+__all__ = ["load_run", "build_report", "write_report"]
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """A run's metrics.json (with its folder path added); a clear error when it was never evaluated."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} has no metrics.json: evaluate it first with `orchmoe eval {run}`")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    if metrics.get("train_seconds") is None and (run / "train_summary.json").is_file():
+        summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
+        metrics["train_seconds"] = summary.get("train_seconds")
+        metrics["train_steps"] = summary.get("steps")
+    metrics["_path"] = str(run)
+    return metrics
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _labels(runs: Sequence[dict]) -> list[str]:
+    """Folder names, or the paths as given when two runs share a folder name."""
+    names = [Path(r["_path"]).name for r in runs]
+    if len(set(names)) < len(names):
+        return [r["_path"] for r in runs]
+    return names
+
+
+def _metric(run: dict, part: str, key: str) -> float | None:
+    return run.get(part, {}).get("overall", {}).get(key)
+
+
+def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
+    """The comparison table and the per-category ROUGE-L table, as Markdown."""
+    if not run_dirs:
+        raise ValueError("report needs at least one run folder")
+    runs = [load_run(r) for r in run_dirs]
+    labels = _labels(runs)
+    headers = ["run", "method", "trainable params", "train time", "seen ROUGE-L", "seen ROUGE-1", "seen EM",
+               "unseen ROUGE-L", "unseen EM"]
+    rows = []
+    for label, r in zip(labels, runs):
+        rows.append([label, r.get("method"), f"{r['trainable_parameters']:,}" if r.get("trainable_parameters") is not None else None,
+                     _duration(r.get("train_seconds")),
+                     _metric(r, "seen", "rougeL"), _metric(r, "seen", "rouge1"), _metric(r, "seen", "exact_match"),
+                     _metric(r, "unseen", "rougeL"), _metric(r, "unseen", "exact_match")])
+    align = ["l", "l", "r", "r", "r", "r", "r", "r", "r"]
+    models = sorted({str(r.get("base_model")) for r in runs})
+    parts = ["## Runs", "", f"Base model: {', '.join(models)}. Scores x100 (official SuperNI metrics); "
+             "seen = held-out instances of the training tasks, unseen = test-split tasks.", "",
+             markdown_table(headers, rows, align)]
+    cats: dict[tuple[str, str], list] = {}
+    for i, r in enumerate(runs):
+        for part in ("seen", "unseen"):
+            for cat, s in r.get(part, {}).get("per_category", {}).items():
+                cats.setdefault((part, cat), [None] * len(runs))[i] = s["rougeL"]
+    if cats:
+        cat_rows = [[cat, part, *vals] for (part, cat), vals in sorted(cats.items())]
+        parts += ["", "## ROUGE-L per category", "",
+                  markdown_table(["category", "tasks", *labels], cat_rows, ["l", "l"] + ["r"] * len(labels))]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
+    """Build the report, print it, and write it to `out` when given."""
+    text = build_report(run_dirs)
+    print(text, end="")
+    if out is not None:
+        path = Path(out)
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"report written to {path}")
+    return text

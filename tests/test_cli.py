@@ -1,0 +1,171 @@
+"""The `orchmoe` command: config files and overrides, report, analyze, and its error messages."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+
+from orchmoe.cli import main  # noqa: E402
+from orchmoe.config import METHODS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUPERNI = REPO.parent / "shared" / "superni"
+SEEN = ["task1426_country_independence_year", "task1318_country_national_dish", "task1582_bless_hypernym_generation"]
+UNSEEN = "task645_summarization"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def superni() -> Path:
+    if not (SUPERNI / "tasks").is_dir():
+        pytest.fail(f"the SuperNI subset is missing: expected {SUPERNI}/tasks (the repository's sibling shared/superni)")
+    return SUPERNI
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from orchmoe.models import tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tok = make_tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def base_args(tiny: Path, superni: Path, out: Path) -> list[str]:
+    return ["train", "--model", str(tiny), "--data", str(superni), "--tasks", ",".join(SEEN), "--train-per-task", "8",
+            "--eval-per-task", "2", "--unseen-tasks", UNSEEN, "--unseen-per-task", "2", "--max-source-len", "80",
+            "--max-target-len", "6", "--batch-size", "4", "--no-progress", "--checkpoint-every", "0", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny, superni, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for method in ("lora", "poly"):
+        out = root / method
+        assert main(base_args(tiny, superni, out) + ["--method", method, "--max-steps", "2"]) == 0
+        runs.append(out)
+    return runs
+
+
+def test_config_file_with_command_line_override(tiny, superni, tmp_path):
+    cfg_file = tmp_path / "my.yaml"
+    cfg_file.write_text(yaml.safe_dump({"method": "mhr", "n-splits": 2, "lr": 5e-3, "router_lr": 0.1,
+                                        "batch_size": 2, "max_steps": 1, "eval": False,
+                                        "adapter_args": {"n_skills": 3}}))
+    out = tmp_path / "run"
+    assert main(base_args(tiny, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "mhr" and saved["n_splits"] == 2 and saved["router_lr"] == 0.1
+    assert saved["lr"] == 2e-3 and saved["batch_size"] == 3  # the flags win over the file
+    assert saved["_resolved"]["adapter"]["n_skills"] == 3 and saved["_resolved"]["adapter"]["n_splits"] == 2
+    assert not (out / "metrics.json").exists()  # eval: false in the file
+    # the run's own config.yaml is a valid config file
+    out2 = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(out2)]) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same config, same seed: same weights
+
+
+def test_report_over_two_runs(two_runs, tmp_path, capsys):
+    out = tmp_path / "report.md"
+    assert main(["report", *map(str, two_runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| lora") or line.startswith("| poly")]
+    assert len(rows) == 2
+    for run, row in zip(two_runs, rows):
+        m = json.loads((run / "metrics.json").read_text())
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == m["method"]
+        assert cells[2] == f"{m['trainable_parameters']:,}"
+        assert cells[4] == f"{m['seen']['overall']['rougeL']:.2f}"
+        assert cells[7] == f"{m['unseen']['overall']['rougeL']:.2f}"
+    assert "## ROUGE-L per category" in text and "Keyword Tagging" in text
+
+
+def test_eval_subcommand_rescores(two_runs, capsys):
+    (two_runs[1] / "metrics.md").unlink()
+    assert main(["eval", str(two_runs[1]), "--no-progress"]) == 0
+    assert (two_runs[1] / "metrics.md").is_file()
+    assert "| seen tasks (held-out instances) |" in capsys.readouterr().out
+
+
+def test_analyze_calls_the_analysis_module(two_runs, monkeypatch):
+    calls = []
+    fake = types.ModuleType("orchmoe.analysis")
+    fake.analyze_run = lambda run_dir, out_dir=None: calls.append((str(run_dir), out_dir))
+    monkeypatch.setitem(sys.modules, "orchmoe.analysis", fake)
+    assert main(["analyze", str(two_runs[0]), "--out", "somewhere"]) == 0
+    assert calls == [(str(two_runs[0]), "somewhere")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "moe"], "unknown method 'moe'; valid methods: " + ", ".join(sorted(METHODS))),
+    (["--data", "/no/such/superni"], "/no/such/superni"),
+    (["--batch-size", "many"], "batch_size must be an integer"),
+    (["--method", "lora", "--n-skills", "4"], "has no option(s) ['n_skills']"),
+])
+def test_errors_are_one_clear_line(extra, message, tiny, superni, tmp_path, capsys):
+    assert main(base_args(tiny, superni, tmp_path / "x") + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("orchmoe train: error:")
+
+
+def test_bad_config_file_names_the_key(tiny, superni, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: lora\nlearning_rat: 0.1\n")
+    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and str(bad) in err
+    bad.write_text("warmup_ratio: lots\n")
+    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
+    assert "warmup_ratio" in capsys.readouterr().err
+    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+def test_report_and_eval_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "orchmoe eval" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    assert "no adapter/" in capsys.readouterr().err
+
+
+def test_help_lists_every_option(capsys):
+    """(`python -m orchmoe` itself runs in test_train's SIGKILL test.)"""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    from orchmoe.train import TrainConfig
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--adapter-arg" if f.name == "adapter_args" else "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+    assert "--config" in out and "--no-eval" in out

@@ -1,0 +1,155 @@
+"""Evaluation: batched generation, routing inputs per method, files written, re-scoring a run folder."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+
+from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model  # noqa: E402
+from orchmoe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions, markdown_table  # noqa: E402
+from orchmoe.metrics import score_example  # noqa: E402
+from orchmoe.model import RoutedModel  # noqa: E402
+from orchmoe.train import TrainConfig, build_data, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUPERNI = REPO.parent / "shared" / "superni"
+SEEN = ["task1426_country_independence_year", "task1318_country_national_dish", "task1582_bless_hypernym_generation"]
+UNSEEN = "task645_summarization"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def superni() -> Path:
+    if not (SUPERNI / "tasks").is_dir():
+        pytest.fail(f"the SuperNI subset is missing: expected {SUPERNI}/tasks (the repository's sibling shared/superni)")
+    return SUPERNI
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from orchmoe.models import tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tok = make_tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def cfg_for(model, data, out, **kw) -> TrainConfig:
+    base = dict(model=str(model), data=str(data), tasks=",".join(SEEN), train_per_task=12, eval_per_task=3,
+                unseen_tasks=UNSEEN, unseen_per_task=3, max_source_len=96, max_target_len=8, batch_size=4,
+                eval_batch_size=4, lr=3e-2, progress=False, out=str(out), checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run(tiny, superni, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "orch"
+    train(cfg_for(tiny, superni, out, max_steps=6))
+    return out
+
+
+def _load(tiny):
+    from orchmoe.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(tiny))
+
+
+def test_run_folder_files_are_consistent(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == metrics["n_examples"] == 12
+    assert {k for p in preds for k in p} == {"task", "category", "seen", "id", "input", "prediction", "references", "scores"}
+    for p in preds:  # the per-instance scores are the official ones, and the prompt is not in "input"
+        assert p["scores"] == score_example(p["prediction"], p["references"])
+        assert "Definition:" not in p["input"] and p["prediction"] == p["prediction"].strip()
+        assert p["seen"] == (p["task"] != UNSEEN)
+    seen = [p for p in preds if p["seen"]]
+    mean_rl = sum(p["scores"]["rougeL"] for p in seen) / len(seen)
+    assert metrics["seen"]["overall"]["rougeL"] == pytest.approx(mean_rl)
+    assert metrics["method"] == "orchmoe" and metrics["train_steps"] == 6 and metrics["trainable_parameters"] > 0
+    md = (run / "metrics.md").read_text()
+    assert f"{metrics['seen']['overall']['rougeL']:.2f}" in md and "### Per category" in md and UNSEEN in md
+
+
+def test_evaluate_run_reproduces_the_training_scores(run):
+    before = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()
+    after = evaluate_run(run, progress=False, print_table=False)
+    assert (run / "metrics.json").is_file()
+    for part in ("overall", "seen", "unseen"):
+        want = before[part] if part == "overall" else before[part]["overall"]
+        got = after[part] if part == "overall" else after[part]["overall"]
+        assert got == pytest.approx(want)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny, superni, tmp_path):
+    model, tok, _ = _load(tiny)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: outputs that really depend on each prompt
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    routed = get_model(model, LoraConfig(rank=4))
+    for layer in routed.routed_layers.values():  # a non-trivial adapter
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    data = build_data(cfg_for(tiny, superni, tmp_path))
+    examples = data.eval + data.unseen
+    kw = dict(n_pos=1, max_source_len=96, max_new_tokens=6, progress=False)
+    batched = generate_predictions(routed, tok, examples, data.task_defs, batch_size=5, **kw)
+    single = generate_predictions(routed, tok, examples, data.task_defs, batch_size=1, **kw)
+    assert len(set(batched)) > len(examples) // 2  # not one degenerate string for every prompt
+    assert batched == single
+
+
+def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny, superni, tmp_path, monkeypatch):
+    model, tok, _ = _load(tiny)
+    data = build_data(cfg_for(tiny, superni, tmp_path))
+    routed = get_model(model, PolyConfig(n_tasks=data.num_tasks))
+    seen_ids = []
+    real = RoutedModel.generate
+
+    def spy(self, input_ids=None, attention_mask=None, task_ids=None, **kw):
+        seen_ids.append(None if task_ids is None else task_ids.tolist())
+        return real(self, input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, **kw)
+
+    monkeypatch.setattr(RoutedModel, "generate", spy)
+    examples = data.eval + data.unseen
+    generate_predictions(routed, tok, examples, data.task_defs, batch_size=100, max_new_tokens=2, progress=False)
+    got = sorted(seen_ids[0])
+    want = sorted(data.task_to_id[e.task] if e.seen else -1 for e in examples)
+    assert got == want and got.count(-1) == 3
+
+    seen_ids.clear()  # OrchMoE routes from the prompt alone: no task id is handed over
+    orch = get_model(_load(tiny)[0], OrchMoEConfig(n_abstract_tasks=4))
+    generate_predictions(orch, tok, examples, data.task_defs, batch_size=100, max_new_tokens=2, progress=False)
+    assert seen_ids == [None]
+
+
+def test_markdown_tables():
+    table = markdown_table(["name", "score"], [["a|b", 1.234], ["c", None]])
+    assert table.splitlines() == ["| name | score |", "| :--- | ---: |", "| a\\|b | 1.23 |", "| c | - |"]
+    metrics = {"run": "r", "method": "lora", "base_model": "m",
+               "overall": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0},
+               "seen": {"overall": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0},
+                        "per_category": {"Cat": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0}},
+                        "per_task": {"t": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0}}},
+               "categories": {"t": "Cat"}}
+    md = format_metrics_markdown(metrics)
+    assert "| seen tasks (held-out instances) | 2 | 50.00 | 60.00 | 0.00 |" in md
+    assert "| t | Cat | seen | 2 | 50.00 | 60.00 | 0.00 |" in md and "unseen" not in md
