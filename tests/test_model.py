@@ -531,3 +531,29 @@ def test_encoder_decoder_token_routers_read_the_decoder_mask():
     state = model.routing_state
     assert state.token_mask_for(torch.Size([2, 4]), decoder=True).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert state.token_mask_for(torch.Size([2, 4])).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("method", ["poly", "mhr", "orchmoe"])
+def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
+    """While decoding, mixed weights are built once per routing and rebuilt when routing or weights change."""
+    from core_helpers import method_config, randomize_adapter, task_kwargs, tiny_base
+
+    model = get_model(tiny_base("llama"), method_config(method))
+    randomize_adapter(model)
+    model.eval()
+    ids = torch.randint(3, 60, (2, 6))
+    kw = task_kwargs(method, [0, 1])
+    layer = next(iter(model.routed_layers.values()))
+    calls = []
+    layer.router.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out1 = model(input_ids=ids, **kw).logits
+        model.base_model(input_ids=ids)  # a decoding-style call under the same routing: cache hit
+        assert len(calls) == 1
+        layer.lora_B.add_(0.5)  # an in-place weight change invalidates the cache
+        out2 = model.base_model(input_ids=ids).logits
+        assert len(calls) == 2
+        layer._decode_cache = None
+        fresh = model.base_model(input_ids=ids).logits
+    torch.testing.assert_close(out2, fresh)
+    assert not torch.allclose(out1, out2)

@@ -83,11 +83,14 @@ class RoutedLoraLayer(nn.Module):
             return result
         squeeze = x.dim() == 2
         h = self.dropout(x.unsqueeze(0) if squeeze else x).to(self.lora_A.dtype)  # (b, n, P)
-        routing = self.router(h, self.state)
         if self.router.mixing == "tokens":
-            delta = self.mix_outputs(h, routing)
+            delta = self.mix_outputs(h, self.router(h, self.state))
         else:
-            delta = self.mix_parameters(h, routing)
+            A_t, B_t = self.routed_weights(h)
+            if A_t.shape[0] == 1:
+                delta = (h @ A_t[0]) @ B_t[0]  # (b,n,P)@(P,r) -> (b,n,r) @ (r,Q) -> (b,n,Q)
+            else:
+                delta = (h @ A_t) @ B_t  # (b,n,P)@(b,P,r) -> (b,n,r) @ (b,r,Q) -> (b,n,Q)
         if squeeze:
             delta = delta.squeeze(0)
         return result + (self.scale * delta).to(result.dtype)
@@ -103,6 +106,20 @@ class RoutedLoraLayer(nn.Module):
         A_t = torch.einsum("bhs,shpr->bhpr", w, A.view(S, h, P // h, r)).reshape(-1, P, r)  # (b,h,S)x(S,h,P/h,r) -> (b,P,r)
         B_t = torch.einsum("bhs,srhq->brhq", w, B.view(S, r, h, Q // h)).reshape(-1, r, Q)  # (b,h,S)x(S,r,h,Q/h) -> (b,r,Q)
         return A_t, B_t
+
+    def routed_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_t, B_t) for this batch. While decoding (no grad, routers in eval mode) the routing is
+        fixed per prompt batch, so the mixed weights are kept until the routing or a weight changes
+        instead of being rebuilt at every step."""
+        if torch.is_grad_enabled() or self.router.training or self.state is None:
+            return self.mixed_weights(self.router(h, self.state))
+        key = (self.state.version, h.shape[0], self.lora_A._version, self.lora_B._version,
+               tuple(p._version for p in self.router.parameters()))
+        cache = getattr(self, "_decode_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self.mixed_weights(self.router(h, self.state)))
+            self._decode_cache = cache
+        return cache[1]
 
     def mix_parameters(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         A_t, B_t = self.mixed_weights(w)

@@ -21,6 +21,7 @@ class RoutingError(ValueError):
 
 class RoutingState:
     def __init__(self) -> None:
+        self.version = 0  # bumped by every set(): layers key their generation caches on it
         self.clear()
 
     def clear(self) -> None:
@@ -39,6 +40,7 @@ class RoutingState:
         self.token_mask = token_mask
         self.decoder_token_mask = decoder_token_mask
         self.ready = True
+        self.version += 1
 
     def _for_batch(self, name: str, value: torch.Tensor | None, batch: int, method: str) -> torch.Tensor:
         if value is None:
