@@ -11,67 +11,36 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
 
 from orchmoe.cli import main  # noqa: E402
 from orchmoe.config import METHODS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SUPERNI = REPO.parent / "shared" / "superni"
-SEEN = ["task1426_country_independence_year", "task1318_country_national_dish", "task1582_bless_hypernym_generation"]
-UNSEEN = "task645_summarization"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def superni() -> Path:
-    if not (SUPERNI / "tasks").is_dir():
-        pytest.fail(f"the SuperNI subset is missing: expected {SUPERNI}/tasks (the repository's sibling shared/superni)")
-    return SUPERNI
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from orchmoe.models import tiny_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tok = make_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def base_args(tiny: Path, superni: Path, out: Path) -> list[str]:
-    return ["train", "--model", str(tiny), "--data", str(superni), "--tasks", ",".join(SEEN), "--train-per-task", "8",
+def base_args(tiny_llama: Path, superni: Path, out: Path) -> list[str]:
+    return ["train", "--model", str(tiny_llama), "--data", str(superni), "--tasks", ",".join(SEEN), "--train-per-task", "8",
             "--eval-per-task", "2", "--unseen-tasks", UNSEEN, "--unseen-per-task", "2", "--max-source-len", "80",
             "--max-target-len", "6", "--batch-size", "4", "--no-progress", "--checkpoint-every", "0", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny, superni, tmp_path_factory) -> list[Path]:
+def two_runs(tiny_llama, superni, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
     runs = []
     for method in ("lora", "poly"):
         out = root / method
-        assert main(base_args(tiny, superni, out) + ["--method", method, "--max-steps", "2"]) == 0
+        assert main(base_args(tiny_llama, superni, out) + ["--method", method, "--max-steps", "2"]) == 0
         runs.append(out)
     return runs
 
 
-def test_config_file_with_command_line_override(tiny, superni, tmp_path):
+def test_config_file_with_command_line_override(tiny_llama, superni, tmp_path):
     cfg_file = tmp_path / "my.yaml"
     cfg_file.write_text(yaml.safe_dump({"method": "mhr", "n-splits": 2, "lr": 5e-3, "router_lr": 0.1,
                                         "batch_size": 2, "max_steps": 1, "eval": False,
                                         "adapter_args": {"n_skills": 3}}))
     out = tmp_path / "run"
-    assert main(base_args(tiny, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"]) == 0
+    assert main(base_args(tiny_llama, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == "mhr" and saved["n_splits"] == 2 and saved["router_lr"] == 0.1
     assert saved["lr"] == 2e-3 and saved["batch_size"] == 3  # the flags win over the file
@@ -126,23 +95,23 @@ def test_analyze_calls_the_analysis_module(two_runs, monkeypatch):
     (["--batch-size", "many"], "batch_size must be an integer"),
     (["--method", "lora", "--n-skills", "4"], "has no option(s) ['n_skills']"),
 ])
-def test_errors_are_one_clear_line(extra, message, tiny, superni, tmp_path, capsys):
-    assert main(base_args(tiny, superni, tmp_path / "x") + extra) == 2
+def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):
+    assert main(base_args(tiny_llama, superni, tmp_path / "x") + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("orchmoe train: error:")
 
 
-def test_bad_config_file_names_the_key(tiny, superni, tmp_path, capsys):
+def test_bad_config_file_names_the_key(tiny_llama, superni, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: lora\nlearning_rat: 0.1\n")
-    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
+    assert main(base_args(tiny_llama, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "learning_rat" in err and str(bad) in err
     bad.write_text("warmup_ratio: lots\n")
-    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
+    assert main(base_args(tiny_llama, superni, tmp_path / "x") + ["--config", str(bad)]) == 2
     assert "warmup_ratio" in capsys.readouterr().err
-    assert main(base_args(tiny, superni, tmp_path / "x") + ["--config", str(tmp_path / "none.yaml")]) == 2
+    assert main(base_args(tiny_llama, superni, tmp_path / "x") + ["--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
 
 

@@ -9,44 +9,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
 
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model  # noqa: E402
 from orchmoe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions, markdown_table  # noqa: E402
 from orchmoe.metrics import score_example  # noqa: E402
 from orchmoe.model import RoutedModel  # noqa: E402
 from orchmoe.train import TrainConfig, build_data, train  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SUPERNI = REPO.parent / "shared" / "superni"
-SEEN = ["task1426_country_independence_year", "task1318_country_national_dish", "task1582_bless_hypernym_generation"]
-UNSEEN = "task645_summarization"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def superni() -> Path:
-    if not (SUPERNI / "tasks").is_dir():
-        pytest.fail(f"the SuperNI subset is missing: expected {SUPERNI}/tasks (the repository's sibling shared/superni)")
-    return SUPERNI
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from orchmoe.models import tiny_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tok = make_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def cfg_for(model, data, out, **kw) -> TrainConfig:
@@ -58,16 +27,16 @@ def cfg_for(model, data, out, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def run(tiny, superni, tmp_path_factory) -> Path:
+def run(tiny_llama, superni, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "orch"
-    train(cfg_for(tiny, superni, out, max_steps=6))
+    train(cfg_for(tiny_llama, superni, out, max_steps=6))
     return out
 
 
-def _load(tiny):
+def _load(tiny_llama):
     from orchmoe.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(str(tiny))
+    return load_model_and_tokenizer(str(tiny_llama))
 
 
 def test_run_folder_files_are_consistent(run):
@@ -98,8 +67,8 @@ def test_evaluate_run_reproduces_the_training_scores(run):
         assert got == pytest.approx(want)
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny, superni, tmp_path):
-    model, tok, _ = _load(tiny)
+def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, tmp_path):
+    model, tok, _ = _load(tiny_llama)
     torch.manual_seed(0)
     with torch.no_grad():  # larger random weights: outputs that really depend on each prompt
         for p in model.parameters():
@@ -108,7 +77,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny, superni, tmp_pat
     routed = get_model(model, LoraConfig(rank=4))
     for layer in routed.routed_layers.values():  # a non-trivial adapter
         torch.nn.init.normal_(layer.lora_B, std=0.5)
-    data = build_data(cfg_for(tiny, superni, tmp_path))
+    data = build_data(cfg_for(tiny_llama, superni, tmp_path))
     examples = data.eval + data.unseen
     kw = dict(n_pos=1, max_source_len=96, max_new_tokens=6, progress=False)
     batched = generate_predictions(routed, tok, examples, data.task_defs, batch_size=5, **kw)
@@ -117,9 +86,9 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny, superni, tmp_pat
     assert batched == single
 
 
-def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny, superni, tmp_path, monkeypatch):
-    model, tok, _ = _load(tiny)
-    data = build_data(cfg_for(tiny, superni, tmp_path))
+def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny_llama, superni, tmp_path, monkeypatch):
+    model, tok, _ = _load(tiny_llama)
+    data = build_data(cfg_for(tiny_llama, superni, tmp_path))
     routed = get_model(model, PolyConfig(n_tasks=data.num_tasks))
     seen_ids = []
     real = RoutedModel.generate
@@ -136,7 +105,7 @@ def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny, superni, tmp_path, mo
     assert got == want and got.count(-1) == 3
 
     seen_ids.clear()  # OrchMoE routes from the prompt alone: no task id is handed over
-    orch = get_model(_load(tiny)[0], OrchMoEConfig(n_abstract_tasks=4))
+    orch = get_model(_load(tiny_llama)[0], OrchMoEConfig(n_abstract_tasks=4))
     generate_predictions(orch, tok, examples, data.task_defs, batch_size=100, max_new_tokens=2, progress=False)
     assert seen_ids == [None]
 

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
 
 from orchmoe.cli import main  # noqa: E402
 from orchmoe.config import METHODS  # noqa: E402
@@ -28,47 +28,6 @@ from orchmoe.train import (  # noqa: E402
     rank_slice,
     train,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-SUPERNI = REPO.parent / "shared" / "superni"
-SEEN = ["task1426_country_independence_year", "task1318_country_national_dish", "task1582_bless_hypernym_generation"]
-UNSEEN = "task645_summarization"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core box thrashes with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def superni() -> Path:
-    if not (SUPERNI / "tasks").is_dir():
-        pytest.fail(f"the SuperNI subset is missing: expected {SUPERNI}/tasks (the repository's sibling shared/superni)")
-    return SUPERNI
-
-
-def _save_tiny(path: Path, arch: str) -> Path:
-    from orchmoe.models import tiny_model
-
-    tok = make_tiny_tokenizer(add_eos=arch == "t5")
-    model = tiny_model(arch, vocab_size=len(tok))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
 
 
 def cfg_for(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
