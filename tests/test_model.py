@@ -371,12 +371,15 @@ def test_adapters_and_routers_live_on_the_base_model_device(method):
 # ----------------------------------------------------------------------------- optimiser groups
 def test_parameter_groups_two_speeds():
     model = get_model(tiny_base("llama"), method_config("orchmoe"))
-    experts, routers = model.parameter_groups(lr=1e-3, router_lr=0.1)
-    assert (experts["lr"], routers["lr"]) == (1e-3, 0.1)
-    n = sum(p.numel() for g in (experts, routers) for p in g["params"])
+    groups = {g["name"]: g for g in model.parameter_groups(lr=1e-3, router_lr=0.1)}
+    assert {k: g["lr"] for k, g in groups.items()} == {"experts": 1e-3, "allocation": 0.1, "routers": 1e-3}
+    n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == model.num_parameters_split()[0]
-    assert all(p.dim() == 3 for p in experts["params"])  # lora_A / lora_B
-    assert any(p is model.task_router.net.weight for p in routers["params"])
+    assert all(p.dim() == 3 for p in groups["experts"]["params"])  # lora_A / lora_B
+    assert all(p.dim() == 2 and p.shape[0] == model.adapter_config.n_abstract_tasks for p in groups["allocation"]["params"])
+    assert any(p is model.task_router.net.weight for p in groups["routers"]["params"])  # dense: the slow rate
+    molora = get_model(tiny_base("llama"), method_config("molora"))
+    assert [g["name"] for g in molora.parameter_groups(lr=1e-3, router_lr=0.1)] == ["experts", "routers"]
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -147,15 +147,20 @@ class RoutedModel(nn.Module):
               f" || method: {self.adapter_config.method}")
 
     def parameter_groups(self, lr: float, router_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Two-speed optimiser groups: experts at `lr`, routers and allocation logits at `router_lr`."""
-        experts, routers = [], []
+        """Two-speed optimiser groups, as Poly trains: the task-skill allocation logits (Poly/MHR Z,
+        OrchMoE W_skill) learn at `router_lr`; experts and the dense routers (OrchMoE's Task Router,
+        MoLoRA/MoDE token routers) at `lr`. A dense projection of a d-wide input at the fast rate moves
+        every logit by ~d*router_lr per Adam step and collapses routing onto one choice (seen with
+        OrchMoE: every task on one abstract task after 75 steps at 1e-2)."""
+        groups: dict[str, list] = {"experts": [], "allocation": [], "routers": []}
         for name, p in self.adapter_state_dict().items():
             if p.requires_grad:
-                (experts if name.endswith((".lora_A", ".lora_B")) else routers).append(p)
-        groups = [{"params": experts, "lr": lr, "weight_decay": weight_decay, "name": "experts"}]
-        if routers:
-            groups.append({"params": routers, "lr": lr if router_lr is None else router_lr, "weight_decay": 0.0, "name": "routers"})
-        return groups
+                kind = ("experts" if name.endswith((".lora_A", ".lora_B"))
+                        else "allocation" if name.endswith(".router.logits") else "routers")
+                groups[kind].append(p)
+        rates = {"experts": lr, "allocation": lr if router_lr is None else router_lr, "routers": lr}
+        return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay if k == "experts" else 0.0, "name": k}
+                for k, ps in groups.items() if ps or k == "experts"]
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for layer in self.routed_layers.values():

@@ -105,7 +105,7 @@ class TrainConfig:
     batch_size: int = _f(8, "examples per process per micro-batch", "int")
     grad_accum: int = _f(1, "micro-batches per optimizer step", "int")
     lr: float = _f(1e-3, "learning rate of the experts", "float")
-    router_lr: float | None = _f(None, "learning rate of routers / allocation logits (two-speed; default: lr)", "opt_float")
+    router_lr: float | None = _f(None, "learning rate of the task-skill allocation logits (Poly/MHR/OrchMoE; two-speed; default: lr)", "opt_float")
     weight_decay: float = _f(0.0, "AdamW weight decay of the experts (routers get none)", "float")
     warmup_ratio: float = _f(0.06, "warm-up as a fraction of the optimizer steps", "float")
     warmup_steps: int | None = _f(None, "warm-up steps (overrides warmup_ratio)", "opt_int")
@@ -822,7 +822,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 lrs = scheduler.get_last_lr()
                 rec = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
                        "loss": float(stats[0]) / window["n"], "aux_loss": float(stats[1]) / window["n"],
-                       "lr": lrs[0], "router_lr": lrs[1] if len(lrs) > 1 else None,
+                       "lr": lrs[0], "router_lr": next((lr for g, lr in zip(optimizer.param_groups, lrs)
+                                                        if g.get("name") == "allocation"), None),
                        "grad_norm": window["grad_norm"] if cfg.max_grad_norm else None,
                        "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                        "train_seconds": round(state["train_seconds"], 3)}
