@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import OrchMoEConfig, PolyConfig
-from .model import ADAPTER_CONFIG, RoutedModel
+from .model import ADAPTER_CONFIG, AdapterMismatchError, RoutedModel, read_adapter_config
 from .routers.allocation import relaxed_allocation
 
 __all__ = [
@@ -703,11 +703,9 @@ def read_run(run_dir: PathLike) -> RunInfo:
     if not cfg_file.is_file():
         raise AnalysisError(f"{cfg_file} not found: a run folder must hold the trained adapter in <run>/adapter/")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise AnalysisError(f"{cfg_file} is not an orchmoe adapter config (no 'config' key)")
+        meta = read_adapter_config(adapter_dir)
+    except AdapterMismatchError as e:  # malformed JSON or not an orchmoe adapter config
+        raise AnalysisError(str(e)) from e
     md = meta.get("metadata") or {}
     if isinstance(md.get("task_to_id"), Mapping) and md["task_to_id"]:
         tasks = sorted(md["task_to_id"], key=lambda t: int(md["task_to_id"][t]))

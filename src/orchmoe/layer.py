@@ -86,11 +86,7 @@ class RoutedLoraLayer(nn.Module):
         if self.router.mixing == "tokens":
             delta = self.mix_outputs(h, self.router(h, self.state))
         else:
-            A_t, B_t = self.routed_weights(h)
-            if A_t.shape[0] == 1:
-                delta = (h @ A_t[0]) @ B_t[0]  # (b,n,P)@(P,r) -> (b,n,r) @ (r,Q) -> (b,n,Q)
-            else:
-                delta = (h @ A_t) @ B_t  # (b,n,P)@(b,P,r) -> (b,n,r) @ (b,r,Q) -> (b,n,Q)
+            delta = self.mix_parameters(h, *self.routed_weights(h))
         if squeeze:
             delta = delta.squeeze(0)
         return result + (self.scale * delta).to(result.dtype)
@@ -121,9 +117,9 @@ class RoutedLoraLayer(nn.Module):
             self._decode_cache = cache
         return cache[1]
 
-    def mix_parameters(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        A_t, B_t = self.mixed_weights(w)
-        if w is None:
+    @staticmethod
+    def mix_parameters(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+        if A_t.shape[0] == 1:  # one (A, B) for the whole batch
             return (x @ A_t[0]) @ B_t[0]  # (b,n,P)@(P,r) -> (b,n,r) @ (r,Q) -> (b,n,Q)
         return (x @ A_t) @ B_t  # (b,n,P)@(b,P,r) -> (b,n,r) @ (b,r,Q) -> (b,n,Q)
 

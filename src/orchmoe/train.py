@@ -208,6 +208,16 @@ def _as_bool(name: str, v: Any) -> bool:
     raise TrainConfigError(f"{name} must be true or false, got {v!r}")
 
 
+def _number_or_names(v: Any) -> int | list[str] | str:
+    """A task selection: a count, a list of names, or a string (names, a file, a split) left to the loader."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v]
+    s = str(v).strip()
+    return int(s) if s.isdigit() else s
+
+
 def _coerce(f: dataclasses.Field, v: Any) -> Any:
     name, kind = f.name, f.metadata.get("kind", "str")
     if kind == "int":
@@ -258,23 +268,13 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
     if kind == "tasks":
         if isinstance(v, bool) or v is None:
             raise TrainConfigError(f"{name} must be a number, 'all', names or a file, got {v!r}")
-        if isinstance(v, int):
-            return v
-        if isinstance(v, (list, tuple)):
-            return [str(x) for x in v]
-        s = str(v).strip()
-        return int(s) if s.isdigit() else s
+        return _number_or_names(v)
     if kind == "unseen":
         if _none_word(v) or (isinstance(v, str) and v.strip().lower() == "all"):
             return "all"
         if isinstance(v, bool):
             raise TrainConfigError(f"{name} must be 'all', a number or task names, got {v!r}")
-        if isinstance(v, int):
-            return v
-        if isinstance(v, (list, tuple)):
-            return [str(x) for x in v]
-        s = str(v).strip()
-        return int(s) if s.isdigit() else s
+        return _number_or_names(v)
     raise AssertionError(f"unknown option kind {kind}")  # pragma: no cover
 
 
