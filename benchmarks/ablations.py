@@ -3,9 +3,11 @@
     python benchmarks/ablations.py sweep       --size cpu   # score vs trainable parameters (Figure 2)
     python benchmarks/ablations.py redundancy  --size cpu   # OrchMoE with K = T, T/2, T/4, T/8 (Table 4)
 
-`sweep` trains every method at three sizes (a quarter, half and the full LoRA-r8 budget;
-mixtures keep their expert count and scale the rank), then plots ROUGE-L on held-out
-instances of seen tasks against trainable parameters. `redundancy` shrinks OrchMoE's
+`sweep` trains every method at three sizes (LoRA r=2/4/8; mixtures keep their expert
+count and take half, the same and twice the rank of the quality benchmark's setting), then
+plots ROUGE-L on held-out instances of seen tasks against trainable parameters. A sweep
+point with exactly the quality benchmark's arguments reuses that run (same seed) when it
+has finished, instead of training it again. `redundancy` shrinks OrchMoE's
 number of abstract tasks. Runs that finished are skipped, so either can be restarted.
 """
 from __future__ import annotations
@@ -42,20 +44,29 @@ def with_override(args: list[str], extra: list[str]) -> list[str]:
     return out + extra
 
 
+def same_args(a: list[str], b: list[str]) -> bool:
+    """The same flags with the same values, whatever their order."""
+    return dict(zip(a[0::2], a[1::2])) == dict(zip(b[0::2], b[1::2]))
+
+
 def metrics(run: Path) -> dict | None:
     f = run / "metrics.json"
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str]) -> None:
+def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str], quality_root: Path | None = None) -> None:
     from orchmoe.analysis import plot_score_vs_params
 
     rows = []
     for method in methods:
         for label, change in SWEEP[method]:
+            method_args = with_override(METHOD_ARGS[method], change)
             out = root / f"{method}-{label}-s{seed}"
+            if metrics(out) is None and not extra and quality_root is not None and same_args(method_args, METHOD_ARGS[method]):
+                if metrics(quality_root / f"{method}-s{seed}") is not None:
+                    out = quality_root / f"{method}-s{seed}"
             if metrics(out) is None:
-                run_one(method, seed, size, out, ["--no-progress", *extra], with_override(METHOD_ARGS[method], change))
+                run_one(method, seed, size, out, ["--no-progress", *extra], method_args)
             m = metrics(out)
             rows.append({"method": method, "label": label, "trainable_parameters": m["trainable_parameters"],
                          "score": m["seen"]["overall"]["rougeL"], "unseen": m.get("unseen", {}).get("overall", {}).get("rougeL")})
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out or REPO / "runs" / f"{args.experiment}-{args.size}")
     root.mkdir(parents=True, exist_ok=True)
     if args.experiment == "sweep":
-        sweep(root, size, [m for m in args.methods.split(",") if m], args.seed, extra)
+        sweep(root, size, [m for m in args.methods.split(",") if m], args.seed, extra,
+              quality_root=REPO / "runs" / f"quality-{args.size}")
     else:
         n_tasks = len(CPU_TASKS) if args.size == "cpu" else 100
         redundancy(root, size, n_tasks, args.seed, extra)
