@@ -50,11 +50,18 @@ def test_scales():
     (lambda: OrchMoEConfig(task_temperature=0), "task_temperature must be > 0"),
     (lambda: OrchMoEConfig(balance_coef=-0.1), "balance_coef must be >= 0"),
     (lambda: OrchMoEConfig(task_router_hidden=-1), "task_router_hidden must be >= 0"),
+    (lambda: OrchMoEConfig(prompt_norm="batch"), "prompt_norm must be 'standardize', 'layernorm' or 'none', got 'batch'"),
     (lambda: LoraConfig().replace(rank=-2), "rank must be a positive integer"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_sizes_are_clear_errors(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_adapters_saved_with_normalize_prompt_keep_their_routing():
+    assert config_from_dict({"method": "orchmoe", "normalize_prompt": True}).prompt_norm == "layernorm"
+    assert config_from_dict({"method": "orchmoe", "normalize_prompt": False}).prompt_norm == "none"
+    assert OrchMoEConfig().prompt_norm == "standardize"
 
 
 def test_config_from_dict_errors():

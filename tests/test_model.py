@@ -401,6 +401,33 @@ def test_save_load_round_trip_is_exact(method, tmp_path):
     assert all(p.requires_grad for p in trainable.adapter_state_dict().values())
 
 
+def test_task_router_statistics_travel_with_the_adapter(tmp_path):
+    """The prompt-summary statistics are adapter state: saved and loaded (outputs equal), not counted
+    as trainable, not given to the optimiser, and updated only by training forwards."""
+    model = _routed("llama", "orchmoe")
+    batch, _ = toy_batch("llama")
+    model.train()(**batch)  # a training forward gathers statistics
+    stats = {k: v.clone() for k, v in model.adapter_buffers().items()}
+    assert sorted(stats) == ["task_router.summary_count", "task_router.summary_mean", "task_router.summary_var"]
+    assert int(stats["task_router.summary_count"]) == batch["input_ids"].shape[0]
+    model.eval()
+    expected = _lm_logits(model, batch)
+    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False)
+    model.train().generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False)
+    assert all(torch.equal(v, stats[k]) for k, v in model.adapter_buffers().items())  # generation never updates them
+    model.save_adapter(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    assert meta["trainable_parameters"] == sum(p.numel() for p in model.adapter_state_dict().values())
+    loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
+    assert all(torch.equal(v, stats[k]) for k, v in loaded.adapter_buffers().items())
+    assert torch.equal(_lm_logits(loaded, batch), expected)
+    fresh = load_adapter(tiny_base("llama"), tmp_path / "a")
+    fresh.task_router.summary_count.zero_()  # without them the same weights route differently
+    assert not torch.allclose(_lm_logits(fresh, batch), expected)
+    grouped = {id(p) for g in model.parameter_groups(1e-3, 1e-2) for p in g["params"]}
+    assert not any(id(b) in grouped for b in model.adapter_buffers().values())
+
+
 @pytest.fixture
 def saved(tmp_path):
     _routed("llama", "poly").save_adapter(tmp_path / "a")

@@ -168,8 +168,47 @@ def test_task_router_hard_routing_and_normalisation():
     assert set(pi.unique().tolist()) <= {0.0, 1.0}
     (pi * torch.arange(4.0)).sum().backward()
     assert router.net.weight.grad is not None and router.net.weight.grad.abs().sum() > 0
-    soft = TaskRouter(8, 4).eval()  # the parameter-free layer norm: the scale of u(x) does not matter
+    soft = TaskRouter(8, 4).eval()  # no statistics yet: the layer norm alone, so the scale of u(x) does not matter
     torch.testing.assert_close(soft(u), soft(100 * u), atol=1e-5, rtol=1e-4)
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(1, 7), min_size=1, max_size=5), d=st.integers(2, 12), seed=st.integers(0, 999))
+def test_task_router_statistics_are_those_of_every_prompt_seen(sizes, d, seed):
+    torch.manual_seed(seed)
+    router = TaskRouter(d, 3).train()
+    batches = [torch.randn(b, d) * 3 + 5 for b in sizes]
+    for u in batches:
+        router(u)
+    every = torch.cat(batches)
+    assert int(router.summary_count) == every.shape[0]
+    torch.testing.assert_close(router.summary_mean, every.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(router.summary_var, every.var(0, unbiased=False), atol=1e-3, rtol=1e-3)
+
+
+def test_task_router_statistics_frozen_outside_training():
+    router = TaskRouter(6, 3).train()
+    router(torch.randn(4, 6))
+    before = {k: v.clone() for k, v in router.named_buffers()}
+    router.eval()(torch.randn(5, 6) + 10)
+    assert all(torch.equal(v, before[k]) for k, v in router.named_buffers())
+
+
+def test_standardized_router_sees_past_what_every_prompt_shares():
+    """A summary shared by every prompt (the template) is removed: two routers whose prompts differ by a
+    common offset route identically, while the layer norm alone is swamped by the offset."""
+    torch.manual_seed(0)
+    u = torch.randn(64, 16) * 0.05  # task-specific parts of the summaries
+    shared = torch.randn(16)  # what every prompt has in common, 20x larger
+    std, std_shifted = TaskRouter(16, 4).train(), TaskRouter(16, 4).train()
+    std_shifted.load_state_dict(std.state_dict())
+    std(u), std_shifted(u + shared)  # one training batch each: the statistics
+    torch.testing.assert_close(std.eval()(u), std_shifted.eval()(u + shared), atol=1e-4, rtol=1e-4)
+    layer = TaskRouter(16, 4, prompt_norm="layernorm")
+    layer.net.load_state_dict(std.net.state_dict())
+    assert layer(u + shared).std(0).mean() < 0.2 * std.eval()(u).std(0).mean()  # pi barely varies across prompts
+    with pytest.raises(ValueError, match="prompt_norm must be one of"):
+        TaskRouter(16, 4, prompt_norm="batch")
 
 
 def test_task_balance_loss():

@@ -200,7 +200,7 @@ class OrchMoEConfig(AdapterConfig):
     task_router_hidden: int = 0  # 0: linear router; >0: one hidden layer MLP
     hard_routing: bool = False  # straight-through Gumbel-softmax over abstract tasks
     balance_coef: float = 0.0  # balance term on the batch mean of pi
-    normalize_prompt: bool = True  # parameter-free layer norm of u(x) before the router
+    prompt_norm: str = "standardize"  # u(x) before the router: "standardize" (running stats + layer norm), "layernorm", "none"
 
     @property
     def n_experts(self) -> int:
@@ -221,6 +221,8 @@ class OrchMoEConfig(AdapterConfig):
             raise ConfigError(f"OrchMoEConfig: task_router_hidden must be >= 0 (0: linear router), got {self.task_router_hidden}")
         if self.balance_coef < 0:
             raise ConfigError("OrchMoEConfig: balance_coef must be >= 0")
+        if self.prompt_norm not in ("standardize", "layernorm", "none"):
+            raise ConfigError(f"OrchMoEConfig: prompt_norm must be 'standardize', 'layernorm' or 'none', got {self.prompt_norm!r}")
 
 
 METHODS: dict[str, type[AdapterConfig]] = {
@@ -235,6 +237,8 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[method]
+    if cls is OrchMoEConfig and "normalize_prompt" in d:  # adapters saved before prompt_norm existed
+        d["prompt_norm"] = "layernorm" if d.pop("normalize_prompt") else "none"
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

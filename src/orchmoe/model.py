@@ -106,7 +106,7 @@ class RoutedModel(nn.Module):
         if isinstance(config, OrchMoEConfig):
             emb = base_model.get_input_embeddings()
             self.task_router = TaskRouter(emb.embedding_dim, config.n_abstract_tasks, config.task_temperature,
-                                          config.task_router_hidden, config.hard_routing, config.normalize_prompt)
+                                          config.task_router_hidden, config.hard_routing, config.prompt_norm)
             self.task_router.to(emb.weight.device)
 
     # -- PEFT-like conveniences --------------------------------------------
@@ -123,7 +123,8 @@ class RoutedModel(nn.Module):
         return {p: m for p, m in self.base_model.named_modules() if isinstance(m, RoutedLoraLayer)}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the adapter weights: experts, routers and the task router, keyed by base-model path."""
+        """The adapter's parameters (what trains): experts, routers and the task router, keyed by
+        base-model path. The saved adapter also holds `adapter_buffers()`."""
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.routed_layers.items():
             out[f"{path}.lora_A"] = layer.lora_A
@@ -134,6 +135,13 @@ class RoutedModel(nn.Module):
             for n, p in self.task_router.named_parameters():
                 out[f"task_router.{n}"] = p
         return out
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """Adapter state that is not trained but is needed to reproduce outputs: the Task Router's
+        prompt-summary statistics. Saved, loaded and checkpointed with the weights."""
+        if self.task_router is None:
+            return {}
+        return {f"task_router.{n}": b for n, b in self.task_router.named_buffers()}
 
     def num_parameters_split(self) -> tuple[int, int]:
         """(trainable adapter parameters, all parameters)."""
@@ -296,7 +304,8 @@ class RoutedModel(nn.Module):
         """safetensors weights + JSON (method, sizes, base model, layer shapes), written atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        params = self.adapter_state_dict()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**params, **self.adapter_buffers()}.items()}
         meta = {
             "format": "orchmoe-adapter",
             "orchmoe_version": __version__,
@@ -304,7 +313,7 @@ class RoutedModel(nn.Module):
             "config": self.adapter_config.to_dict(),
             "base_model": {"name": self.base_model_name, **model_fingerprint(self.base_model)},
             "layers": {k: list(v) for k, v in self.layer_shapes.items()},
-            "trainable_parameters": sum(t.numel() for t in tensors.values()),
+            "trainable_parameters": sum(p.numel() for p in params.values()),
             "metadata": metadata or {},
         }
         _atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -316,7 +325,7 @@ class RoutedModel(nn.Module):
         if not weights_file.exists():
             raise FileNotFoundError(f"no adapter weights at {weights_file}")
         loaded = load_file(str(weights_file))
-        own = self.adapter_state_dict()
+        own = {**self.adapter_state_dict(), **self.adapter_buffers()}
         missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
         if missing or unexpected:
             raise AdapterMismatchError(f"{weights_file}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
