@@ -230,3 +230,35 @@ def test_state_token_mask_only_for_matching_tokens():
     state = _state(token_mask=torch.tensor([[1, 1, 0]]))
     assert state.token_mask_for(torch.Size([2, 3])).tolist() == [[1, 1, 0], [1, 1, 0]]
     assert state.token_mask_for(torch.Size([1, 1])) is None  # a decoding step / the T5 decoder side
+
+
+def _statistics_worker(rank: int, world: int, init_file: str, batches, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        router = TaskRouter(batches[0][0].shape[1], 3).train()
+        for step in batches:
+            router(step[rank])
+        torch.save({k: v.clone() for k, v in router.named_buffers()}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_task_router_statistics_are_global_under_torch_distributed(tmp_path):
+    """Two gloo processes, each with its own (unequal, once empty) share of every batch, end with the
+    statistics of all prompts together, and the same on both."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(3, 6, generator=g) + 2, torch.randn(5, 6, generator=g) * 4),
+               (torch.randn(0, 6), torch.randn(2, 6, generator=g) - 1)]
+    mp.spawn(_statistics_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path / "stats")), nprocs=2, join=True)
+    every = torch.cat([u for step in batches for u in step])
+    got = [torch.load(tmp_path / f"stats.{r}") for r in (0, 1)]
+    for stats in got:
+        assert int(stats["summary_count"]) == every.shape[0]
+        torch.testing.assert_close(stats["summary_mean"], every.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats["summary_var"], every.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,11 +40,16 @@ class TaskRouter(nn.Module):
     @torch.no_grad()
     def update_statistics(self, summary: torch.Tensor) -> None:
         """Fold a batch of summaries (b, d) into the running mean and variance (an exact
-        cumulative average over every prompt seen in training, merged as Chan et al.)."""
+        cumulative average over every prompt seen in training, merged as Chan et al.).
+
+        Under torch.distributed the batch statistics are those of the global batch (one
+        all-gather of 2d+1 numbers per process), so every process routes with the same statistics."""
         u = summary.detach().float()  # (b, d)
-        n, b = int(self.summary_count), u.shape[0]
+        n = int(self.summary_count)
         mean, var = self.summary_mean.float(), self.summary_var.float()
-        batch_mean, batch_var = u.mean(0), u.var(0, unbiased=False)  # (d,), (d,)
+        b, batch_mean, batch_var = self._batch_moments(u)
+        if b == 0:
+            return
         total = n + b
         delta = batch_mean - mean
         new_mean = mean + delta * (b / total)
@@ -51,6 +57,26 @@ class TaskRouter(nn.Module):
         self.summary_mean.copy_(new_mean)
         self.summary_var.copy_(new_var)
         self.summary_count.add_(b)
+
+    @staticmethod
+    def _batch_moments(u: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(count, mean, biased variance) of the rows of u, over all processes when distributed."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return u.shape[0], u.mean(0), u.var(0, unbiased=False)
+        local_mean = u.mean(0) if u.shape[0] else torch.zeros(u.shape[1], dtype=u.dtype, device=u.device)
+        centred = ((u - local_mean) ** 2).sum(0)  # (d,) sums around the local mean: no cancellation
+        packed = torch.cat([u.new_tensor([float(u.shape[0])]), local_mean * u.shape[0], centred])  # (2d+1,)
+        world = [torch.zeros_like(packed) for _ in range(dist.get_world_size())]
+        dist.all_gather(world, packed)
+        counts = torch.stack([w[0] for w in world])  # (W,)
+        total = float(counts.sum())
+        if total == 0:
+            return 0, u.new_zeros(u.shape[1]), u.new_zeros(u.shape[1])
+        d = u.shape[1]
+        means = torch.stack([w[1:1 + d] / w[0].clamp_min(1) for w in world])  # (W, d)
+        mean = (means * counts[:, None]).sum(0) / total
+        m2 = torch.stack([w[1 + d:] for w in world]).sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+        return int(total), mean, m2 / total
 
     def normalized(self, summary: torch.Tensor) -> torch.Tensor:
         u = summary.float()  # (b, d)
