@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for label, data, names, n_pos in sets:
         u, y = summaries(emb, tok, data, names, n_pos, args.per_task, 160)
-        mean = u.mean(0)
-        within = sum(((u[[i for i, t in enumerate(y) if t == k]] - u[[i for i, t in enumerate(y) if t == k]].mean(0)) ** 2).sum()
-                     for k in set(y))
+        mean, labels = u.mean(0), torch.tensor(y)
+        within = sum(((u[labels == k] - u[labels == k].mean(0)) ** 2).sum() for k in set(y))
         total = ((u - mean) ** 2).sum()
         print(f"| {label} | {len(names)} | {len(y)} | {mean.norm():.3f} | {(u - mean).norm(dim=1).mean():.3f} | {1 - within / total:.3f} |")
         results.append((label, u, y))

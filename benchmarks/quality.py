@@ -101,30 +101,27 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _seen_rougeL_by_seed(root: Path, method: str, seeds: list[int]) -> dict[int, float]:
-    out = {}
-    for seed in seeds:
-        f = root / f"{method}-s{seed}" / "metrics.json"
-        if f.exists():
-            out[seed] = json.loads(f.read_text())["seen"]["overall"]["rougeL"]
-    return out
+def _finished_runs(root: Path, method: str, seeds: list[int]) -> dict[int, dict]:
+    """metrics.json of each finished run of `method`, by seed."""
+    files = {seed: root / f"{method}-s{seed}" / "metrics.json" for seed in seeds}
+    return {seed: json.loads(f.read_text()) for seed, f in files.items() if f.exists()}
+
+
+def _seen_rougeL(run: dict) -> float:
+    return run["seen"]["overall"]["rougeL"]
 
 
 def summarise(root: Path, methods: list[str], seeds: list[int]) -> str:
     """The seed changes which instances are trained on and held out, and that moves every method
     together; the paired column (method minus LoRA on the same seed) removes that shared part."""
     rows, cats = [], {}
-    lora = _seen_rougeL_by_seed(root, "lora", seeds)
+    finished = {m: _finished_runs(root, m, seeds) for m in {*methods, "lora"}}
     for method in methods:
-        runs = []
-        for seed in seeds:
-            metrics_file = root / f"{method}-s{seed}" / "metrics.json"
-            if metrics_file.exists():
-                runs.append(json.loads(metrics_file.read_text()))
+        runs = list(finished[method].values())
         if not runs:
             continue
-        own = _seen_rougeL_by_seed(root, method, seeds)
-        paired = [own[s] - lora[s] for s in own if s in lora]
+        lora = finished["lora"]
+        paired = [_seen_rougeL(r) - _seen_rougeL(lora[s]) for s, r in finished[method].items() if s in lora]
 
         def vals(part: str, key: str) -> list[float]:
             return [r[part]["overall"][key] for r in runs if part in r and r[part].get("overall")]

@@ -63,9 +63,9 @@ class TaskRouter(nn.Module):
         """(count, mean, biased variance) of the rows of u, over all processes when distributed."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return u.shape[0], u.mean(0), u.var(0, unbiased=False)
-        local_mean = u.mean(0) if u.shape[0] else torch.zeros(u.shape[1], dtype=u.dtype, device=u.device)
+        local_mean = u.mean(0) if u.shape[0] else u.new_zeros(u.shape[1])
         centred = ((u - local_mean) ** 2).sum(0)  # (d,) sums around the local mean: no cancellation
-        packed = torch.cat([u.new_tensor([float(u.shape[0])]), local_mean * u.shape[0], centred])  # (2d+1,)
+        packed = torch.cat([u.new_tensor([float(u.shape[0])]), u.sum(0), centred])  # (2d+1,)
         world = [torch.zeros_like(packed) for _ in range(dist.get_world_size())]
         dist.all_gather(world, packed)
         counts = torch.stack([w[0] for w in world])  # (W,)
@@ -83,9 +83,9 @@ class TaskRouter(nn.Module):
         if self.prompt_norm == "standardize":
             if self.training:
                 self.update_statistics(u)
-            if int(self.summary_count) > 0:
-                var = self.summary_var.float()
-                u = (u - self.summary_mean.float()) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)  # (b, d)
+            # before any statistics (mean 0, var 1) this is a uniform rescaling, which the layer norm undoes
+            var = self.summary_var.float()
+            u = (u - self.summary_mean.float()) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)  # (b, d)
         if self.prompt_norm != "none":
             u = F.layer_norm(u, (self.d_model,))
         return u.to(next(self.parameters()).dtype)
