@@ -53,10 +53,8 @@ def randomize_logits(model, seed: int = 0) -> None:
     """Spread the routing logits so allocations differ from the near-uniform initialisation."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in model.routed_layers.values():
-            if not hasattr(layer.router, "logits"):
-                continue
-            layer.router.logits.copy_(torch.randn(layer.router.logits.shape, generator=g) * 2)
+        for logits in model.router.allocation_parameters():
+            logits.copy_(torch.randn(logits.shape, generator=g) * 2)
         if model.task_router is not None:
             for p in model.task_router.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -136,21 +134,20 @@ def test_allocation_matrices_orchmoe_poly_mhr_shapes_and_row_sums():
         assert m.shape == (3, 4)
         np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
         assert (m >= 0).all()
-    layer = next(iter(orch.routed_layers.values()))
-    expected = torch.sigmoid(layer.router.logits.detach())
+    expected = torch.sigmoid(orch.router.skill_router.logits[0].detach())  # the first layer's W_skill
     np.testing.assert_allclose(mats[next(iter(mats))], (expected / expected.sum(1, keepdim=True)).numpy(), atol=1e-6)
 
     poly = get_model(tiny_llama(), PolyConfig(n_tasks=5, n_skills=4))
     randomize_logits(poly)
-    for p, m in allocation_matrices(poly).items():
+    for i, m in enumerate(allocation_matrices(poly).values()):
         assert m.shape == (5, 4)
-        np.testing.assert_allclose(m[2], poly.routed_layers[p].router.allocation(2)[0].detach().numpy(), atol=1e-6)
+        np.testing.assert_allclose(m[2], poly.router.allocation(2)[i, 0].detach().numpy(), atol=1e-6)
 
     mhr = get_model(tiny_llama(), MHRConfig(n_tasks=5, n_skills=4, n_splits=2))
     randomize_logits(mhr)
-    for p, m in allocation_matrices(mhr).items():
+    for i, m in enumerate(allocation_matrices(mhr).values()):
         assert m.shape == (5, 4)  # (T, h, S) averaged over h
-        np.testing.assert_allclose(m[1], mhr.routed_layers[p].router.allocation(1).mean(0).detach().numpy(), atol=1e-6)
+        np.testing.assert_allclose(m[1], mhr.router.allocation(1)[i].mean(0).detach().numpy(), atol=1e-6)
         np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
 
     with pytest.raises(AnalysisError, match="lora adapter has no task-skill allocation"):
@@ -296,7 +293,7 @@ def _write_data(root: Path) -> Path:
     return root
 
 
-def _write_run(root: Path, config, data_dir: Path) -> Path:
+def _write_run(root: Path, config, data_dir: Path, randomize: bool = True) -> Path:
     """A run folder as the training recipe writes it: adapter/, config.yaml, metrics.json."""
     tok = make_tiny_tokenizer()
     model_dir = root / "base"
@@ -304,7 +301,8 @@ def _write_run(root: Path, config, data_dir: Path) -> Path:
     base.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     routed = get_model(tiny_llama(vocab_size=len(tok)), config, base_model_name="base")
-    randomize_logits(routed, seed=1)
+    if randomize:
+        randomize_logits(routed, seed=1)
     names = sorted(TASKS)
     run = root / "run"
     routed.save_adapter(run / "adapter", metadata={
@@ -360,6 +358,18 @@ def test_analyze_run_poly_needs_no_prompts(tmp_path, data_dir):
     assert not (tmp_path / "out" / "task_abstract_heatmap.png").exists()
     assert "assignment" not in result and len(result["task_skill_profile"]) == 4
     assert "routed by task id" in (tmp_path / "out" / "analysis.md").read_text()
+
+
+def test_analyze_says_so_when_allocations_are_uniform(tmp_path, data_dir):
+    """Untrained logits (U(-1e-3, 1e-3)): the analysis states the allocations are indistinguishable from
+    uniform and draws no dendrogram of noise."""
+    run = _write_run(tmp_path, PolyConfig(n_tasks=4, n_skills=3), data_dir, randomize=False)
+    result = analyze_run(run, out_dir=tmp_path / "out")
+    assert result["allocations_uniform"] and result["allocation_spread"] < 1e-3
+    assert not (tmp_path / "out" / "dendrogram.png").exists() and "dendrogram_leaves" not in result
+    assert "indistinguishable from uniform" in (tmp_path / "out" / "analysis.md").read_text()
+    trained = analyze_run(_write_run(tmp_path / "b", PolyConfig(n_tasks=4, n_skills=3), data_dir), out_dir=tmp_path / "o2")
+    assert not trained["allocations_uniform"] and trained["allocation_spread"] > 0.05
 
 
 def test_analyze_run_errors_name_the_missing_file(tmp_path, data_dir):

@@ -113,12 +113,11 @@ def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny_llama, superni, tmp_pa
 def test_markdown_tables():
     table = markdown_table(["name", "score"], [["a|b", 1.234], ["c", None]])
     assert table.splitlines() == ["| name | score |", "| :--- | ---: |", "| a\\|b | 1.23 |", "| c | - |"]
-    metrics = {"run": "r", "method": "lora", "base_model": "m",
-               "overall": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0},
-               "seen": {"overall": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0},
-                        "per_category": {"Cat": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0}},
-                        "per_task": {"t": {"n": 2, "rougeL": 50.0, "rouge1": 60.0, "exact_match": 0.0}}},
+    row = {"n": 2, "rougeL": 50.0, "rougeLsum": 55.0, "rouge1": 60.0, "exact_match": 0.0}
+    metrics = {"run": "r", "method": "lora", "base_model": "m", "overall": row,
+               "seen": {"overall": row, "per_category": {"Cat": row}, "per_task": {"t": row}},
                "categories": {"t": "Cat"}}
     md = format_metrics_markdown(metrics)
-    assert "| seen tasks (held-out instances) | 2 | 50.00 | 60.00 | 0.00 |" in md
-    assert "| t | Cat | seen | 2 | 50.00 | 60.00 | 0.00 |" in md and "unseen" not in md
+    assert "| split | n | ROUGE-L | ROUGE-Lsum | ROUGE-1 | EM |" in md
+    assert "| seen tasks (held-out instances) | 2 | 50.00 | 55.00 | 60.00 | 0.00 |" in md
+    assert "| t | Cat | seen | 2 | 50.00 | 55.00 | 60.00 | 0.00 |" in md and "unseen" not in md

@@ -33,20 +33,22 @@ def _logits(model, ids, **kw):
 @pytest.mark.parametrize("n_splits", [1, 4], ids=["poly", "mhr"])
 def test_poly_and_mhr_equal_peft_poly(n_splits):
     cls = PolyConfig if n_splits == 1 else MHRConfig
-    ours = get_model(tiny_base("llama"), cls(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=n_splits, target_modules=TARGETS))
+    # PEFT's Poly scales by 1/r: alpha=1 in our shared alpha/r convention
+    ours = get_model(tiny_base("llama"), cls(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=n_splits, alpha=1,
+                                             target_modules=TARGETS))
     randomize_adapter(ours)
     pm = peft.get_peft_model(tiny_base("llama"), peft.PolyConfig(
         task_type="CAUSAL_LM", r=2, n_tasks=N_TASKS, n_skills=4, n_splits=n_splits, target_modules=TARGETS))
     h = n_splits
     with torch.no_grad():
-        for path, layer in ours.routed_layers.items():
+        for i, (path, layer) in enumerate(ours.routed_layers.items()):
             theirs = pm.base_model.model.get_submodule(path)
             S, P, r = layer.lora_A.shape
             Q = layer.out_features
             # ours A (S, P, r) -> PEFT (h, S, P/h, r); ours B (S, r, Q) -> PEFT (h, S, r, Q/h); logits (T, h*S) both
             theirs.poly_lora_A["default"].copy_(layer.lora_A.view(S, h, P // h, r).permute(1, 0, 2, 3))
             theirs.poly_lora_B["default"].copy_(layer.lora_B.view(S, r, h, Q // h).permute(2, 0, 1, 3))
-            theirs.poly_router["default"].module_logits.copy_(layer.router.logits)
+            theirs.poly_router["default"].module_logits.copy_(ours.router.logits[i])  # (T, h*S) of layer i
     ours.eval(), pm.eval()
     ids, tasks = _ids(), torch.tensor([2, 0, 1])
     a = _logits(ours, ids, task_ids=tasks)

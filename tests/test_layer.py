@@ -10,25 +10,32 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from orchmoe import RoutedLoraLayer
+from orchmoe.routers import LayerRouter
+from orchmoe.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
-class FixedRouter(nn.Module):
-    """Returns a given routing: allocation weights (b, h, S), gates (b, n, k, S) or None (LoRA)."""
+class FixedGates(LayerRouter):
+    """A per-token router that returns given gates (b, n, k, S)."""
 
-    def __init__(self, routing, mixing):
+    def __init__(self, gates):
         super().__init__()
-        self.routing, self.mixing = routing, mixing
+        self.gates = gates
 
     def forward(self, x, state):
-        return self.routing
+        return self.gates
 
 
 def _layer(base, routing, mixing, *, S, r, h=1, shared_down=False, scale=0.5, seed=0):
+    """A layer routed by given allocation weights (b, h, S) (parameter mixing, through a RoutingState as the
+    model fills it) or given token gates (output mixing)."""
     torch.manual_seed(seed)
-    layer = RoutedLoraLayer(base, n_experts=S, rank=r, scale=scale, router=FixedRouter(routing, mixing),
+    layer = RoutedLoraLayer(base, n_experts=S, rank=r, scale=scale, router=FixedGates(routing) if mixing == "tokens" else None,
                             shared_down=shared_down, n_splits=h)
+    if mixing == "params" and routing is not None:
+        layer.state = RoutingState()
+        layer.state.set(weights=routing.unsqueeze(0))  # (L=1, b, h, S)
     with torch.no_grad():
         layer.lora_B.normal_()
     return layer
@@ -108,7 +115,7 @@ def test_output_mixing_matches_reference(d, shared):
 
 def test_lora_path_two_dim_input_and_zero_init():
     base = nn.Linear(8, 6)
-    layer = RoutedLoraLayer(base, n_experts=1, rank=2, scale=2.0, router=FixedRouter(None, "params"))
+    layer = RoutedLoraLayer(base, n_experts=1, rank=2, scale=2.0)
     x = torch.randn(5, 8)
     assert torch.equal(layer(x), base(x))  # B = 0: the adapted layer starts equal to the base
     assert layer.lora_A.abs().max() <= 1 / 8 ** 0.5  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(P), as LoRA
@@ -119,9 +126,15 @@ def test_lora_path_two_dim_input_and_zero_init():
     assert torch.equal(layer(x), base(x))
 
 
+def test_a_mixture_without_routing_is_a_clear_error():
+    layer = RoutedLoraLayer(nn.Linear(4, 3), n_experts=2, rank=2, scale=1.0)
+    with pytest.raises(RoutingError, match="no routing was set"):
+        layer(torch.randn(1, 2, 4))
+
+
 def test_weight_and_bias_delegate_to_the_base_layer():
     base = nn.Linear(4, 3)
-    layer = RoutedLoraLayer(base, n_experts=2, rank=2, scale=1.0, router=FixedRouter(None, "params"))
+    layer = RoutedLoraLayer(base, n_experts=2, rank=2, scale=1.0)
     assert layer.weight is base.weight and layer.bias is base.bias
 
 
@@ -138,7 +151,7 @@ def test_delta_weight_is_the_effective_update():
 
 def test_splits_must_divide_widths():
     with pytest.raises(ValueError, match=r"n_splits=3 must divide both the input \(8\) and output \(6\)"):
-        RoutedLoraLayer(nn.Linear(8, 6), n_experts=2, rank=2, scale=1.0, router=FixedRouter(None, "params"), n_splits=3)
+        RoutedLoraLayer(nn.Linear(8, 6), n_experts=2, rank=2, scale=1.0, n_splits=3)
 
 
 def test_bf16_base_with_fp32_adapter_computes_the_update_in_fp32():

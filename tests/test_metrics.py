@@ -39,7 +39,7 @@ def test_rouge_stemming_case_and_punctuation():
 
 def test_score_example_takes_max_over_references_per_metric():
     s = score_example("blue car", ["red car", "Blue car."])
-    assert s == {"rougeL": 100.0, "rouge1": 100.0, "exact_match": 100.0}
+    assert s == {"rougeL": 100.0, "rougeLsum": 100.0, "rouge1": 100.0, "exact_match": 100.0}
     s = score_example("a b c", ["a b c d", "x"])
     assert s["exact_match"] == 0.0
     assert s["rougeL"] == pytest.approx(f1(1.0, 3 / 4))
@@ -62,11 +62,11 @@ def test_aggregate_overall_task_category_and_seen_unseen():
     assert res["overall"]["rougeL"] == pytest.approx((100 + 0 + rl_t2 + 100) / 4)
     assert res["overall"]["rouge1"] == pytest.approx((100 + 0 + r1_t2 + 100) / 4)
     assert res["overall"]["exact_match"] == pytest.approx(25.0)  # only "yes"=="yes" ("running" != "run")
-    assert res["per_task"]["t1"] == {"rougeL": 50.0, "rouge1": 50.0, "exact_match": 50.0, "n": 2}
+    assert res["per_task"]["t1"] == {"rougeL": 50.0, "rougeLsum": 50.0, "rouge1": 50.0, "exact_match": 50.0, "n": 2}
     assert res["per_category"]["A"]["n"] == 3
     assert res["per_category"]["A"]["rougeL"] == pytest.approx((100 + 0 + rl_t2) / 3)
     assert res["seen"]["overall"]["n"] == 3 and set(res["seen"]["per_task"]) == {"t1", "t2"}
-    assert res["unseen"]["overall"] == {"rougeL": 100.0, "rouge1": 100.0, "exact_match": 0.0, "n": 1}
+    assert res["unseen"]["overall"] == {"rougeL": 100.0, "rougeLsum": 100.0, "rouge1": 100.0, "exact_match": 0.0, "n": 1}
     assert set(res["unseen"]["per_category"]) == {"B"}
 
 
@@ -78,3 +78,21 @@ def test_aggregate_defaults_and_errors():
         aggregate([{"task": "t", "pred": "a"}])
     with pytest.raises(ValueError):
         aggregate([])
+
+
+def test_rouge_lsum_is_the_union_lcs_over_sentences():
+    """Hand-computed: ref sentences "the cat sat" / "the dog ran", prediction in the other order.
+    ROUGE-L (one LCS over the whole text) matches 3 of 6 tokens each way: F = 0.5. ROUGE-Lsum takes,
+    for each reference sentence, the union of its LCS with every predicted sentence: all 3 tokens of
+    each, so P = R = 6/6."""
+    from orchmoe.metrics import rouge_lsum, sentences
+
+    pred, ref = "The dog ran. The cat sat.", "The cat sat. The dog ran."
+    assert rouge_l(pred, ref) == pytest.approx(50.0)
+    assert rouge_lsum(pred, ref) == pytest.approx(100.0)
+    # ref "a b c. d e f" vs pred "a x c d y f": sentence 1 LCS "a c" (2), sentence 2 LCS "d f" (2);
+    # R = 4/6, P = 4/6 (the prediction is one sentence of 6 tokens)
+    assert rouge_lsum("aa xx cc dd yy ff", "aa bb cc. dd ee ff") == pytest.approx(100 * 4 / 6)
+    assert rouge_lsum("just one answer", "just one answer") == rouge_l("just one answer", "just one answer") == 100.0
+    assert sentences("First one!  Second?\nThird") == "First one!\nSecond?\nThird"
+    assert set(score_example("a b", ["a b"])) == {"rougeL", "rougeLsum", "rouge1", "exact_match"}

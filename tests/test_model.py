@@ -124,10 +124,13 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
     with torch.no_grad():
         for path, layer in poly.routed_layers.items():
             o = orch.routed_layers[path]
-            o.lora_A.copy_(layer.lora_A), o.lora_B.copy_(layer.lora_B), o.router.logits.copy_(layer.router.logits)
+            o.lora_A.copy_(layer.lora_A), o.lora_B.copy_(layer.lora_B)
+        orch.router.skill_router.logits.copy_(poly.router.logits)  # (L, T, S) both
     expected = _lm_logits(poly, batch, task_ids=tasks)
     # pi = the one-hot true task: fill the routing context, then run the base model under it
-    orch.routing_state.set(task_probs=F.one_hot(tasks, N_TASKS).float(), token_mask=batch["attention_mask"])
+    with torch.no_grad():
+        weights = orch.router.skill_router(F.one_hot(tasks, N_TASKS).float())
+    orch.routing_state.set(weights=weights, token_mask=batch["attention_mask"])
     with torch.no_grad():
         got = orch.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -144,7 +147,7 @@ def _grads_exactly_on_adapter(model):
         assert p.grad is not None, f"{name} got no gradient"
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
     if model.task_router is not None:
-        assert any(k.startswith("task_router.") for k in adapter)
+        assert any(k.startswith("router.task_router.") for k in adapter)
 
 
 TRAIN_TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "t5": ["q", "v", "o", "wo"]}
@@ -231,20 +234,24 @@ def test_gradient_checkpointing_same_gradients(method):
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_reentrant_checkpointing_works_for_poly_and_is_refused_where_it_loses_gradients():
+def test_reentrant_checkpointing_works_without_model_routers_and_is_refused_where_it_loses_gradients():
+    """Reentrant checkpointing backpropagates only into a checkpoint's explicit inputs: fine for methods whose
+    routing lives inside the layers (LoRA, MoDE, MoLoRA without a balance loss), refused where the routing is
+    computed once per forward outside the layers (Poly, MHR, OrchMoE) or adds a loss inside them."""
     batch, tasks = toy_batch("llama", n_per_task=1)
-    grads = []
-    for reentrant in (None, True):
-        model = _routed("llama", "poly")
-        if reentrant:
-            model.gradient_checkpointing_enable({"use_reentrant": True})
-        model.train()
-        torch.manual_seed(5)
-        model(**batch, task_ids=tasks).loss.backward()
-        grads.append([p.grad.clone() for p in model.adapter_state_dict().values()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for method in ("orchmoe", "molora"):
+    for method, over in (("lora", {}), ("mode", {}), ("molora", {"aux_loss_coef": 0.0})):
+        grads = []
+        for reentrant in (None, True):
+            model = _routed("llama", method, **over)
+            if reentrant:
+                model.gradient_checkpointing_enable({"use_reentrant": True})
+            model.train()
+            torch.manual_seed(5)
+            model(**batch).loss.backward()
+            grads.append([p.grad.clone() for p in model.adapter_state_dict().values()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for method in ("poly", "mhr", "orchmoe", "molora"):
         with pytest.raises(ConfigError, match="needs non-reentrant checkpointing"):
             _routed("llama", method).gradient_checkpointing_enable({"use_reentrant": True})
 
@@ -349,7 +356,7 @@ def test_padding_does_not_change_orchmoe_routing(side):
 def test_bf16_base_with_fp32_adapters():
     batch, tasks = toy_batch("llama")
     ref = _routed("llama", "orchmoe")
-    model = get_model(tiny_base("llama", dtype=torch.bfloat16), method_config("orchmoe"))
+    model = get_model(tiny_base("llama", dtype=torch.bfloat16), method_config("orchmoe")).eval()
     _copy_adapter(ref, model)
     assert all(p.dtype == torch.float32 for p in model.adapter_state_dict().values())
     out = _lm_logits(model, batch)
@@ -376,7 +383,12 @@ def test_parameter_groups_two_speeds():
     n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == model.num_parameters_split()[0]
     assert all(p.dim() == 3 for p in groups["experts"]["params"])  # lora_A / lora_B
-    assert all(p.dim() == 2 and p.shape[0] == model.adapter_config.n_abstract_tasks for p in groups["allocation"]["params"])
+    L, K = len(model.routed_layers), model.adapter_config.n_abstract_tasks
+    assert [tuple(p.shape[:2]) for p in groups["allocation"]["params"]] == [(L, K)]  # W_skill of every layer
+    defaults = {g["name"]: g["lr"] for g in model.parameter_groups()}
+    assert defaults == {"experts": 1e-3, "allocation": 0.1, "routers": 1e-3}  # the references' two speeds
+    poly = get_model(tiny_base("llama"), method_config("poly"))
+    assert {g["name"]: g["lr"] for g in poly.parameter_groups(lr=3e-3)} == {"experts": 3e-3, "allocation": 0.1}
     assert any(p is model.task_router.net.weight for p in groups["routers"]["params"])  # dense: the slow rate
     molora = get_model(tiny_base("llama"), method_config("molora"))
     assert [g["name"] for g in molora.parameter_groups(lr=1e-3, router_lr=0.1)] == ["experts", "routers"]
@@ -408,8 +420,9 @@ def test_task_router_statistics_travel_with_the_adapter(tmp_path):
     batch, _ = toy_batch("llama")
     model.train()(**batch)  # a training forward gathers statistics
     stats = {k: v.clone() for k, v in model.adapter_buffers().items()}
-    assert sorted(stats) == ["task_router.summary_count", "task_router.summary_mean", "task_router.summary_var"]
-    assert int(stats["task_router.summary_count"]) == batch["input_ids"].shape[0]
+    assert sorted(stats) == ["router.task_router.summary_count", "router.task_router.summary_mean",
+                             "router.task_router.summary_var"]
+    assert int(stats["router.task_router.summary_count"]) == batch["input_ids"].shape[0]
     model.eval()
     expected = _lm_logits(model, batch)
     model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False)
@@ -463,17 +476,17 @@ def test_load_errors(saved, tmp_path):
     meta = json.loads(good)
     meta["config"]["method"] = "wizard"
     cfg_file.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="unknown method 'wizard'"):
+    with pytest.raises(AdapterMismatchError, match="invalid adapter config: unknown method 'wizard'"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
     del meta["layers"]
     cfg_file.write_text(json.dumps(meta))
-    with pytest.raises(AdapterMismatchError, match="incomplete: no 'layers' section"):
+    with pytest.raises(AdapterMismatchError, match="'layers' must be a mapping"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
     meta["config"]["n_skills"] = 0
     cfg_file.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="n_skills must be >= 1"):
+    with pytest.raises(AdapterMismatchError, match="n_skills must be >= 1"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
     meta["config"]["target_modules"] = ["q_proj", "v_proj", "k_proj"]
@@ -491,16 +504,17 @@ def test_load_with_missing_tensors(tmp_path):
 
     _routed("llama", "orchmoe").save_adapter(tmp_path / "a")
     tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
-    tensors.pop("task_router.net.weight")
+    tensors.pop("router.task_router.net.weight")
     save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
-    with pytest.raises(AdapterMismatchError, match=r"missing tensors \['task_router.net.weight'\]"):
+    with pytest.raises(AdapterMismatchError, match=r"missing tensors \['router.task_router.net.weight'\]"):
         load_adapter(tiny_base("llama"), tmp_path / "a")
 
 
 def test_poly_config_used_in_roundtrip_keeps_task_count(tmp_path):
     model = get_model(tiny_base("llama"), PolyConfig(n_tasks=5, n_skills=2, rank=2))
     model.save_adapter(tmp_path / "p")
-    assert load_adapter(tiny_base("llama"), tmp_path / "p").adapter_config == model.adapter_config
+    loaded = load_adapter(tiny_base("llama"), tmp_path / "p").adapter_config
+    assert loaded.to_dict() == model.adapter_config.to_dict() and loaded.n_tasks == 5
 
 
 def test_routed_layers_are_leaf_modules_owning_their_experts():
@@ -575,8 +589,8 @@ def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
     ids = torch.randint(3, 60, (2, 6))
     kw = task_kwargs(method, [0, 1])
     layer = next(iter(model.routed_layers.values()))
-    calls = []
-    layer.router.register_forward_hook(lambda *a: calls.append(1))
+    calls, mix = [], layer.mixed_weights
+    layer.mixed_weights = lambda w: calls.append(1) or mix(w)
     with torch.no_grad():
         out1 = model(input_ids=ids, **kw).logits
         model.base_model(input_ids=ids)  # a decoding-style call under the same routing: cache hit
@@ -588,3 +602,60 @@ def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
         fresh = model.base_model(input_ids=ids).logits
     torch.testing.assert_close(out2, fresh)
     assert not torch.allclose(out1, out2)
+
+
+@pytest.mark.parametrize("method", ["poly", "orchmoe", "lora"])
+def test_adapters_written_by_orchmoe_0_1_load_with_their_scale_and_layout(method, tmp_path):
+    """0.1 kept one allocation matrix per layer, the Task Router at task_router.*, and left alpha unset
+    (Poly/MHR/OrchMoE then meant 1/r): such a folder loads and computes what it computed then."""
+    from safetensors.torch import load_file, save_file
+
+    model = _routed("llama", method, alpha=1.0 if method != "lora" else None)
+    batch, tasks = toy_batch("llama")
+    kw = task_kwargs(method, tasks)
+    expected = _lm_logits(model, batch, **kw)
+    model.save_adapter(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    meta["orchmoe_version"], meta["config"]["alpha"] = "0.1.0", None
+    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    stacked = tensors.pop("router.logits", None)
+    if stacked is None:
+        stacked = tensors.pop("router.skill_router.logits", None)
+    if stacked is not None:
+        for i, path in enumerate(model.routed_layers):
+            tensors[f"{path}.router.logits"] = stacked[i].clone()
+    tensors = {(k[len("router."):] if k.startswith("router.task_router.") else k): v for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
+    assert loaded.adapter_config.scale == model.adapter_config.scale
+    torch.testing.assert_close(_lm_logits(loaded, batch, **kw), expected)
+
+
+def test_adapter_files_are_checked_before_use(tmp_path):
+    """A newer major version, a config without alpha, a truncated or non-finite weights file: clear errors."""
+    from safetensors.torch import load_file, save_file
+
+    _routed("llama", "poly").save_adapter(tmp_path / "a")
+    cfg_file, weights = tmp_path / "a" / ADAPTER_CONFIG, tmp_path / "a" / ADAPTER_WEIGHTS
+    good, good_weights = cfg_file.read_text(), weights.read_bytes()
+    meta = json.loads(good)
+    meta["orchmoe_version"] = "99.0.0"
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="newer major version"):
+        load_adapter(tiny_base("llama"), tmp_path / "a")
+    meta = json.loads(good)
+    del meta["config"]["alpha"]
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="has no 'alpha'"):
+        load_adapter(tiny_base("llama"), tmp_path / "a")
+    cfg_file.write_text(good)
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(AdapterMismatchError, match="not a readable safetensors file"):
+        load_adapter(tiny_base("llama"), tmp_path / "a")
+    weights.write_bytes(good_weights)
+    tensors = load_file(str(weights))
+    tensors["router.logits"][0, 0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterMismatchError, match="'router.logits' holds NaN"):
+        load_adapter(tiny_base("llama"), tmp_path / "a")

@@ -1,6 +1,8 @@
 """Routers and the routing context: allocation / gate invariants (Hypothesis), losses, batch expansion."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,9 @@ from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchmoe.routers import ConstantRouter, PolyRouter, SkillRouter, TaskRouter, TokenRouter, relaxed_allocation
+from orchmoe import OrchMoEConfig
+from orchmoe.routers import (ConstantRouter, OrchMoERouter, PolyRouter, RoutingInputs, SkillRouter, TaskRouter,
+                             TokenRouter, relaxed_allocation)
 from orchmoe.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -32,70 +36,98 @@ def test_allocation_rows_are_distributions(rows, S, scale, training, seed):
     torch.testing.assert_close(w.sum(-1), torch.ones(rows), atol=1e-5, rtol=0)
 
 
+def _inputs(b, **kw):
+    return RoutingInputs(batch=b, **kw)
+
+
 @SETTINGS
-@given(T=st.integers(1, 4), S=st.integers(1, 5), h=st.integers(1, 4), b=st.integers(1, 5), training=st.booleans(), seed=st.integers(0, 999))
-def test_poly_router_allocations(T, S, h, b, training, seed):
+@given(L=st.integers(1, 3), T=st.integers(1, 4), S=st.integers(1, 5), h=st.integers(1, 4), b=st.integers(1, 5),
+       training=st.booleans(), seed=st.integers(0, 999))
+def test_poly_router_allocations(L, T, S, h, b, training, seed):
     torch.manual_seed(seed)
-    router = PolyRouter(T, S, h).train(training)
+    router = PolyRouter(L, T, S, h).train(training)
     with torch.no_grad():
         router.logits.normal_()
     tasks = torch.randint(-1, T, (b,))
-    w = router(torch.zeros(b, 2, 8), _state(task_ids=tasks))
-    assert w.shape == (b, h, S) and (w >= 0).all()
-    torch.testing.assert_close(w.sum(-1), torch.ones(b, h), atol=1e-5, rtol=0)
-    if not training:
-        for i, t in enumerate(tasks.tolist()):
+    w = router(_inputs(b, task_ids=tasks)).weights
+    assert w.shape == (L, b, h, S) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(L, b, h), atol=1e-5, rtol=0)
+    for i, t in enumerate(tasks.tolist()):
+        if t < 0 or not training:  # an unseen task gets the mean evaluation-mode allocation, also in training
             expected = router.allocation(t) if t >= 0 else torch.stack([router.allocation(j) for j in range(T)]).mean(0)
-            torch.testing.assert_close(w[i], expected)
+            torch.testing.assert_close(w[:, i], expected)
 
 
-def test_poly_router_eval_is_normalised_sigmoid_and_training_samples():
-    router = PolyRouter(2, 3, 1)
+def test_poly_router_eval_is_normalised_sigmoid_and_training_samples_per_example():
+    router = PolyRouter(1, 2, 3, 1)
     with torch.no_grad():
-        router.logits.copy_(torch.tensor([[0.0, 1.0, -1.0], [2.0, 2.0, 2.0]]))
-    state = _state(task_ids=torch.tensor([0, 1]))
-    sig = torch.sigmoid(router.logits)
-    torch.testing.assert_close(router.eval()(torch.zeros(2, 1, 4), state)[:, 0], sig / sig.sum(-1, keepdim=True))
+        router.logits.copy_(torch.tensor([[[0.0, 1.0, -1.0], [2.0, 2.0, 2.0]]]))
+    inputs = _inputs(3, task_ids=torch.tensor([0, 1, 1]))
+    sig = torch.sigmoid(router.logits[0])
+    torch.testing.assert_close(router.eval()(inputs).weights[0, :, 0], (sig / sig.sum(-1, keepdim=True))[[0, 1, 1]])
     torch.manual_seed(0)
-    a = router.train()(torch.zeros(2, 1, 4), state)
-    b = router(torch.zeros(2, 1, 4), state)
+    a = router.train()(inputs).weights
+    b = router(inputs).weights
     assert not torch.allclose(a, b)  # a Gumbel-sigmoid sample each call in training
+    assert not torch.allclose(a[0, 1], a[0, 2])  # ... and for each example, even of the same task
     a.sum().backward()  # rsample: gradients reach the logits
     assert router.logits.grad is not None
 
 
+def test_relaxed_allocation_draws_what_torch_relaxed_bernoulli_draws():
+    from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+    logits = torch.randn(4, 5)
+    torch.manual_seed(7)
+    ours = relaxed_allocation(logits, True)
+    torch.manual_seed(7)
+    z = RelaxedBernoulli(torch.tensor(1.0), logits=logits).rsample()
+    torch.testing.assert_close(ours, z / (z.sum(-1, keepdim=True) + 1e-12))
+
+
 @SETTINGS
-@given(K=st.integers(1, 5), S=st.integers(1, 5), b=st.integers(1, 4), seed=st.integers(0, 999))
-def test_skill_router_is_a_convex_mix_of_rows(K, S, b, seed):
+@given(L=st.integers(1, 3), K=st.integers(1, 5), S=st.integers(1, 5), b=st.integers(1, 4), training=st.booleans(),
+       seed=st.integers(0, 999))
+def test_skill_router_is_a_convex_mix_of_rows(L, K, S, b, training, seed):
     torch.manual_seed(seed)
-    router = SkillRouter(K, S).eval()
+    router = SkillRouter(L, K, S).train(training)
     with torch.no_grad():
         router.logits.normal_()
     pi = torch.softmax(torch.randn(b, K), -1)
-    w = router(torch.zeros(b, 1, 4), _state(task_probs=pi))
-    assert w.shape == (b, 1, S) and (w >= 0).all()
-    torch.testing.assert_close(w.sum(-1), torch.ones(b, 1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(w[:, 0], pi @ router.allocation())
+    w = router(pi)
+    assert w.shape == (L, b, 1, S) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(L, b, 1), atol=1e-5, rtol=0)
+    if not training:
+        torch.testing.assert_close(w[:, :, 0], torch.einsum("bk,lks->lbs", pi, router.allocation()))
 
 
-def test_skill_router_with_onehot_pi_equals_poly_router():
-    T, S = 4, 3
-    poly, skill = PolyRouter(T, S).eval(), SkillRouter(T, S).eval()
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_skill_router_with_onehot_pi_equals_poly_router_with_the_same_noise(training, monkeypatch):
+    """OrchMoE with pi = the one-hot true task is Poly, in training too: both draw one noise sample per
+    example, and given the same noise they give the same allocations."""
+    import orchmoe.routers.allocation as allocation
+
+    L, T, S = 2, 4, 3
+    poly, skill = PolyRouter(L, T, S).train(training), SkillRouter(L, T, S).train(training)
     with torch.no_grad():
         poly.logits.normal_()
         skill.logits.copy_(poly.logits)
     tasks = torch.tensor([3, 0, 2, 2, 1])
-    w_poly = poly(torch.zeros(5, 1, 2), _state(task_ids=tasks))
-    w_orch = skill(torch.zeros(5, 1, 2), _state(task_probs=F.one_hot(tasks, T).float()))
+    b = len(tasks)
+    noise = torch.randn(L, b, T, S)  # OrchMoE's noise: every abstract-task row of every example
+    monkeypatch.setattr(allocation, "logistic_noise",
+                        lambda shape, like: noise if tuple(shape) == (L, b, T, S) else noise[:, torch.arange(b), tasks].unsqueeze(2))
+    w_poly = poly(_inputs(b, task_ids=tasks)).weights
+    w_orch = skill(F.one_hot(tasks, T).float())
     torch.testing.assert_close(w_orch, w_poly)
 
 
 def test_routers_need_their_context():
-    with pytest.raises(RoutingError, match="needs task_ids"):
-        PolyRouter(2, 2)(torch.zeros(1, 1, 2), RoutingState())
-    with pytest.raises(RoutingError, match="needs task_probs"):
-        SkillRouter(2, 2)(torch.zeros(1, 1, 2), RoutingState())
-    assert ConstantRouter()(torch.zeros(1, 1, 2), None) is None
+    with pytest.raises(RoutingError, match="route by task id"):
+        PolyRouter(1, 2, 2)(_inputs(1))
+    with pytest.raises(RoutingError, match="routes from the prompt"):
+        OrchMoERouter(OrchMoEConfig(n_abstract_tasks=2), 1, 8)(_inputs(1))
+    assert ConstantRouter()(_inputs(1)).weights is None
 
 
 # ----------------------------------------------------------------------------- token gates (MoLoRA, MoDE)
@@ -218,12 +250,15 @@ def test_task_balance_loss():
 
 # ----------------------------------------------------------------------------- routing state
 def test_state_expands_prompts_for_beams_contiguously():
-    state = _state(task_ids=torch.tensor([4, 7]), task_probs=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    assert state.task_ids_for(6, "x").tolist() == [4, 4, 4, 7, 7, 7]
-    assert state.task_probs_for(4, "x")[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert state.task_ids_for(6, "x") is state.task_ids_for(6, "x")  # computed once per batch size
+    weights = torch.arange(2 * 2 * 1 * 3, dtype=torch.float).view(2, 2, 1, 3)  # (L, b, h, S)
+    state = _state(task_probs=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), weights=weights)
+    assert state.task_probs_for(4)[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
+    w = state.layer_weights(1, 6)
+    torch.testing.assert_close(w, weights[1].repeat_interleave(3, dim=0))
+    assert state.layer_weights(1, 6) is w  # computed once per batch size
+    assert state.layer_weights(0, 2) is not None and _state().layer_weights(0, 2) is None
     with pytest.raises(RoutingError, match="batch of 3 rows does not extend the routed batch of 2"):
-        state.task_ids_for(3, "x")
+        state.layer_weights(0, 3)
 
 
 def test_state_token_mask_only_for_matching_tokens():
@@ -262,3 +297,15 @@ def test_task_router_statistics_are_global_under_torch_distributed(tmp_path):
         torch.testing.assert_close(stats["summary_mean"], every.mean(0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stats["summary_var"], every.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
     assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+def test_task_router_summary_diagnostics():
+    from orchmoe.diagnostics import task_router_summary
+
+    pi = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    s = task_router_summary(pi, torch.tensor([5, 5, 7, 7]))
+    assert s["pi_entropy"] == pytest.approx(0.0, abs=1e-6) and s["abstract_tasks_used"] == 0.5
+    assert s["nmi_pi_task"] == pytest.approx(1.0)
+    u = task_router_summary(torch.full((3, 4), 0.25), torch.tensor([0, 1, 2]))
+    assert u["pi_entropy"] == pytest.approx(math.log(4)) and u["abstract_tasks_used"] == 0.25
+    assert u["nmi_pi_task"] == 0.0  # everything on one abstract task says nothing about the task

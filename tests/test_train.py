@@ -62,13 +62,19 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8, 9]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in log)
-
+    # routing you can watch: OrchMoE's records carry the allocation spread and the Task Router's statistics
+    for r in log:
+        assert r["allocation_spread"] >= 0 and 0 <= r["pi_entropy"] <= r["pi_entropy_max"] + 1e-6
+        assert 0 < r["abstract_tasks_used"] <= 1 and 0 <= r["nmi_pi_task"] <= 1
+    assert all(r["router_lr"] == pytest.approx(r["lr"] * 0.1 / 1e-2) for r in log)  # the references' 0.1, scheduled alike
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())["metadata"]
     assert meta["task_to_id"] == {t: i for i, t in enumerate(sorted(SEEN))}
     assert meta["unseen_tasks"] == [UNSEEN] and meta["categories"][UNSEEN] == "Keyword Tagging"
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["method"] == "orchmoe" and cfg["lr"] == 1e-2 and cfg["_resolved"]["total_steps"] == 9
+    assert cfg["_resolved"]["adapter"]["n_abstract_tasks"] == len(SEEN)  # K = T unless set, as the paper
+    assert cfg["_resolved"]["batch_mix"]["tasks_per_batch"] > 1
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["seen"]["overall"]["n"] == 9 and metrics["unseen"]["overall"]["n"] == 3
@@ -101,6 +107,10 @@ def test_data_is_seeded_and_disjoint(superni, tiny_llama, tmp_path):
     assert all(not e.seen for e in a.unseen) and all(e.seen for e in a.eval)
     other = build_data(cfg_for(tiny_llama, superni, tmp_path, train_per_task=40, eval_per_task=10, seed=1))
     assert {(e.task, e.id) for e in other.train} != train_ids
+    drawn = [build_data(cfg_for(tiny_llama, superni, tmp_path, tasks=5, train_per_task=40, eval_per_task=10, seed=s,
+                                task_seed=7, unseen_tasks=0)) for s in (0, 1)]
+    assert drawn[0].seen_tasks == drawn[1].seen_tasks  # a fixed task draw across seeds ...
+    assert {(e.task, e.id) for e in drawn[0].train} != {(e.task, e.id) for e in drawn[1].train}  # ... new instances
 
 
 def test_batch_order_is_a_function_of_seed_and_epoch():
@@ -115,6 +125,29 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
         if len(g) >= 2:
             assert sorted(shares[0] + shares[1]) == sorted(g)
     assert rank_slice([7], 1, 2) == [7]  # a one-example batch still gives every process work
+
+
+def test_batches_mix_tasks_and_still_group_lengths():
+    """Prompt length is mostly set by the task. Sorting a big window by length puts one task in a batch;
+    the stratified order with a small window mixes tasks while padding less than random batches."""
+    import random
+
+    from orchmoe.data import batch_mix
+
+    rng = random.Random(0)
+    tasks = [t for t in range(10) for _ in range(40)]
+    lengths = [30 + 12 * t + rng.randint(0, 10) for t in tasks]  # each task its own length band
+    mix = {w: batch_mix(epoch_batches(lengths, 8, 1, 0, 0, tasks, w), tasks, lengths) for w in (1, 4, 50)}
+    rng.shuffle(shuffled := list(range(len(tasks))))
+    random_batches = [shuffled[i:i + 8] for i in range(0, len(shuffled), 8)]
+    plain = batch_mix(random_batches, tasks, lengths)
+    assert mix[50]["tasks_per_batch"] < 2.0  # a big length window: (nearly) single-task batches
+    assert mix[1]["tasks_per_batch"] >= 6.5 and mix[4]["tasks_per_batch"] >= 2.5
+    assert mix[4]["padding_share"] < 0.6 * plain["padding_share"]  # still grouped by length
+    order = epoch_batches(lengths, 8, 1, 0, 0, tasks, 4)
+    assert sorted(i for b in order for i in b) == list(range(len(tasks)))
+    first_half = [tasks[i] for b in order[: len(order) // 2] for i in b]  # every task spread over the epoch
+    assert all(12 <= first_half.count(t) <= 28 for t in range(10))
 
 
 # -- exact resume ----------------------------------------------------------------------------

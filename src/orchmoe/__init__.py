@@ -1,6 +1,7 @@
 """orchmoe: multi-task parameter-efficient fine-tuning with routed mixtures of LoRA experts."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from . import routers  # noqa: E402,F401  (registers every method)
 from .budget import BudgetError, count_parameters, lora_budget, match_budget  # noqa: E402
 from .config import (  # noqa: E402
     METHODS,
@@ -16,10 +17,12 @@ from .config import (  # noqa: E402
 )
 from .layer import RoutedLoraLayer  # noqa: E402
 from .model import AdapterMismatchError, RoutedModel, get_model, load_adapter  # noqa: E402
+from .registry import register_method  # noqa: E402
 from .routing import RoutingError  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "AdapterMismatchError", "BudgetError", "ConfigError", "LoraConfig", "METHODS", "MHRConfig",
     "MoDEConfig", "MoLoRAConfig", "OrchMoEConfig", "PolyConfig", "RoutedLoraLayer", "RoutedModel", "RoutingError",
     "config_from_dict", "count_parameters", "get_model", "load_adapter", "lora_budget", "match_budget",
+    "register_method",
 ]

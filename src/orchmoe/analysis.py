@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .config import OrchMoEConfig, PolyConfig
+from .diagnostics import UNIFORM_SPREAD, nmi_chance, normalized_mutual_info, purity  # noqa: F401  (re-exported)
 from .model import ADAPTER_CONFIG, AdapterMismatchError, RoutedModel, read_adapter_config
-from .routers.allocation import relaxed_allocation
 
 __all__ = [
     "AnalysisError",
@@ -73,15 +72,14 @@ class AnalysisError(ValueError):
 
 
 def _allocation_kind(model: RoutedModel) -> str:
+    """"prompt" (OrchMoE: rows are abstract tasks) or "task_ids" (Poly/MHR: rows are training tasks)."""
     cfg = model.adapter_config
-    if isinstance(cfg, OrchMoEConfig):
-        return "orchmoe"
-    if isinstance(cfg, PolyConfig):  # Poly and MHR
-        return "poly"
-    raise AnalysisError(
-        f"a {cfg.method} adapter has no task-skill allocation matrix: only OrchMoE (K x S per layer) and "
-        "Poly/MHR (T x S per layer) learn one; LoRA has a single expert and MoLoRA/MoDE route every token"
-    )
+    if model.router is None or model.router.allocation_matrices() is None:
+        raise AnalysisError(
+            f"a {cfg.method} adapter has no task-skill allocation matrix: only OrchMoE (K x S per layer) and "
+            "Poly/MHR (T x S per layer) learn one; LoRA has a single expert and MoLoRA/MoDE route every token"
+        )
+    return cfg.routing
 
 
 @torch.no_grad()
@@ -93,17 +91,9 @@ def allocation_matrices(model: RoutedModel) -> dict[str, np.ndarray]:
     sums to one, so the mean does too). Evaluation mode because the Gumbel noise of training
     would make the picture random.
     """
-    kind = _allocation_kind(model)
-    out: dict[str, np.ndarray] = {}
-    for path, layer in model.routed_layers.items():
-        router = layer.router
-        if kind == "orchmoe":
-            alloc = router.allocation()  # (K, S)
-        else:
-            logits = router.logits.view(router.n_tasks, router.n_splits, router.n_skills)  # (T, h, S)
-            alloc = relaxed_allocation(logits, False).mean(1)  # (T, h, S) -> (T, S)
-        out[path] = alloc.detach().float().cpu().numpy()
-    return out
+    _allocation_kind(model)
+    stacked = model.router.allocation_matrices().detach().float().cpu().numpy()  # (L, rows, S)
+    return {path: stacked[i] for i, path in enumerate(model.routed_layers)}
 
 
 # =============================================================================================
@@ -226,64 +216,6 @@ def task_skill_profile(model_or_matrices: RoutedModel | Mapping[str, np.ndarray]
 
 # =============================================================================================
 # Agreement with SuperNI categories
-
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def normalized_mutual_info(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> float:
-    """NMI = I(U;V) / mean(H(U), H(V)), natural logs (scikit-learn's default, "arithmetic").
-
-    As in scikit-learn, two labelings that are each a single cluster count as a perfect match
-    (1.0), and a zero mutual information is 0.0 whatever the entropies.
-    """
-    a, b = list(labels_a), list(labels_b)
-    if len(a) != len(b):
-        raise ValueError(f"labelings of different lengths: {len(a)} and {len(b)}")
-    if not a:
-        return 1.0
-    _, ia = np.unique(np.asarray(a, dtype=object).astype(str), return_inverse=True)
-    _, ib = np.unique(np.asarray(b, dtype=object).astype(str), return_inverse=True)
-    na, nb = ia.max() + 1, ib.max() + 1
-    if na == nb == 1:
-        return 1.0
-    table = np.zeros((na, nb))
-    np.add.at(table, (ia, ib), 1.0)
-    n = table.sum()
-    pa, pb = table.sum(1) / n, table.sum(0) / n
-    nz = table > 0
-    pab = table[nz] / n
-    mi = float((pab * np.log(pab / np.outer(pa, pb)[nz])).sum())
-    if mi <= 1e-15:
-        return 0.0
-    denom = 0.5 * (_entropy(table.sum(1)) + _entropy(table.sum(0)))
-    return float(min(max(mi / max(denom, np.finfo(float).eps), 0.0), 1.0))
-
-
-def purity(clusters: Sequence[Any], classes: Sequence[Any]) -> float:
-    """Share of items whose cluster's majority class is their own class (1 = every cluster pure)."""
-    clusters, classes = list(clusters), list(classes)
-    if len(clusters) != len(classes):
-        raise ValueError(f"labelings of different lengths: {len(clusters)} and {len(classes)}")
-    if not clusters:
-        return 1.0
-    by_cluster: dict[Any, Counter] = {}
-    for c, k in zip(clusters, classes):
-        by_cluster.setdefault(c, Counter())[k] += 1
-    return sum(cnt.most_common(1)[0][1] for cnt in by_cluster.values()) / len(clusters)
-
-
-def nmi_chance(labels_a: Sequence[Any], labels_b: Sequence[Any], n_permutations: int = 200, seed: int = 0) -> float:
-    """Mean NMI after shuffling ``labels_b``: the score group sizes alone give.
-
-    NMI is biased upwards for few items and many groups (a random grouping of 15 tasks
-    already scores ~0.3), so the observed NMI means something only next to this baseline.
-    """
-    rng = np.random.default_rng(seed)
-    b = np.asarray(list(labels_b), dtype=object)
-    return float(np.mean([normalized_mutual_info(labels_a, rng.permutation(b)) for _ in range(n_permutations)]))
 
 
 def category_agreement(assignment: Sequence[int] | Mapping[str, int],
@@ -828,7 +760,7 @@ def analyze_model(model: RoutedModel, out_dir: PathLike, *, tasks: Sequence[str]
     result: dict[str, Any] = {"method": cfg.method, "n_layers": len(matrices), "n_skills": cfg.n_skills, **(extra or {})}
     files: dict[str, str] = {}
 
-    if kind == "orchmoe":
+    if kind == "prompt":
         if not prompts_by_task:
             raise AnalysisError("an OrchMoE analysis needs prompts_by_task (the training tasks' prompts)")
         pis = prompt_task_probabilities(model, prompts_by_task, batch_size)
@@ -860,7 +792,12 @@ def analyze_model(model: RoutedModel, out_dir: PathLike, *, tasks: Sequence[str]
         files["task_abstract_heatmap"] = plot_task_heatmap(
             mean_pi, task_list, cats, out / "task_abstract_heatmap.png", col_label="abstract task",
             title="Mean π(x) per training task (Task Router)").name
-    if len(task_list) >= 2:
+    spread = float(np.mean([np.abs(m - 1.0 / m.shape[1]).mean() for m in matrices.values()]))
+    gaps = np.abs(profile[:, None, :] - profile[None, :, :]).sum(-1)  # (T, T) L1 distances of task profiles
+    result["allocation_spread"] = round(spread, 6)
+    result["max_task_profile_distance"] = round(float(gaps.max()), 6)
+    result["allocations_uniform"] = spread < UNIFORM_SPREAD
+    if len(task_list) >= 2 and not result["allocations_uniform"]:
         leaves = plot_dendrogram(profile, task_list, cats, out / "dendrogram.png")
         files["dendrogram"] = "dendrogram.png"
         n_clusters = min(result["n_categories"], len(task_list))
@@ -906,6 +843,14 @@ def _markdown(r: Mapping[str, Any], profile: np.ndarray, mean_pi: np.ndarray | N
         lines.append(f"**Abstract task vs SuperNI category**: NMI = {ca['nmi']:.3f}{_chance(ca)}, purity = {ca['purity']:.3f}, "
                      f"inverse purity = {ca['inverse_purity']:.3f} ({ca['n_groups']} of {r['n_abstract_tasks']} abstract "
                      f"tasks used).  ")
+    if r.get("allocations_uniform"):
+        lines.append(f"**The skill allocations are indistinguishable from uniform**: mean |w − 1/S| = "
+                     f"{r['allocation_spread']:.4f} over layers (below {UNIFORM_SPREAD}), largest L1 distance between two "
+                     f"tasks' skill profiles {r['max_task_profile_distance']:.4f}. Every task uses every skill alike, so "
+                     "the mixture acts as one shared adapter; no dendrogram is drawn (it would cluster noise).  ")
+    else:
+        lines.append(f"Skill allocations: mean |w − 1/S| = {r['allocation_spread']:.4f} over layers; largest L1 distance "
+                     f"between two tasks' skill profiles {r['max_task_profile_distance']:.4f}.  ")
     cl = r.get("cluster_agreement")
     if cl:
         lines.append(f"**Dendrogram cut into {cl['n_clusters_requested']} clusters vs category**: NMI = {cl['nmi']:.3f}{_chance(cl)}, "

@@ -10,7 +10,7 @@ import dataclasses
 
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, LoraConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
+from .config import AdapterConfig, ConfigError, LoraConfig
 from .targets import find_target_layers
 
 __all__ = ["BudgetError", "count_parameters", "lora_budget", "match_budget", "model_dims"]
@@ -27,31 +27,8 @@ def model_dims(model: nn.Module, target_modules=None) -> tuple[dict[str, tuple[i
 
 
 def count_parameters(config: AdapterConfig, shapes: dict[str, tuple[int, int]], d_model: int) -> int:
-    """Trainable parameters of `config` on layers of these (P, Q) shapes (METHODS.md)."""
-    r = config.rank
-    total = 0
-    for P, Q in shapes.values():
-        if isinstance(config, LoraConfig):
-            total += r * (P + Q)
-        elif isinstance(config, MoLoRAConfig):
-            S = config.n_skills
-            down = r * P if config.shared_down else S * r * P
-            total += down + S * r * Q + P * S
-        elif isinstance(config, PolyConfig):  # Poly and MHR
-            S = config.n_skills
-            total += S * r * (P + Q) + config.n_tasks * config.n_splits * S
-        elif isinstance(config, MoDEConfig):
-            m, p = config.n_skills, config.expert_rank
-            total += r * P + m * r * Q + (r // p) * m * P
-        elif isinstance(config, OrchMoEConfig):
-            S = config.n_skills
-            total += S * r * (P + Q) + config.n_abstract_tasks * S
-        else:  # pragma: no cover
-            raise ConfigError(f"no parameter formula for {type(config).__name__}")
-    if isinstance(config, OrchMoEConfig):
-        K, H = config.n_abstract_tasks, config.task_router_hidden
-        total += (d_model * H + H + H * K + K) if H > 0 else d_model * K + K
-    return total
+    """Trainable parameters of `config` on layers of these (P, Q) shapes (docs/methods.md; the config's own formula)."""
+    return config.count_parameters(shapes, d_model)
 
 
 def lora_budget(model: nn.Module, rank: int = 8, target_modules=None) -> int:

@@ -45,11 +45,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         section = ("model and method" if f.name in ("model", "dtype", "method", "rank", "n_skills", "n_abstract_tasks",
                                                      "n_splits", "top_k", "expert_rank", "alpha", "adapter_args",
                                                      "target_modules", "budget_rank", "budget_vary", "budget_tolerance")
-                   else "data and prompts" if f.name in ("data", "tasks", "split", "train_per_task", "eval_per_task",
+                   else "data and prompts" if f.name in ("data", "tasks", "task_seed", "split", "train_per_task", "eval_per_task",
                                                          "unseen_tasks", "unseen_per_task", "allow_fewer_train", "n_pos",
                                                          "max_source_len", "max_target_len", "max_new_tokens",
                                                          "chat_template")
-                   else "optimisation" if f.name in ("batch_size", "grad_accum", "lr", "router_lr", "weight_decay",
+                   else "optimisation" if f.name in ("batch_size", "length_window", "grad_accum", "lr", "router_lr", "weight_decay",
                                                      "warmup_ratio", "warmup_steps", "schedule", "epochs", "max_steps",
                                                      "max_grad_norm", "mixed_precision", "gradient_checkpointing", "seed")
                    else "run folder, checkpoints, evaluation")

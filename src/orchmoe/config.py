@@ -1,31 +1,64 @@
 """Adapter configurations: one dataclass per method.
 
-A method is a config plus its router; every method shares the same
-mixture-of-low-rank-experts layer (`orchmoe.layer.RoutedLoraLayer`).
+A method is a config plus its router (paired in :mod:`orchmoe.registry`); every method shares the
+same mixture-of-low-rank-experts layer (:class:`orchmoe.layer.RoutedLoraLayer`). A config answers
+for its method: what routing it needs (``routing``), whether its experts share one down-projection,
+how many trainable parameters it has on given layers, and how it adapts to a task count.
+
+Scale convention, shared by every method: the update is ``(alpha / rank) * delta`` with
+``alpha = rank`` unless set, so LoRA, the mixtures and PEFT's LoRA defaults all start from scale 1
+(the Poly references use ``1/r``: ``alpha=1``; see docs/methods.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from .registry import METHODS, config_class
+
 __all__ = [
-    "AdapterConfig",
-    "LoraConfig",
-    "MoLoRAConfig",
-    "PolyConfig",
-    "MHRConfig",
-    "MoDEConfig",
-    "OrchMoEConfig",
-    "METHODS",
-    "config_from_dict",
-    "ConfigError",
+    "AdapterConfig", "LoraConfig", "MoLoRAConfig", "PolyConfig", "MHRConfig", "MoDEConfig", "OrchMoEConfig",
+    "METHODS", "ROUTING_KINDS", "config_from_dict", "ConfigError",
 ]
+
+#: what a method's router reads: nothing, the task id, the whole prompt, or each token
+ROUTING_KINDS = ("none", "task_ids", "prompt", "tokens")
 
 
 class ConfigError(ValueError):
     """An adapter configuration that cannot be built."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (the CLI's ``--adapter.NAME`` flags are generated from it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+          "str": ((str,), "a string")}
+
+
+def _check_type(owner: str, name: str, annotation: str, value: Any) -> None:
+    """Reject values of the wrong type (a JSON ``"3"`` for an int, ``null`` where none is allowed, NaN)."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" not in kinds:
+            raise ConfigError(f"{owner}: {name} must not be null")
+        return
+    known = [_TYPES[k] for k in kinds if k in _TYPES]
+    if not known or "list[str]" in kinds:
+        return
+    allowed = tuple(t for types, _ in known for t in types)
+    wanted = " or ".join(words for _, words in known)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise ConfigError(f"{owner}: {name} must be {wanted}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -38,51 +71,93 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
-    needs_task_ids: ClassVar[bool] = False
+    routing: ClassVar[str] = "none"
 
-    target_modules: list[str] | str | None = None
-    rank: int = 8
-    alpha: float | None = None  # update scale is alpha / rank; None -> method default
-    dropout: float = 0.0
+    target_modules: list[str] | str | None = option(None, "layers to adapt: leaf names or one regex over module paths")
+    rank: int = option(8, "LoRA rank r of each expert")
+    alpha: float | None = option(None, "update scale numerator: scale = alpha / rank (default: rank, i.e. scale 1)")
+    dropout: float = option(0.0, "dropout on the adapter input")
 
-    # -- shared helpers ---------------------------------------------------
+    # -- what the method is -------------------------------------------------
     @property
     def n_experts(self) -> int:
         return 1
 
     @property
+    def n_splits(self) -> int:
+        """Routing blocks per layer (MHR's h); 1 for every other method."""
+        return 1
+
+    @property
+    def shares_down_projection(self) -> bool:
+        """True when all experts share one down-projection A (MoDE, MoLoRA-SD)."""
+        return False
+
+    @property
+    def needs_task_ids(self) -> bool:
+        return self.routing == "task_ids"
+
+    @property
     def scale(self) -> float:
-        alpha = self.default_alpha() if self.alpha is None else self.alpha
+        alpha = self.rank if self.alpha is None else self.alpha
         return float(alpha) / self.rank
 
-    def default_alpha(self) -> float:
-        return float(self.rank)
+    # -- parameter accounting (what budget.py and the docs state) ---------------
+    def layer_parameters(self, P: int, Q: int) -> int:
+        """Trainable parameters this method adds to one (P -> Q) layer."""
+        return self.rank * (P + Q)
 
+    def model_parameters(self, d_model: int) -> int:
+        """Trainable parameters added once per model (OrchMoE's Task Router)."""
+        return 0
+
+    def count_parameters(self, shapes: dict[str, tuple[int, int]], d_model: int) -> int:
+        """Trainable parameters on layers of these (P, Q) shapes."""
+        return sum(self.layer_parameters(P, Q) for P, Q in shapes.values()) + self.model_parameters(d_model)
+
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+        """This config fitted to a training run of ``n_tasks`` tasks (``explicit``: fields the user set)."""
+        return self
+
+    # -- validation and serialisation ------------------------------------------
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"{type(self).__name__}: rank must be a positive integer, got {self.rank!r}")
+        owner = type(self).__name__
+        for f in dataclasses.fields(self):
+            _check_type(owner, f.name, f.type, getattr(self, f.name))
+        if self.rank <= 0:
+            raise ConfigError(f"{owner}: rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
-            raise ConfigError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
+            raise ConfigError(f"{owner}: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"{owner}: alpha must be > 0, got {self.alpha!r}")
+        tm = self.target_modules
+        if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+            raise ConfigError(f"{owner}: target_modules must be a list of names or a regex string, got {tm!r}")
+        if isinstance(tm, (str, list)) and not tm:
+            raise ConfigError(f"{owner}: target_modules is empty")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{type(self).__name__}: {name} must be >= 1, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields with ``alpha`` resolved, so a saved adapter never depends on a default."""
         d = asdict(self)
-        if isinstance(d.get("target_modules"), tuple):
-            d["target_modules"] = list(d["target_modules"])
+        d["alpha"] = float(self.scale * self.rank)
         return {"method": self.method, **d}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "AdapterConfig":
-        new = dataclasses.replace(self, **changes)
-        new.validate()
-        return new
+        return dataclasses.replace(self, **changes)  # __post_init__ validates
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.alpha, int) and not isinstance(self.alpha, bool):
+            self.alpha = float(self.alpha)
         self.validate()
 
 
@@ -91,7 +166,6 @@ class LoraConfig(AdapterConfig):
     """Plain LoRA: one (A, B) pair per layer, no router."""
 
     method: ClassVar[str] = "lora"
-    rank: int = 8
 
 
 @dataclass
@@ -100,24 +174,36 @@ class MoLoRAConfig(AdapterConfig):
     Switch load balancing; ``shared_down`` gives MoLoRA-SD / HydraLoRA."""
 
     method: ClassVar[str] = "molora"
-    n_skills: int = 4
-    rank: int = 2
-    top_k: int | None = None
-    aux_loss_coef: float = 0.01
-    shared_down: bool = False
+    routing: ClassVar[str] = "tokens"
+    n_skills: int = option(4, "number of experts S")
+    rank: int = option(2, "LoRA rank r of each expert")
+    top_k: int | None = option(None, "keep the top-k experts per token (renormalised); None: dense softmax")
+    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
+    shared_down: bool = option(False, "one down-projection A shared by all experts (MoLoRA-SD / HydraLoRA)")
 
     @property
     def n_experts(self) -> int:
         return self.n_skills
 
+    @property
+    def shares_down_projection(self) -> bool:
+        return self.shared_down
+
+    @property
+    def n_blocks(self) -> int:
+        return 1
+
+    def layer_parameters(self, P: int, Q: int) -> int:
+        S, r = self.n_skills, self.rank
+        return (r * P if self.shared_down else S * r * P) + S * r * Q + P * S
+
     def validate(self) -> None:
         super().validate()
-        if self.n_skills < 1:
-            raise ConfigError(f"MoLoRAConfig: n_skills must be >= 1, got {self.n_skills}")
+        self._positive("n_skills")
         if self.top_k is not None and not 1 <= self.top_k <= self.n_skills:
             raise ConfigError(f"MoLoRAConfig: top_k must be in [1, n_skills={self.n_skills}], got {self.top_k}")
         if self.aux_loss_coef < 0:
-            raise ConfigError("MoLoRAConfig: aux_loss_coef must be >= 0")
+            raise ConfigError(f"MoLoRAConfig: aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
 
 
 @dataclass
@@ -126,27 +212,27 @@ class PolyConfig(AdapterConfig):
     ``n_splits > 1`` routes each of h input/output blocks separately (MHR)."""
 
     method: ClassVar[str] = "poly"
-    needs_task_ids: ClassVar[bool] = True
-    n_tasks: int = 1
-    n_skills: int = 4
-    rank: int = 2
-    n_splits: int = 1
+    routing: ClassVar[str] = "task_ids"
+    n_tasks: int = option(1, "number of training tasks T (set by the recipe from the data)")
+    n_skills: int = option(4, "number of skills S")
+    rank: int = option(2, "LoRA rank r of each skill")
+    n_splits: int = option(1, "routing blocks per layer h (MHR)")  # type: ignore[assignment]
 
     @property
     def n_experts(self) -> int:
         return self.n_skills
 
-    def default_alpha(self) -> float:
-        return 1.0  # y = x W0 + (1/r) x A_t B_t, as in the reference code and PEFT
+    def layer_parameters(self, P: int, Q: int) -> int:
+        return self.n_skills * self.rank * (P + Q) + self.n_tasks * self.n_splits * self.n_skills
+
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+        if "n_tasks" in explicit and self.n_tasks != n_tasks:
+            raise ConfigError(f"{self.method}: n_tasks is the number of training tasks ({n_tasks}); do not set it")
+        return self.replace(n_tasks=n_tasks)
 
     def validate(self) -> None:
         super().validate()
-        if self.n_tasks < 1:
-            raise ConfigError(f"{type(self).__name__}: n_tasks must be >= 1 (the number of training tasks), got {self.n_tasks}")
-        if self.n_skills < 1:
-            raise ConfigError(f"{type(self).__name__}: n_skills must be >= 1, got {self.n_skills}")
-        if self.n_splits < 1:
-            raise ConfigError(f"{type(self).__name__}: n_splits must be >= 1, got {self.n_splits}")
+        self._positive("n_tasks", "n_skills", "n_splits")
 
 
 @dataclass
@@ -154,7 +240,7 @@ class MHRConfig(PolyConfig):
     """Multi-Head Routing: Poly with h routing blocks per layer."""
 
     method: ClassVar[str] = "mhr"
-    n_splits: int = 8
+    n_splits: int = option(8, "routing blocks per layer h")  # type: ignore[assignment]
 
 
 @dataclass
@@ -164,26 +250,35 @@ class MoDEConfig(AdapterConfig):
     of rank p. p = r is MoLoRA-SD, m = 1 is LoRA."""
 
     method: ClassVar[str] = "mode"
-    n_skills: int = 4  # m
-    rank: int = 4  # r
-    expert_rank: int = 1  # p
+    routing: ClassVar[str] = "tokens"
+    n_skills: int = option(4, "experts per rank block m")
+    rank: int = option(4, "rank r of the shared down-projection")
+    expert_rank: int = option(1, "rank p of each expert (p divides r)")
 
     @property
     def n_experts(self) -> int:
         return self.n_skills
 
     @property
+    def shares_down_projection(self) -> bool:
+        return True
+
+    @property
     def n_blocks(self) -> int:
         return self.rank // self.expert_rank
 
+    def layer_parameters(self, P: int, Q: int) -> int:
+        m, r = self.n_skills, self.rank
+        return r * P + m * r * Q + self.n_blocks * m * P
+
     def validate(self) -> None:
         super().validate()
-        if self.n_skills < 1:
-            raise ConfigError(f"MoDEConfig: n_skills (m) must be >= 1, got {self.n_skills}")
-        if self.expert_rank < 1 or self.rank % self.expert_rank:
-            raise ConfigError(
-                f"MoDEConfig: expert_rank (p={self.expert_rank}) must divide rank (r={self.rank})"
-            )
+        self._positive("n_skills", "expert_rank")
+        if self.rank % self.expert_rank:
+            raise ConfigError(f"MoDEConfig: expert_rank (p={self.expert_rank}) must divide rank (r={self.rank})")
+
+
+PROMPT_NORMS = ("standardize", "layernorm", "none")
 
 
 @dataclass
@@ -193,51 +288,55 @@ class OrchMoEConfig(AdapterConfig):
     parameter mixing; no task id."""
 
     method: ClassVar[str] = "orchmoe"
-    n_skills: int = 4
-    rank: int = 2
-    n_abstract_tasks: int = 16
-    task_temperature: float = 1.0
-    task_router_hidden: int = 0  # 0: linear router; >0: one hidden layer MLP
-    hard_routing: bool = False  # straight-through Gumbel-softmax over abstract tasks
-    balance_coef: float = 0.0  # balance term on the batch mean of pi
-    prompt_norm: str = "standardize"  # u(x) before the router: "standardize" (running stats + layer norm), "layernorm", "none"
+    routing: ClassVar[str] = "prompt"
+    n_skills: int = option(4, "number of skills S")
+    rank: int = option(2, "LoRA rank r of each skill")
+    n_abstract_tasks: int = option(16, "abstract tasks K (the recipe defaults it to the number of training tasks)")
+    task_temperature: float = option(1.0, "softmax temperature of the Task Router")
+    task_router_hidden: int = option(0, "0: linear Task Router; > 0: one hidden layer of this width")
+    hard_routing: bool = option(False, "straight-through Gumbel-softmax over abstract tasks")
+    balance_coef: float = option(0.0, "weight of the balance term on the batch mean of pi")
+    prompt_norm: str = option("standardize", "u(x) before the router: standardize (running stats), layernorm, none")
 
     @property
     def n_experts(self) -> int:
         return self.n_skills
 
-    def default_alpha(self) -> float:
-        return 1.0
+    def layer_parameters(self, P: int, Q: int) -> int:
+        return self.n_skills * self.rank * (P + Q) + self.n_abstract_tasks * self.n_skills
+
+    def model_parameters(self, d_model: int) -> int:
+        K, H = self.n_abstract_tasks, self.task_router_hidden
+        return d_model * H + H + H * K + K if H > 0 else d_model * K + K
+
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+        """K = T unless set: the paper's setting (its Figure 3 uses K = 100 on NI-100)."""
+        return self if "n_abstract_tasks" in explicit else self.replace(n_abstract_tasks=n_tasks)
 
     def validate(self) -> None:
         super().validate()
-        if self.n_skills < 1:
-            raise ConfigError(f"OrchMoEConfig: n_skills must be >= 1, got {self.n_skills}")
-        if self.n_abstract_tasks < 1:
-            raise ConfigError(f"OrchMoEConfig: n_abstract_tasks must be >= 1, got {self.n_abstract_tasks}")
+        self._positive("n_skills", "n_abstract_tasks")
         if self.task_temperature <= 0:
-            raise ConfigError("OrchMoEConfig: task_temperature must be > 0")
+            raise ConfigError(f"OrchMoEConfig: task_temperature must be > 0, got {self.task_temperature}")
         if self.task_router_hidden < 0:
             raise ConfigError(f"OrchMoEConfig: task_router_hidden must be >= 0 (0: linear router), got {self.task_router_hidden}")
         if self.balance_coef < 0:
-            raise ConfigError("OrchMoEConfig: balance_coef must be >= 0")
-        if self.prompt_norm not in ("standardize", "layernorm", "none"):
-            raise ConfigError(f"OrchMoEConfig: prompt_norm must be 'standardize', 'layernorm' or 'none', got {self.prompt_norm!r}")
-
-
-METHODS: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (LoraConfig, MoLoRAConfig, PolyConfig, MHRConfig, MoDEConfig, OrchMoEConfig)
-}
+            raise ConfigError(f"OrchMoEConfig: balance_coef must be >= 0, got {self.balance_coef}")
+        if self.prompt_norm not in PROMPT_NORMS:
+            raise ConfigError(f"OrchMoEConfig: prompt_norm must be one of {PROMPT_NORMS}, got {self.prompt_norm!r}")
 
 
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     """Build a config from ``{"method": ..., **fields}`` (the JSON an adapter is saved with)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"an adapter config must be a mapping, got {type(d).__name__}")
     d = dict(d)
     method = d.pop("method", None)
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    cls = METHODS[method]
-    if cls is OrchMoEConfig and "normalize_prompt" in d:  # adapters saved before prompt_norm existed
+    try:
+        cls = config_class(method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if method == "orchmoe" and "normalize_prompt" in d:  # adapters saved before prompt_norm existed
         d["prompt_norm"] = "layernorm" if d.pop("normalize_prompt") else "none"
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)

@@ -4,8 +4,8 @@ Prompts are built exactly as in training (same demonstrations, token budget, cha
 left-padded and sorted by length so a batch wastes little compute; each prompt's routing is
 computed once from the prompt by `RoutedModel.generate` and held for every decoding step.
 Poly/MHR get the seen task's id and -1 (the mean allocation) for an unseen task; the other
-methods route from the input alone. Scores come from `orchmoe.metrics` (ROUGE-L, ROUGE-1,
-exact match; best over the references; x100).
+methods route from the input alone. Scores come from `orchmoe.metrics` (ROUGE-L, ROUGE-Lsum,
+ROUGE-1, exact match; best over the references; x100).
 
 Writes into the run folder: ``predictions.jsonl`` (one record per instance), ``metrics.json``
 (overall / seen / unseen, per task, per category) and ``metrics.md`` (the same as tables).
@@ -117,7 +117,7 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
 
 
 def _row(scores: dict) -> list:
-    return [scores["n"], scores["rougeL"], scores["rouge1"], scores["exact_match"]]
+    return [scores["n"], scores["rougeL"], scores.get("rougeLsum"), scores["rouge1"], scores["exact_match"]]
 
 
 def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
@@ -127,13 +127,13 @@ def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
     for part, label in (("seen", "seen tasks (held-out instances)"), ("unseen", "unseen tasks")):
         if part in metrics:
             summary_rows.append([label, *_row(metrics[part]["overall"])])
-    parts = [title, "", markdown_table(["split", "n", "ROUGE-L", "ROUGE-1", "EM"], summary_rows)]
+    parts = [title, "", markdown_table(["split", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], summary_rows)]
     cat_rows = []
     for part in ("seen", "unseen"):
         for cat, s in metrics.get(part, {}).get("per_category", {}).items():
             cat_rows.append([cat, part, *_row(s)])
     if cat_rows:
-        parts += ["", "### Per category", "", markdown_table(["category", "tasks", "n", "ROUGE-L", "ROUGE-1", "EM"], cat_rows)]
+        parts += ["", "### Per category", "", markdown_table(["category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], cat_rows)]
     if per_task:
         task_rows = []
         for part in ("seen", "unseen"):
@@ -141,7 +141,7 @@ def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
                 task_rows.append([task, metrics.get("categories", {}).get(task, "?"), part, *_row(s)])
         if task_rows:
             parts += ["", "### Per task", "",
-                      markdown_table(["task", "category", "tasks", "n", "ROUGE-L", "ROUGE-1", "EM"], task_rows)]
+                      markdown_table(["task", "category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], task_rows)]
     return "\n".join(parts) + "\n"
 
 

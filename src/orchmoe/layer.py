@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from .routing import RoutingError
+
 try:  # GPT-2 style (in, out) weights
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers always present in practice
@@ -43,8 +45,8 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 class RoutedLoraLayer(nn.Module):
     """Wraps a frozen ``nn.Linear`` / ``Conv1D``; expert weights are parameters of this leaf module."""
 
-    def __init__(self, base_layer: nn.Module, *, n_experts: int, rank: int, scale: float, router: nn.Module,
-                 shared_down: bool = False, n_splits: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, base_layer: nn.Module, *, n_experts: int, rank: int, scale: float, router: nn.Module | None = None,
+                 shared_down: bool = False, n_splits: int = 1, dropout: float = 0.0, index: int = 0) -> None:
         super().__init__()
         P, Q = layer_shape(base_layer)
         if P % n_splits or Q % n_splits:
@@ -52,9 +54,9 @@ class RoutedLoraLayer(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = P, Q
         self.n_experts, self.rank, self.scale, self.n_splits = n_experts, rank, scale, n_splits
-        self.shared_down = shared_down
+        self.shared_down, self.index = shared_down, index  # index: this layer's row in the model's routing
         device = next(base_layer.parameters()).device  # experts and router live with the base weights (fp32 by default)
-        self.router = router.to(device)
+        self.router = router.to(device) if router is not None else None  # a per-token router (output mixing)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(1 if shared_down else n_experts, P, rank, device=device))  # (D, P, r)
         self.lora_B = nn.Parameter(torch.zeros(n_experts, rank, Q, device=device))  # (S, r, Q)
@@ -83,7 +85,7 @@ class RoutedLoraLayer(nn.Module):
             return result
         squeeze = x.dim() == 2
         h = self.dropout(x.unsqueeze(0) if squeeze else x).to(self.lora_A.dtype)  # (b, n, P)
-        if self.router.mixing == "tokens":
+        if self.router is not None:
             delta = self.mix_outputs(h, self.router(h, self.state))
         else:
             delta = self.mix_parameters(h, *self.routed_weights(h))
@@ -103,17 +105,25 @@ class RoutedLoraLayer(nn.Module):
         B_t = torch.einsum("bhs,srhq->brhq", w, B.view(S, r, h, Q // h)).reshape(-1, r, Q)  # (b,h,S)x(S,r,h,Q/h) -> (b,r,Q)
         return A_t, B_t
 
+    def allocation(self, batch: int) -> torch.Tensor | None:
+        """This layer's allocation weights (b, h, S) from the model's routing; None for a single expert."""
+        w = self.state.layer_weights(self.index, batch) if self.state is not None else None
+        if w is None and (self.n_experts > 1 or self.n_splits > 1):
+            raise RoutingError("this layer mixes several experts but no routing was set for this forward: "
+                               "call the RoutedModel, not its base model")
+        return w
+
     def routed_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_t, B_t) for this batch. While decoding (no grad, routers in eval mode) the routing is
         fixed per prompt batch, so the mixed weights are kept until the routing or a weight changes
         instead of being rebuilt at every step."""
-        if torch.is_grad_enabled() or self.router.training or self.state is None:
-            return self.mixed_weights(self.router(h, self.state))
-        key = (self.state.version, h.shape[0], self.lora_A._version, self.lora_B._version,
-               tuple(p._version for p in self.router.parameters()))
+        b = h.shape[0]
+        if torch.is_grad_enabled() or self.state is None:
+            return self.mixed_weights(self.allocation(b))
+        key = (self.state.version, b, self.lora_A._version, self.lora_B._version)
         cache = getattr(self, "_decode_cache", None)
         if cache is None or cache[0] != key:
-            cache = (key, self.mixed_weights(self.router(h, self.state)))
+            cache = (key, self.mixed_weights(self.allocation(b)))
             self._decode_cache = cache
         return cache[1]
 
@@ -135,7 +145,7 @@ class RoutedLoraLayer(nn.Module):
 
     def delta_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The merged update for one routing (parameter-mixing methods), (P, Q), scale included."""
-        if self.router.mixing == "tokens":
+        if self.router is not None:
             raise ValueError("a per-token routed layer (MoLoRA/MoDE) has no single weight update to merge")
         A_t, B_t = self.mixed_weights(w)
         return self.scale * (A_t[0] @ B_t[0])  # (P,r)@(r,Q) -> (P,Q)

@@ -3,6 +3,10 @@
 * ROUGE-L and ROUGE-1 F-measure from ``rouge_score.rouge_scorer.RougeScorer(..., use_stemmer=True)``
   with its default tokenizer (lower-case, non-alphanumerics to spaces, Porter stemming of tokens
   longer than 3 characters);
+* ROUGE-Lsum (what the OrchMoE paper reports): the union-LCS summary-level ROUGE-L of the same
+  package over sentences. Sentences are split after ``.``, ``!`` or ``?`` followed by white space,
+  and at line breaks (nltk's Punkt, which Hugging Face ``evaluate`` uses, needs a download this
+  package does not assume); for one-sentence answers it equals ROUGE-L;
 * exact match after lower-casing, removing ``string.punctuation`` and collapsing white space
   (articles are kept, unlike SQuAD);
 * each prediction takes its best score over its references; scores are reported x100 and
@@ -13,12 +17,14 @@ All functions here return values on the 0-100 scale.
 
 from __future__ import annotations
 
+import re
 import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-METRIC_NAMES = ("rougeL", "rouge1", "exact_match")
+METRIC_NAMES = ("rougeL", "rougeLsum", "rouge1", "exact_match")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _PUNCT = frozenset(string.punctuation)
 _scorer = None
 
@@ -29,7 +35,7 @@ def _get_scorer():
     if _scorer is None:
         from rouge_score import rouge_scorer
 
-        _scorer = rouge_scorer.RougeScorer(["rougeL", "rouge1"], use_stemmer=True)
+        _scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum", "rouge1"], use_stemmer=True)
     return _scorer
 
 
@@ -43,14 +49,25 @@ def exact_match(pred: str, ref: str) -> float:
     return 100.0 if normalize_answer(pred) == normalize_answer(ref) else 0.0
 
 
+def sentences(text: str) -> str:
+    """``text`` with one sentence per line: what rouge-score's ROUGE-Lsum reads as sentence boundaries."""
+    return "\n".join(s for s in (p.strip() for p in _SENTENCE_END.split(text.strip())) if s)
+
+
 def _rouge(pred: str, ref: str) -> dict[str, float]:
-    scores = _get_scorer().score(target=ref, prediction=pred)
-    return {"rougeL": 100.0 * scores["rougeL"].fmeasure, "rouge1": 100.0 * scores["rouge1"].fmeasure}
+    # line breaks are white space to the tokenizer, so ROUGE-L and ROUGE-1 do not change with the split
+    scores = _get_scorer().score(target=sentences(ref), prediction=sentences(pred))
+    return {k: 100.0 * scores[k].fmeasure for k in ("rougeL", "rougeLsum", "rouge1")}
 
 
 def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F-measure x100 (longest common subsequence of stemmed tokens)."""
     return _rouge(pred, ref)["rougeL"]
+
+
+def rouge_lsum(pred: str, ref: str) -> float:
+    """ROUGE-Lsum F-measure x100 (union LCS over sentences)."""
+    return _rouge(pred, ref)["rougeLsum"]
 
 
 def rouge1(pred: str, ref: str) -> float:
@@ -66,7 +83,7 @@ def _refs(refs: str | Sequence[str]) -> list[str]:
 
 
 def score_example(pred: str, refs: str | Sequence[str]) -> dict[str, float]:
-    """``{"rougeL", "rouge1", "exact_match"}`` for one prediction: max over the references of
+    """``{"rougeL", "rougeLsum", "rouge1", "exact_match"}`` for one prediction: max over the references of
     each metric separately (as the official script does)."""
     pred = pred.strip()
     best = {k: 0.0 for k in METRIC_NAMES}
@@ -109,7 +126,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
          "seen": {"overall", "per_task", "per_category"},     # only if there are seen records
          "unseen": {"overall", "per_task", "per_category"}}   # only if there are unseen records
 
-    where every ``{...}`` is ``{"rougeL", "rouge1", "exact_match", "n"}`` averaged over instances
+    where every ``{...}`` is ``{"rougeL", "rougeLsum", "rouge1", "exact_match", "n"}`` averaged over instances
     (x100), as the official evaluation does.
     """
     rows: list[dict[str, Any]] = []

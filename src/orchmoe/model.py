@@ -3,68 +3,35 @@
 It feels like a PEFT model: `get_model(base, config)`, `print_trainable_parameters()`,
 `forward(...)`/`generate(...)` with the base model's arguments (plus `task_ids` for
 Poly/MHR), `save_adapter()` / `load_adapter()` as safetensors + JSON.
+
+What a method needs is asked of its config and its registered router, never of the config's
+class: a `ModelRouter` routes every layer at once before the base model runs (one batched
+operation per forward), a `LayerRouter` is built into each adapted layer.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .config import AdapterConfig, ConfigError, LoraConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, config_from_dict
+from .config import AdapterConfig, ConfigError
 from .layer import RoutedLoraLayer
-from .routers import ConstantRouter, PolyRouter, SkillRouter, TaskRouter, TokenRouter
-from .routing import RoutingError, RoutingState
+from .registry import router_class
+from .routers import LayerRouter, RoutingInputs
+from .routing import RoutingError, RoutingState, prompt_token_mask
+from .serialization import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_config_from_meta,
+                            model_fingerprint, read_adapter_config, read_adapter_tensors, upgrade_legacy_tensors,
+                            write_adapter)
 from .targets import find_target_layers
 
-__all__ = ["RoutedModel", "get_model", "load_adapter", "AdapterMismatchError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = ["RoutedModel", "get_model", "load_adapter", "AdapterMismatchError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
+           "DEFAULT_ROUTER_LR", "read_adapter_config"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "d_model", "n_embd", "num_hidden_layers",
-                     "num_layers", "n_layer", "num_decoder_layers", "intermediate_size", "d_ff")
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter file that does not fit the model it is loaded onto."""
-
-
-def _router_for(config: AdapterConfig, in_features: int) -> nn.Module:
-    if isinstance(config, LoraConfig):
-        return ConstantRouter()
-    if isinstance(config, PolyConfig):  # Poly and MHR
-        return PolyRouter(config.n_tasks, config.n_skills, config.n_splits)
-    if isinstance(config, OrchMoEConfig):
-        return SkillRouter(config.n_abstract_tasks, config.n_skills)
-    if isinstance(config, MoLoRAConfig):
-        return TokenRouter(in_features, config.n_skills, 1, config.top_k, config.aux_loss_coef)
-    if isinstance(config, MoDEConfig):
-        return TokenRouter(in_features, config.n_skills, config.n_blocks)
-    raise ConfigError(f"no router for {type(config).__name__}")
-
-
-def _layer_for(config: AdapterConfig, base_layer: nn.Module, in_features: int) -> RoutedLoraLayer:
-    return RoutedLoraLayer(
-        base_layer,
-        n_experts=config.n_experts,
-        rank=config.rank,
-        scale=config.scale,
-        router=_router_for(config, in_features),
-        shared_down=isinstance(config, MoDEConfig) or (isinstance(config, MoLoRAConfig) and config.shared_down),
-        n_splits=getattr(config, "n_splits", 1),
-        dropout=config.dropout,
-    )
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    d = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
-    return {k: d[k] for k in _FINGERPRINT_KEYS if k in d}
+#: learning rate of the allocation logits, as in every Poly/MHR reference config (adapters at 1e-3)
+DEFAULT_ROUTER_LR = 0.1
 
 
 def _model_name(model: nn.Module) -> str:
@@ -85,14 +52,20 @@ class RoutedModel(nn.Module):
         self.is_encoder_decoder = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", False))
         self.routing_state = RoutingState()
         if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
-            raise ValueError(f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh base model")
+            raise ValueError(f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh "
+                             "base model (or call unload() on the RoutedModel first)")
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.layer_shapes = find_target_layers(base_model, config.target_modules)
-        for path, (P, _) in self.layer_shapes.items():
+        router_cls = router_class(config)
+        per_layer = issubclass(router_cls, LayerRouter)
+        for index, (path, (P, _)) in enumerate(self.layer_shapes.items()):
             parent_path, _, leaf = path.rpartition(".")
             parent = base_model.get_submodule(parent_path) if parent_path else base_model
-            layer = _layer_for(config, getattr(parent, leaf), P)
+            layer = RoutedLoraLayer(getattr(parent, leaf), n_experts=config.n_experts, rank=config.rank,
+                                    scale=config.scale, shared_down=config.shares_down_projection,
+                                    n_splits=config.n_splits, dropout=config.dropout, index=index,
+                                    router=router_cls.from_config(config, P) if per_layer else None)
             layer.state = self.routing_state
             setattr(parent, leaf, layer)
         if self.is_encoder_decoder:  # decoder tokens are not the input's: their routers read the decoder mask
@@ -100,14 +73,17 @@ class RoutedModel(nn.Module):
             decoder = get_decoder() if callable(get_decoder) else None
             if isinstance(decoder, nn.Module) and decoder is not base_model:
                 for layer in decoder.modules():
-                    if isinstance(layer, RoutedLoraLayer):
+                    if isinstance(layer, RoutedLoraLayer) and layer.router is not None:
                         layer.router.decoder_side = True
-        self.task_router: TaskRouter | None = None
-        if isinstance(config, OrchMoEConfig):
+        self.router: nn.Module | None = None
+        if not per_layer:
             emb = base_model.get_input_embeddings()
-            self.task_router = TaskRouter(emb.embedding_dim, config.n_abstract_tasks, config.task_temperature,
-                                          config.task_router_hidden, config.hard_routing, config.prompt_norm)
-            self.task_router.to(emb.weight.device)
+            self.router = router_cls.from_config(config, len(self.layer_shapes), emb.embedding_dim).to(emb.weight.device)
+
+    @property
+    def task_router(self) -> nn.Module | None:
+        """OrchMoE's Task Router (None for the other methods)."""
+        return getattr(self.router, "task_router", None)
 
     # -- PEFT-like conveniences --------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -122,26 +98,31 @@ class RoutedModel(nn.Module):
     def routed_layers(self) -> dict[str, RoutedLoraLayer]:
         return {p: m for p, m in self.base_model.named_modules() if isinstance(m, RoutedLoraLayer)}
 
+    def _routers(self) -> list[nn.Module]:
+        layer_routers = [layer.router for layer in self.routed_layers.values() if layer.router is not None]
+        return layer_routers + ([self.router] if self.router is not None else [])
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's parameters (what trains): experts, routers and the task router, keyed by
-        base-model path. The saved adapter also holds `adapter_buffers()`."""
+        """The adapter's parameters (what trains): experts and per-layer routers keyed by base-model
+        path, the model router under ``router.``. The saved adapter also holds `adapter_buffers()`."""
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.routed_layers.items():
             out[f"{path}.lora_A"] = layer.lora_A
             out[f"{path}.lora_B"] = layer.lora_B
-            for n, p in layer.router.named_parameters():
-                out[f"{path}.router.{n}"] = p
-        if self.task_router is not None:
-            for n, p in self.task_router.named_parameters():
-                out[f"task_router.{n}"] = p
+            if layer.router is not None:
+                for n, p in layer.router.named_parameters():
+                    out[f"{path}.router.{n}"] = p
+        if self.router is not None:
+            for n, p in self.router.named_parameters():
+                out[f"router.{n}"] = p
         return out
 
     def adapter_buffers(self) -> dict[str, torch.Tensor]:
-        """Adapter state that is not trained but is needed to reproduce outputs: the Task Router's
-        prompt-summary statistics. Saved, loaded and checkpointed with the weights."""
-        if self.task_router is None:
+        """Adapter state that is not trained but is needed to reproduce outputs (the Task Router's
+        prompt-summary statistics). Saved, loaded and checkpointed with the weights."""
+        if self.router is None:
             return {}
-        return {f"task_router.{n}": b for n, b in self.task_router.named_buffers()}
+        return {f"router.{n}": b for n, b in self.router.named_buffers()}
 
     def num_parameters_split(self) -> tuple[int, int]:
         """(trainable adapter parameters, all parameters)."""
@@ -154,17 +135,26 @@ class RoutedModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
               f" || method: {self.adapter_config.method}")
 
-    def parameter_groups(self, lr: float, router_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Two-speed optimiser groups, as Poly trains: the task-skill allocation logits (Poly/MHR Z,
-        OrchMoE W_skill) learn at `router_lr`; experts and the dense routers (OrchMoE's Task Router,
-        MoLoRA/MoDE token routers) at `lr`. A dense projection of a d-wide input at the fast rate moves
-        every logit by ~d*router_lr per Adam step and collapses routing onto one choice (seen with
-        OrchMoE: every task on one abstract task after 75 steps at 1e-2)."""
+    def parameter_groups(self, lr: float = 1e-3, router_lr: float | None = DEFAULT_ROUTER_LR,
+                         weight_decay: float = 0.0) -> list[dict]:
+        """Two-speed optimiser groups, as Poly's references train: the task-skill allocation logits
+        (Poly/MHR Z, OrchMoE W_skill) at ``router_lr`` (0.1, 100x the adapters' 1e-3, as in every
+        reference config; ``None``: same as ``lr``); experts and the dense routers (OrchMoE's Task
+        Router, MoLoRA/MoDE token routers) at ``lr``. A dense projection of a d-wide input at the
+        fast rate would move every logit by ~d*router_lr per Adam step and collapse the routing.
+
+        Args:
+            lr: learning rate of the experts and dense routers.
+            router_lr: learning rate of the allocation logits.
+            weight_decay: AdamW weight decay of the experts (routers get none).
+        Returns:
+            ``torch.optim`` parameter groups named ``experts``, ``allocation``, ``routers``.
+        """
+        fast = {id(p) for p in (self.router.allocation_parameters() if self.router is not None else [])}
         groups: dict[str, list] = {"experts": [], "allocation": [], "routers": []}
         for name, p in self.adapter_state_dict().items():
             if p.requires_grad:
-                kind = ("experts" if name.endswith((".lora_A", ".lora_B"))
-                        else "allocation" if name.endswith(".router.logits") else "routers")
+                kind = ("experts" if name.endswith((".lora_A", ".lora_B")) else "allocation" if id(p) in fast else "routers")
                 groups[kind].append(p)
         rates = {"experts": lr, "allocation": lr if router_lr is None else router_lr, "routers": lr}
         return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay if k == "experts" else 0.0, "name": k}
@@ -181,12 +171,13 @@ class RoutedModel(nn.Module):
         """
         ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or kwargs.pop("activation_checkpointing_kwargs", None) or {})}
         cfg = self.adapter_config
-        if ckpt["use_reentrant"] and (isinstance(cfg, OrchMoEConfig) or (isinstance(cfg, MoLoRAConfig) and cfg.aux_loss_coef > 0)):
+        trainable_router = self.router is not None and any(p.requires_grad for p in self.router.parameters())
+        if ckpt["use_reentrant"] and (trainable_router or getattr(cfg, "aux_loss_coef", 0) > 0):
             # A reentrant checkpoint runs its forward without autograd and backpropagates only to its explicit
-            # inputs: the prompt-level pi (computed once, outside the layers) cannot get its gradient back, and a
-            # balance loss computed inside the checkpoint would be silently dropped.
+            # inputs: the routing computed once per forward outside the layers cannot get its gradient back, and
+            # a balance loss computed inside the checkpoint would be silently dropped.
             raise ConfigError(f"{cfg.method} needs non-reentrant checkpointing (use_reentrant=False, the default): "
-                              "reentrant checkpointing loses the task-router gradient / the load-balancing loss")
+                              "reentrant checkpointing loses the routers' gradients / the load-balancing loss")
         if hasattr(self.base_model, "activation_checkpointing_enable"):
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:  # transformers 4
@@ -207,21 +198,31 @@ class RoutedModel(nn.Module):
         m = mask.to(device=emb.device, dtype=torch.float32).unsqueeze(-1)  # (b,n,1)
         return (emb.detach().float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b,d), fp32 whatever the base dtype
 
-    def _prompt_mask(self, attention_mask, labels, routing_mask, shape) -> torch.Tensor:
-        if routing_mask is not None:
-            return routing_mask
-        mask = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.long, device=self.device)
-        if labels is not None and not self.is_encoder_decoder and labels.shape == mask.shape:
-            prompt = mask.bool() & (labels == -100)  # the answer tokens carry labels; the prompt does not
-            empty = ~prompt.any(dim=1, keepdim=True)  # plain LM rows: every token is "prompt"
-            mask = torch.where(empty, mask.bool(), prompt)
-        return mask
-
     def task_probabilities(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
         """pi(x) over abstract tasks for a batch of prompts (OrchMoE only), (b, K)."""
         if self.task_router is None:
             raise ConfigError(f"{self.adapter_config.method} has no task router")
         return self.task_router(self.prompt_summary(input_ids, attention_mask, inputs_embeds, prompt_mask))
+
+    def _task_ids(self, task_ids, batch: int, device) -> torch.Tensor | None:
+        if task_ids is None:
+            return None
+        ids = torch.as_tensor(task_ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise RoutingError(f"task_ids must be integers, got {ids.dtype}")
+        ids = ids.to(torch.long).reshape(-1)
+        if ids.numel() != batch:
+            raise RoutingError(f"got {ids.numel()} task_ids for a batch of {batch}")
+        n_tasks = getattr(self.adapter_config, "n_tasks", None)
+        if n_tasks is not None:
+            if ids.device.type == "cpu":  # checked on the host for free; on an accelerator without a sync
+                bad = ids[(ids < -1) | (ids >= n_tasks)]
+                if bad.numel():
+                    raise RoutingError(f"task id {int(bad[0])} out of range: this {self.adapter_config.method} adapter has "
+                                       f"n_tasks={n_tasks} (ids 0..{n_tasks - 1}, or -1 for an unseen task)")
+            else:
+                torch._assert_async(((ids >= -1) & (ids < n_tasks)).all(), "task id out of range")
+        return ids.to(device, non_blocking=True)
 
     def set_routing(self, *, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     task_ids=None, routing_mask=None, decoder_attention_mask=None) -> None:
@@ -230,29 +231,24 @@ class RoutedModel(nn.Module):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise RoutingError("routing needs input_ids or inputs_embeds")
-        shape = ref.shape[:2]
-        if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids, dtype=torch.long, device=ref.device).reshape(-1)
-            if task_ids.numel() != shape[0]:
-                raise RoutingError(f"got {task_ids.numel()} task_ids for a batch of {shape[0]}")
-        probs = None
-        if isinstance(cfg, PolyConfig):
-            if task_ids is None:
-                raise RoutingError(f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate()")
-            bad = task_ids[(task_ids < -1) | (task_ids >= cfg.n_tasks)]
-            if bad.numel():
-                raise RoutingError(f"task id {int(bad[0])} out of range: this {cfg.method} adapter has n_tasks={cfg.n_tasks} "
-                                   f"(ids 0..{cfg.n_tasks - 1}, or -1 for an unseen task)")
-        elif isinstance(cfg, OrchMoEConfig):
-            prompt_mask = self._prompt_mask(attention_mask, labels, routing_mask, shape)
-            probs = self.task_probabilities(input_ids, attention_mask, inputs_embeds, prompt_mask)
+        batch = ref.shape[0]
+        inputs = RoutingInputs(batch=batch, task_ids=self._task_ids(task_ids, batch, ref.device))
+        if cfg.needs_task_ids and inputs.task_ids is None:
+            raise RoutingError(f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate()")
+        if cfg.routing == "prompt":
+            mask = routing_mask if routing_mask is not None else prompt_token_mask(
+                attention_mask, None if self.is_encoder_decoder else labels, ref.shape[:2], ref.device)
+            inputs.prompt_summary = self.prompt_summary(input_ids, attention_mask, inputs_embeds, mask)
+        route = self.router(inputs) if self.router is not None else None
         decoder_mask = None
         if self.is_encoder_decoder:
             decoder_mask = decoder_attention_mask if decoder_attention_mask is not None else (
                 labels != -100 if labels is not None else None)
-        self.routing_state.set(task_ids=task_ids, task_probs=probs, token_mask=attention_mask, decoder_token_mask=decoder_mask)
-        if probs is not None and cfg.balance_coef > 0 and self.training and torch.is_grad_enabled():
-            self.routing_state.add_aux_loss(cfg.balance_coef * TaskRouter.balance_loss(probs))
+        self.routing_state.set(task_ids=inputs.task_ids, task_probs=route.task_probs if route else None,
+                               weights=route.weights if route else None, token_mask=attention_mask,
+                               decoder_token_mask=decoder_mask)
+        if route is not None and route.aux_loss is not None:
+            self.routing_state.add_aux_loss(route.aux_loss)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, routing_mask=None, **kwargs):
         reuse = self.routing_state.ready and (
@@ -272,10 +268,6 @@ class RoutedModel(nn.Module):
                 out["loss"] = out["loss"] + total.to(out["loss"].dtype)
             out["aux_loss"] = total
         return out
-
-    def _routers(self) -> list[nn.Module]:
-        routers = [layer.router for layer in self.routed_layers.values()]
-        return routers + ([self.task_router] if self.task_router is not None else [])
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, routing_mask=None, **kwargs):
@@ -302,13 +294,8 @@ class RoutedModel(nn.Module):
     # -- persistence -------------------------------------------------------
     def save_adapter(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         """safetensors weights + JSON (method, sizes, base model, layer shapes), written atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         params = self.adapter_state_dict()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**params, **self.adapter_buffers()}.items()}
         meta = {
-            "format": "orchmoe-adapter",
-            "orchmoe_version": __version__,
             "method": self.adapter_config.method,
             "config": self.adapter_config.to_dict(),
             "base_model": {"name": self.base_model_name, **model_fingerprint(self.base_model)},
@@ -316,15 +303,14 @@ class RoutedModel(nn.Module):
             "trainable_parameters": sum(p.numel() for p in params.values()),
             "metadata": metadata or {},
         }
-        _atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(path / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
-        return path
+        return write_adapter(path, {**params, **self.adapter_buffers()}, meta)
 
-    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+    def load_adapter_weights(self, path: str | os.PathLike, legacy: bool = False) -> None:
+        """Copy saved tensors into this model's adapter; any missing, extra or misshapen tensor is an error."""
         weights_file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
-        if not weights_file.exists():
-            raise FileNotFoundError(f"no adapter weights at {weights_file}")
-        loaded = load_file(str(weights_file))
+        loaded = read_adapter_tensors(weights_file)
+        if legacy:
+            loaded = upgrade_legacy_tensors(loaded, list(self.layer_shapes), self.adapter_config.method)
         own = {**self.adapter_state_dict(), **self.adapter_buffers()}
         missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
         if missing or unexpected:
@@ -336,6 +322,27 @@ class RoutedModel(nn.Module):
                 p.copy_(loaded[k].to(p.dtype))
 
     # -- export ------------------------------------------------------------
+    def fixed_weights(self, *, input_ids=None, attention_mask=None, **routing) -> dict[str, torch.Tensor | None]:
+        """Evaluation-mode allocation (1, h, S) of every layer for one fixed routing (a Poly/MHR task_id, an
+        OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none."""
+        if self.router is None:
+            raise RoutingError(f"{self.adapter_config.method} routes every token separately: it cannot be written as "
+                               "one LoRA adapter")
+        if input_ids is not None:
+            ids = torch.as_tensor(input_ids)
+            if ids.dim() == 2 and ids.shape[0] != 1:
+                raise RoutingError(f"export routes by one prompt; got a batch of {ids.shape[0]}")
+            ids = ids.reshape(1, -1).to(self.device)
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1).to(self.device)
+            was = self.router.training
+            self.router.eval()
+            with torch.no_grad():
+                routing["task_probs"] = self.task_probabilities(ids, mask)
+            self.router.train(was)
+        with torch.no_grad():
+            w = self.router.fixed_weights(**routing)
+        return {p: (None if w is None else w[i]) for i, p in enumerate(self.routed_layers)}
+
     def export_peft_lora(self, path, **routing) -> Path:
         from .export import export_peft_lora
 
@@ -355,57 +362,51 @@ def _continues_decode(kwargs: dict) -> bool:
     return False
 
 
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def get_model(base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None) -> RoutedModel:
-    """Inject `config`'s routed experts into `base_model` (in place) and freeze the rest."""
+    """Inject `config`'s routed experts into `base_model` (in place) and freeze the rest.
+
+    Args:
+        base_model: a transformers model (decoder-only or encoder-decoder).
+        config: the method's config (``LoraConfig``, ``PolyConfig``, ``OrchMoEConfig``, ...).
+        base_model_name: recorded in saved adapters (default: the model's ``name_or_path``).
+    Returns:
+        The `RoutedModel` wrapping ``base_model``.
+    """
     return RoutedModel(base_model, config, base_model_name)
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    file = Path(path) / ADAPTER_CONFIG
-    if not file.exists():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}: not an orchmoe adapter folder")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterMismatchError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != "orchmoe-adapter":
-        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise AdapterMismatchError(f"{file} is not an orchmoe adapter config (format={fmt!r})")
-    missing = [k for k in ("config", "layers") if not isinstance(meta.get(k), dict)]
-    if missing:
-        raise AdapterMismatchError(f"{file} is incomplete: no {' or '.join(repr(k) for k in missing)} section")
-    return meta
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
                  base_model_name: str | None = None) -> RoutedModel:
-    """Rebuild a saved adapter onto `base_model`; a model of another shape is a clear error."""
+    """Rebuild a saved adapter onto `base_model`; a model of another shape is a clear error.
+
+    Args:
+        base_model: a fresh base model of the shape the adapter was saved for.
+        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+        is_trainable: keep the adapter trainable (default: frozen, eval mode).
+        base_model_name: overrides the base model name recorded in the adapter.
+    Returns:
+        The `RoutedModel` with the saved weights.
+    """
     meta = read_adapter_config(path)
-    saved = meta.get("base_model", {})
+    saved = meta.get("base_model") or {}
     ours = model_fingerprint(base_model)
     diff = {k: (saved[k], ours[k]) for k in ours if k in saved and saved[k] != ours[k]}
     if diff:
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise AdapterMismatchError(f"adapter in {path} was saved for another model ({saved.get('name')!r}): {details}")
-    config = config_from_dict(meta["config"])
+    config = adapter_config_from_meta(meta, path)
+    if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
+        raise ValueError(f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
+                         "(or the result of RoutedModel.unload())")
     shapes = find_target_layers(base_model, config.target_modules)
     want = {k: tuple(v) for k, v in meta["layers"].items()}
     if shapes != want:
         off = sorted(set(shapes.items()) ^ set(want.items()))[:3]
         raise AdapterMismatchError(f"adapter in {path} was saved for other layers than this model has (first differences: {off})")
     model = get_model(base_model, config, base_model_name or saved.get("name"))
-    model.load_adapter_weights(path)
-    model.adapter_metadata = meta.get("metadata", {})
+    legacy = str(meta.get("orchmoe_version", "0")).startswith("0.1")
+    model.load_adapter_weights(path, legacy=legacy)
+    model.adapter_metadata = meta.get("metadata") or {}
     model.train(is_trainable)
     if not is_trainable:
         for p in model.adapter_state_dict().values():

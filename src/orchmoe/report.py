@@ -62,15 +62,16 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
         raise ValueError("report needs at least one run folder")
     runs = [load_run(r) for r in run_dirs]
     labels = _labels(runs)
-    headers = ["run", "method", "trainable params", "train time", "seen ROUGE-L", "seen ROUGE-1", "seen EM",
-               "unseen ROUGE-L", "unseen EM"]
+    headers = ["run", "method", "trainable params", "train time", "seen ROUGE-L", "seen ROUGE-Lsum", "seen ROUGE-1",
+               "seen EM", "unseen ROUGE-L", "unseen ROUGE-Lsum", "unseen EM"]
     rows = []
     for label, r in zip(labels, runs):
         rows.append([label, r.get("method"), f"{r['trainable_parameters']:,}" if r.get("trainable_parameters") is not None else None,
                      _duration(r.get("train_seconds")),
-                     _metric(r, "seen", "rougeL"), _metric(r, "seen", "rouge1"), _metric(r, "seen", "exact_match"),
-                     _metric(r, "unseen", "rougeL"), _metric(r, "unseen", "exact_match")])
-    align = ["l", "l", "r", "r", "r", "r", "r", "r", "r"]
+                     _metric(r, "seen", "rougeL"), _metric(r, "seen", "rougeLsum"), _metric(r, "seen", "rouge1"),
+                     _metric(r, "seen", "exact_match"), _metric(r, "unseen", "rougeL"), _metric(r, "unseen", "rougeLsum"),
+                     _metric(r, "unseen", "exact_match")])
+    align = ["l", "l", "r"] + ["r"] * 8
     models = sorted({str(r.get("base_model")) for r in runs})
     parts = ["## Runs", "", f"Base model: {', '.join(models)}. Scores x100 (official SuperNI metrics); "
              "seen = held-out instances of the training tasks, unseen = test-split tasks.", "",

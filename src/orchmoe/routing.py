@@ -1,18 +1,17 @@
-"""The routing context: what the routers read, computed once per forward.
+"""The routing context: what the adapted layers read, computed once per forward.
 
-Every adapted layer holds a reference to one `RoutingState` owned by the model.
-The model fills it from the prompt (task ids, abstract-task distribution pi,
-token mask) before running the base model, so all layers share one computation
-and `generate()` keeps it fixed across decoding steps (the KV cache stays valid).
-Beam search and `num_return_sequences` repeat each example contiguously
-(`repeat_interleave`), so a batch that is a multiple of the stored one is
-expanded that way.
+Every adapted layer holds a reference to one `RoutingState` owned by the model. Before the base
+model runs, the model's router fills it: the allocation weights of every layer at once
+(parameter mixing, ``(L, b, h, S)``), or the inputs the per-token routers need (the padding
+mask). `generate()` keeps it fixed across decoding steps, so the KV cache stays valid. Beam
+search and ``num_return_sequences`` repeat each example contiguously (``repeat_interleave``), so a
+batch that is a multiple of the stored one is expanded that way.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["RoutingState", "RoutingError"]
+__all__ = ["RoutingState", "RoutingError", "prompt_token_mask"]
 
 
 class RoutingError(ValueError):
@@ -27,42 +26,47 @@ class RoutingState:
     def clear(self) -> None:
         self.task_ids: torch.Tensor | None = None  # (b,) long
         self.task_probs: torch.Tensor | None = None  # (b, K) pi(x)
+        self.weights: torch.Tensor | None = None  # (L, b, h, S) allocation of every layer
         self.token_mask: torch.Tensor | None = None  # (b, n) 1 for real tokens of the (encoder) input
         self.decoder_token_mask: torch.Tensor | None = None  # (b, m) real decoder tokens (encoder-decoder models)
         self.aux_losses: list[torch.Tensor] = []
+        self._per_layer: dict[int, tuple[torch.Tensor, ...]] = {}
         self._expanded: dict[tuple[str, int], torch.Tensor] = {}
         self.ready = False
 
-    def set(self, *, task_ids=None, task_probs=None, token_mask=None, decoder_token_mask=None) -> None:
+    def set(self, *, task_ids=None, task_probs=None, weights=None, token_mask=None, decoder_token_mask=None) -> None:
         self.clear()
         self.task_ids = task_ids
         self.task_probs = task_probs
+        self.weights = weights
         self.token_mask = token_mask
         self.decoder_token_mask = decoder_token_mask
         self.ready = True
         self.version += 1
 
-    def _for_batch(self, name: str, value: torch.Tensor | None, batch: int, method: str) -> torch.Tensor:
-        if value is None:
-            raise RoutingError(
-                f"{method} needs {name}, but none was set for this forward; "
-                + ("pass task_ids=... to forward()/generate()" if name == "task_ids" else "call the RoutedModel, not its base model")
-            )
-        stored = value.shape[0]
+    def _for_batch(self, name: str, value: torch.Tensor, batch: int, dim: int = 0) -> torch.Tensor:
+        stored = value.shape[dim]
         if stored == batch:
             return value
         key = (name, batch)
         if key not in self._expanded:
             if batch % stored:
                 raise RoutingError(f"batch of {batch} rows does not extend the routed batch of {stored} prompts")
-            self._expanded[key] = value.repeat_interleave(batch // stored, dim=0)
+            self._expanded[key] = value.repeat_interleave(batch // stored, dim=dim)
         return self._expanded[key]
 
-    def task_ids_for(self, batch: int, method: str) -> torch.Tensor:
-        return self._for_batch("task_ids", self.task_ids, batch, method)
+    def layer_weights(self, index: int, batch: int) -> torch.Tensor | None:
+        """Allocation weights (b, h, S) of adapted layer ``index``; None when nothing routes (LoRA).
 
-    def task_probs_for(self, batch: int, method: str) -> torch.Tensor:
-        return self._for_batch("task_probs", self.task_probs, batch, method)
+        All layers' weights are unbound once per forward (one op, and one stack in the backward)."""
+        if self.weights is None:
+            return None
+        if batch not in self._per_layer:
+            self._per_layer[batch] = self._for_batch("weights", self.weights, batch, dim=1).unbind(0)
+        return self._per_layer[batch][index]
+
+    def task_probs_for(self, batch: int) -> torch.Tensor | None:
+        return None if self.task_probs is None else self._for_batch("task_probs", self.task_probs, batch)
 
     def token_mask_for(self, shape: torch.Size, decoder: bool = False) -> torch.Tensor | None:
         """The padding mask when it describes these (b, n) tokens; ``decoder``: a layer of an
@@ -71,7 +75,22 @@ class RoutingState:
         m = getattr(self, name)
         if m is None or m.dim() != 2 or m.shape[1] != shape[1] or shape[0] % m.shape[0]:
             return None
-        return self._for_batch(name, m, shape[0], "")
+        return self._for_batch(name, m, shape[0])
 
     def add_aux_loss(self, loss: torch.Tensor) -> None:
         self.aux_losses.append(loss)
+
+
+def prompt_token_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, shape, device) -> torch.Tensor:
+    """Which tokens are the prompt: attended tokens without a label (the answer carries labels).
+
+    The one rule for it (the model's routing and the recipe's answer window use it). ``labels``
+    only for decoder-only batches whose labels align with the tokens; a row where every token is
+    labelled (plain language modelling) counts every attended token as prompt.
+    """
+    mask = attention_mask if attention_mask is not None else torch.ones(tuple(shape), dtype=torch.long, device=device)
+    if labels is None or labels.shape != mask.shape:
+        return mask
+    prompt = mask.bool() & (labels == -100)
+    empty = ~prompt.any(dim=1, keepdim=True)
+    return torch.where(empty, mask.bool(), prompt)

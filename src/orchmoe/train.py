@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,7 @@ class TrainConfig:
     method: str = _f("orchmoe", "adapter method", "method")
     rank: int | None = _f(None, "LoRA rank of each expert (method default if unset)", "opt_int")
     n_skills: int | None = _f(None, "number of experts / skills S (MoDE: m)", "opt_int")
-    n_abstract_tasks: int | None = _f(None, "OrchMoE: number of abstract tasks K", "opt_int")
+    n_abstract_tasks: int | None = _f(None, "OrchMoE: number of abstract tasks K (default: the number of seen tasks, as the paper)", "opt_int")
     n_splits: int | None = _f(None, "Poly/MHR: routing blocks per layer h", "opt_int")
     top_k: int | None = _f(None, "MoLoRA: keep the top-k experts per token", "opt_int")
     expert_rank: int | None = _f(None, "MoDE: rank p of each dyadic expert", "opt_int")
@@ -90,6 +91,8 @@ class TrainConfig:
     # -- data ---------------------------------------------------------------------------
     data: str = _f("builtin", "SuperNI checkout (tasks/ + splits/) or 'builtin' for the embedded suite", "str")
     tasks: Any = _f(100, "seen tasks: a number N (drawn from the train split), 'all', comma-separated names, a file of names or a split name", "tasks")
+    task_seed: int | None = _f(None, "seed of the task draw when --tasks is a number (default: --seed); fix it to keep the "
+                                     "same tasks across seeds", "opt_int")
     split: str = _f("default", "split folder under splits/", "str")
     train_per_task: int | None = _f(1000, "training instances per seen task ('all': every remaining instance)", "opt_int_all")
     eval_per_task: int = _f(100, "held-out evaluation instances per seen task (disjoint from training)", "int")
@@ -103,9 +106,12 @@ class TrainConfig:
     chat_template: bool = _f(False, "wrap prompts in the tokenizer's chat template (decoder-only)", "bool")
     # -- optimisation -----------------------------------------------------------------------
     batch_size: int = _f(8, "examples per process per micro-batch", "int")
+    length_window: int = _f(4, "batches per length-sorting window: 1 = no length grouping (tasks fully mixed in a batch); "
+                               "larger windows pad less but put fewer tasks in a batch", "int")
     grad_accum: int = _f(1, "micro-batches per optimizer step", "int")
     lr: float = _f(1e-3, "learning rate of the experts", "float")
-    router_lr: float | None = _f(None, "learning rate of the task-skill allocation logits (Poly/MHR/OrchMoE; two-speed; default: lr)", "opt_float")
+    router_lr: float | None = _f(0.1, "learning rate of the task-skill allocation logits (Poly/MHR/OrchMoE; two-speed as in "
+                                 "the references: 0.1 with adapters at 1e-3; none: same as lr)", "opt_float")
     weight_decay: float = _f(0.0, "AdamW weight decay of the experts (routers get none)", "float")
     warmup_ratio: float = _f(0.06, "warm-up as a fraction of the optimizer steps", "float")
     warmup_steps: int | None = _f(None, "warm-up steps (overrides warmup_ratio)", "opt_int")
@@ -134,7 +140,7 @@ class TrainConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-        positive = ("batch_size", "grad_accum", "max_source_len", "max_target_len", "eval_batch_size", "log_every",
+        positive = ("batch_size", "length_window", "grad_accum", "max_source_len", "max_target_len", "eval_batch_size", "log_every",
                     "keep_checkpoints", "unseen_per_task")
         for name in positive:
             if getattr(self, name) < 1:
@@ -148,8 +154,10 @@ class TrainConfig:
             raise TrainConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise TrainConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or (self.router_lr is not None and self.router_lr <= 0):
-            raise TrainConfigError("lr and router_lr must be > 0")
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if self.router_lr is not None and not self.router_lr >= 0:
+            raise TrainConfigError(f"router_lr must be >= 0 (0 freezes the allocation logits), got {self.router_lr}")
         if self.budget_rank is not None and self.budget_rank < 1:
             raise TrainConfigError(f"budget_rank must be >= 1, got {self.budget_rank}")
         if self.budget_rank is not None and getattr(self, self.budget_vary, None) is not None:
@@ -345,7 +353,7 @@ def build_data(cfg: TrainConfig):
     unseen = None if cfg.unseen_tasks == "all" else cfg.unseen_tasks
     return load_multitask(cfg.data, tasks, split=cfg.split, n_train=cfg.train_per_task, n_eval=cfg.eval_per_task,
                           n_unseen_tasks=unseen, seed=cfg.seed, n_unseen_eval=cfg.unseen_per_task,
-                          allow_fewer_train=cfg.allow_fewer_train)
+                          allow_fewer_train=cfg.allow_fewer_train, task_seed=cfg.task_seed)
 
 
 def quiet_length_warning(tokenizer) -> None:
@@ -395,14 +403,17 @@ def answer_window(batch: dict) -> dict:
     return out
 
 
-def epoch_batches(lengths: list[int], batch_size: int, num_processes: int, seed: int, epoch: int) -> list[list[int]]:
-    """The global batches of one epoch: length-grouped, ``batch_size * num_processes`` examples each.
+def epoch_batches(lengths: list[int], batch_size: int, num_processes: int, seed: int, epoch: int,
+                  tasks: list[int] | None = None, length_window: int = 4) -> list[list[int]]:
+    """The global batches of one epoch, ``batch_size * num_processes`` examples each: every task spread
+    evenly over the epoch, then lengths grouped within windows of ``length_window`` batches.
 
-    A pure function of (lengths, sizes, seed, epoch): resuming re-creates the exact order.
+    A pure function of its arguments: resuming re-creates the exact order.
     """
     from .data import length_grouped_batches
 
-    return length_grouped_batches(lengths, batch_size * num_processes, seed=seed * 1_000_003 + epoch, shuffle=True)
+    return length_grouped_batches(lengths, batch_size * num_processes, seed=seed * 1_000_003 + epoch, shuffle=True,
+                                  mega_batch_mult=length_window, groups=tasks)
 
 
 def rank_slice(global_batch: list[int], rank: int, num_processes: int) -> list[int]:
@@ -427,7 +438,7 @@ def build_adapter_config(cfg: TrainConfig, base_model, n_tasks: int):
     ``base_model=None`` only checks the options (done before anything slow is loaded).
     """
     from .budget import lora_budget, match_budget
-    from .config import METHODS, ConfigError, PolyConfig
+    from .config import METHODS, ConfigError
 
     cls = METHODS[cfg.method]
     names = {f.name for f in dataclasses.fields(cls)}
@@ -443,16 +454,14 @@ def build_adapter_config(cfg: TrainConfig, base_model, n_tasks: int):
         kwargs[k] = v
     if cfg.target_modules is not None:
         kwargs["target_modules"] = cfg.target_modules
-    if issubclass(cls, PolyConfig):
-        if "n_tasks" in kwargs:
-            raise TrainConfigError(f"{cfg.method}: n_tasks is the number of seen tasks ({n_tasks}); do not set it")
-        kwargs["n_tasks"] = n_tasks
+    if "n_tasks" in kwargs and "n_tasks" in names:
+        raise TrainConfigError(f"{cfg.method}: n_tasks is the number of seen tasks ({n_tasks}); do not set it")
     unknown = sorted(set(kwargs) - names)
     if unknown:
         valid = sorted(names - {"target_modules", "n_tasks"})
         raise TrainConfigError(f"method {cfg.method!r} has no option(s) {unknown}; its options: {valid}")
     try:
-        adapter_cfg = cls(**kwargs)
+        adapter_cfg = cls(**kwargs).for_tasks(n_tasks, explicit=set(kwargs))
         if cfg.budget_rank is not None and base_model is not None:
             budget = lora_budget(base_model, cfg.budget_rank, adapter_cfg.target_modules)
             adapter_cfg = match_budget(adapter_cfg, base_model, budget, vary=cfg.budget_vary,
@@ -641,13 +650,17 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from . import __version__
-    from .data import pad_batch
+    from .data import batch_mix, pad_batch
+    from .diagnostics import routing_record
     from .model import get_model
     from .models import load_model_and_tokenizer
     from .models import is_encoder_decoder as _is_enc_dec
 
     cfg.validate()
     build_adapter_config(cfg, None, 1)  # option errors surface before any data or model is loaded
+    if cfg.generation_tokens < cfg.max_target_len:
+        warnings.warn(f"max_new_tokens={cfg.generation_tokens} is below max_target_len={cfg.max_target_len}: answers the "
+                      "model was trained to give in full are cut at evaluation", stacklevel=2)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_mixed_precision(cfg.mixed_precision))
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
@@ -680,6 +693,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     feats = encode_train_features(cfg, data, tokenizer, decoder_only, progress=is_main and cfg.progress)
     lengths = [len(f["input_ids"]) + (0 if decoder_only else len(f["labels"])) for f in feats]
+    task_of = [f["task_id"] for f in feats]
     n_global = math.ceil(len(feats) / (cfg.batch_size * world)) if feats else 0
     steps_per_epoch = math.ceil(n_global / cfg.grad_accum) if n_global else 0
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -723,6 +737,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "mixed_precision": accelerator.mixed_precision,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
+        "batch_mix": {k: round(v, 4) for k, v in batch_mix(epoch_batches(
+            lengths, cfg.batch_size, world, cfg.seed, 0, task_of, cfg.length_window), task_of, lengths).items()},
     }
 
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "examples_seen": 0, "tokens_seen": 0,
@@ -766,6 +782,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     window = state.setdefault("log_window", {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "grad_norm": 0.0})
     window_t0 = time.perf_counter()
     last_loss = float("nan")
+    routed_pi: list[torch.Tensor] = []  # this logging window's pi(x) and task ids (OrchMoE), for the diagnostics
+    routed_tasks: list[torch.Tensor] = []
     model.train()
     cur_epoch, order = -1, []
     try:
@@ -773,7 +791,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             t_step = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != cur_epoch:
-                order, cur_epoch = epoch_batches(lengths, cfg.batch_size, world, cfg.seed, epoch), epoch
+                order, cur_epoch = epoch_batches(lengths, cfg.batch_size, world, cfg.seed, epoch, task_of,
+                                                 cfg.length_window), epoch
             micro = order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
             step_loss = torch.zeros((), device=device)
             step_aux = torch.zeros((), device=device)
@@ -792,6 +811,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     outputs = model(**batch)
                     # accelerator.backward divides by grad_accum; a short last step has fewer micro-batches.
                     accelerator.backward(outputs["loss"] * (cfg.grad_accum / len(micro)))
+                if routed.routing_state.task_probs is not None:
+                    routed_pi.append(routed.routing_state.task_probs.detach())
+                    routed_tasks.append(task_ids)
                 aux = outputs.get("aux_loss")
                 aux = aux.detach().float() if aux is not None else torch.zeros((), device=device)
                 step_loss += (outputs["loss"].detach().float() - aux) / len(micro)  # the LM loss alone
@@ -826,13 +848,18 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                                                         if g.get("name") == "allocation"), None),
                        "grad_norm": window["grad_norm"] if cfg.max_grad_norm else None,
                        "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                       "train_seconds": round(state["train_seconds"], 3)}
+                       "train_seconds": round(state["train_seconds"], 3),
+                       **routing_record(routed, torch.cat(routed_pi) if routed_pi else None,
+                                        torch.cat(routed_tasks) if routed_tasks else None)}
+                routed_pi.clear(), routed_tasks.clear()
                 last_loss = rec["loss"]
                 if log_file is not None:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", aux=f"{rec['aux_loss']:.3g}", lr=f"{rec['lr']:.2e}",
-                                tok_s=f"{rec['tokens_per_s']:.0f}")
+                                tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"spread": f"{rec['allocation_spread']:.3f}"} if "allocation_spread" in rec else {}),
+                                **({"nmi": f"{rec['nmi_pi_task']:.2f}"} if "nmi_pi_task" in rec else {}))
                 window = state["log_window"] = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "grad_norm": 0.0}
                 window_t0 = time.perf_counter()
             bar.update(1)

@@ -11,6 +11,7 @@ from orchmoe.data.builtin import (
 from orchmoe.data.prompts import (
     IGNORE_INDEX,
     LengthGroupedBatchSampler,
+    batch_mix,
     encode_answer,
     encode_example,
     encode_prompt,
@@ -45,6 +46,7 @@ __all__ = [
     "MultiTaskData",
     "SuperNITask",
     "available_tasks",
+    "batch_mix",
     "builtin_data_dir",
     "builtin_task_names",
     "encode_answer",

@@ -328,12 +328,17 @@ def length_grouped_batches(
     drop_last: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Batches of indices whose examples have similar lengths (less padding, same randomness).
 
     ``shuffle=True``: shuffle all indices, sort each mega-batch of ``mega_batch_mult *
     batch_size`` by length (longest first), cut into batches, then shuffle the batch order; a
-    deterministic function of ``seed``. ``shuffle=False``: sort everything by length, longest
+    deterministic function of ``seed``. With ``groups`` (a task id per example) the shuffle is
+    stratified: each task's examples are spread evenly over the order, so every window holds the
+    tasks in proportion and a small ``mega_batch_mult`` gives batches that mix tasks (with
+    multi-task data, prompt length is mostly set by the task: a large window sorts a batch back
+    into a single task). ``shuffle=False``: sort everything by length, longest
     first (for evaluation/generation). Each index appears exactly once (only the last batch can
     be short; ``drop_last`` removes it).
 
@@ -349,9 +354,12 @@ def length_grouped_batches(
         raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
     n = len(lengths)
     rng = random.Random(seed)
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} lengths")
     if shuffle:
-        order = list(range(n))
-        rng.shuffle(order)
+        order = _stratified_order(groups, rng) if groups is not None else list(range(n))
+        if groups is None:
+            rng.shuffle(order)
         mega = max(1, mega_batch_mult) * batch_size
         order = [i for s in range(0, n, mega) for i in sorted(order[s : s + mega], key=lambda j: -lengths[j])]
     else:
@@ -369,6 +377,30 @@ def length_grouped_batches(
             batches = batches + [batches[i % len(batches)] for i in range(extra)]
         batches = batches[rank::num_replicas]
     return batches
+
+
+def _stratified_order(groups: Sequence[int], rng: random.Random) -> list[int]:
+    """A random order in which each group's members sit at evenly spaced, jittered positions."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keyed = []
+    for g in sorted(members):
+        idx = members[g]
+        rng.shuffle(idx)
+        keyed += [((j + rng.random()) / len(idx), rng.random(), i) for j, i in enumerate(idx)]
+    return [i for *_, i in sorted(keyed)]
+
+
+def batch_mix(batches: Sequence[Sequence[int]], groups: Sequence[int], lengths: Sequence[int]) -> dict[str, float]:
+    """How mixed and how tight a batch order is: mean distinct groups per batch, and the share of
+    padding tokens (batch size x longest length, minus the real lengths)."""
+    if not batches:
+        return {"tasks_per_batch": 0.0, "padding_share": 0.0}
+    distinct = sum(len({groups[i] for i in b}) for b in batches) / len(batches)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return {"tasks_per_batch": distinct, "padding_share": 1.0 - real / padded if padded else 0.0}
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

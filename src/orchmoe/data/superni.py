@@ -450,6 +450,7 @@ def load_multitask(
     seed: int = 0,
     n_unseen_eval: int = 100,
     allow_fewer_train: bool = False,
+    task_seed: int | None = None,
 ) -> MultiTaskData:
     """Load the multi-task protocol in one call.
 
@@ -464,6 +465,7 @@ def load_multitask(
     When ``tasks`` is an int, only tasks with enough instances for the protocol are drawn
     (``n_train + n_eval``, or ``n_eval + 1`` with ``n_train=None`` or ``allow_fewer_train``);
     explicitly named tasks with too few instances are an error unless ``allow_fewer_train``.
+    ``task_seed`` (default ``seed``) draws the tasks and the unseen tasks, so several seeds can share them.
     """
     root = resolve_data_dir(data_dir)
     if n_train is None or allow_fewer_train:
@@ -471,7 +473,8 @@ def load_multitask(
     else:
         min_instances = n_train + n_eval
     loaded: dict[str, SuperNITask] = {}
-    seen = sorted(select_tasks(root, tasks, split=split, seed=seed, min_instances=min_instances, _loaded=loaded))
+    task_seed = seed if task_seed is None else task_seed  # the task draw; instances always follow `seed`
+    seen = sorted(select_tasks(root, tasks, split=split, seed=task_seed, min_instances=min_instances, _loaded=loaded))
     task_to_id = {name: i for i, name in enumerate(seen)}
 
     if n_unseen_tasks is None or (isinstance(n_unseen_tasks, int) and not isinstance(n_unseen_tasks, bool)):
@@ -487,13 +490,13 @@ def load_multitask(
                         f"asked for {n_unseen_tasks} unseen tasks but split {split!r} (test) has "
                         f"{len(pool)} with a task file in {root / 'tasks'}"
                     )
-                random.Random(seed).shuffle(pool)
+                random.Random(task_seed).shuffle(pool)
                 unseen = sorted(pool[:n_unseen_tasks])
     elif isinstance(n_unseen_tasks, str) and "," not in n_unseen_tasks and (root / "splits" / n_unseen_tasks).is_dir():
         unseen = sorted(n for n in _present(root, read_split(root, n_unseen_tasks, "test")) if n not in task_to_id)
     else:  # explicit names: a list, a comma-separated string or a file of names
         spec = n_unseen_tasks if isinstance(n_unseen_tasks, str) else list(n_unseen_tasks)
-        unseen = sorted(select_tasks(root, spec, split=split, seed=seed))
+        unseen = sorted(select_tasks(root, spec, split=split, seed=task_seed))
         overlap = sorted(set(unseen) & set(task_to_id))
         if overlap:
             raise DataError(f"tasks {overlap} are both seen (training) and unseen")

@@ -1,13 +1,13 @@
 """Routers: what decides each input's mixture of skills.
 
-Per-layer routers return either per-example allocation weights
-(``mixing == "params"``: parameter mixing, shape (b, h, S)) or per-token gates
-(``mixing == "tokens"``: output mixing, shape (b, n, k, S)).
-The OrchMoE `TaskRouter` is one per model and feeds every `SkillRouter`.
+A `ModelRouter` decides every adapted layer's allocation at once from what is known before the
+forward (parameter mixing: LoRA, Poly/MHR, OrchMoE); a `LayerRouter` gates each token inside one
+layer (output mixing: MoLoRA, MoDE). Importing this package registers every method.
 """
-from .allocation import PolyRouter, SkillRouter, relaxed_allocation
-from .constant import ConstantRouter
-from .task import TaskRouter
+from .allocation import ConstantRouter, PolyRouter, logistic_noise, relaxed_allocation
+from .base import LayerRouter, ModelRouter, Route, RoutingInputs
+from .task import OrchMoERouter, SkillRouter, TaskRouter
 from .token import TokenRouter
 
-__all__ = ["ConstantRouter", "PolyRouter", "SkillRouter", "TaskRouter", "TokenRouter", "relaxed_allocation"]
+__all__ = ["ConstantRouter", "LayerRouter", "ModelRouter", "OrchMoERouter", "PolyRouter", "Route", "RoutingInputs",
+           "SkillRouter", "TaskRouter", "TokenRouter", "logistic_noise", "relaxed_allocation"]

@@ -1,72 +1,108 @@
-"""Allocation routers with parameter mixing: Poly / MHR (task id) and OrchMoE's Skill Router.
+"""Relaxed-Bernoulli allocations and the routers built on them.
 
-Both sample a relaxed Bernoulli over skills from learnable logits in training
-(sigmoid in evaluation) and normalise each row, as Poly's reference code and
-PEFT do; they differ only in how a row is chosen: the true task id (Poly) or a
-convex mix of abstract-task rows by pi(x) (OrchMoE).
+Poly and MHR (task id) and OrchMoE's Skill Router share one rule, as Poly's reference code and
+PEFT do: a Gumbel-sigmoid sample of learnable logits in training (sigmoid in evaluation),
+normalised over the skills. The sample is drawn per example: with a batch of several tasks,
+every example gets its own noise.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+from ..config import LoraConfig, MHRConfig, PolyConfig
+from ..registry import register_method
+from ..routing import RoutingError
+from .base import ModelRouter, Route, RoutingInputs
+
+__all__ = ["logistic_noise", "relaxed_allocation", "init_logits", "ConstantRouter", "PolyRouter"]
 
 EPS = 1e-12
 
 
-def relaxed_allocation(logits: torch.Tensor, training: bool) -> torch.Tensor:
-    """Gumbel-sigmoid sample (train) or sigmoid (eval), normalised over the last (skill) axis."""
-    z = RelaxedBernoulli(temperature=torch.tensor(1.0, device=logits.device), logits=logits).rsample() if training else torch.sigmoid(logits)
+def logistic_noise(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Logistic noise log(u) - log(1 - u), u ~ U(0, 1): what RelaxedBernoulli.rsample adds to the logits."""
+    tiny = torch.finfo(like.dtype).eps
+    u = torch.rand(shape, device=like.device, dtype=like.dtype).clamp_(tiny, 1 - tiny)
+    return u.log() - (-u).log1p()
+
+
+def relaxed_allocation(logits: torch.Tensor, training: bool, temperature: float = 1.0) -> torch.Tensor:
+    """Gumbel-sigmoid sample (train) or sigmoid (eval) of ``logits``, normalised over the last (skill) axis."""
+    if training:
+        z = torch.sigmoid((logits + logistic_noise(logits.shape, logits)) / temperature)
+    else:
+        z = torch.sigmoid(logits)
     return z / (z.sum(dim=-1, keepdim=True) + EPS)
 
 
-def _init_logits(n_rows: int, n_splits: int, n_skills: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(n_rows, n_splits * n_skills).uniform_(-1e-3, 1e-3))
+def init_logits(*shape: int) -> nn.Parameter:
+    """Allocation logits initialised U(-1e-3, 1e-3), as in Poly's reference code."""
+    return nn.Parameter(torch.empty(*shape).uniform_(-1e-3, 1e-3))
 
 
-class PolyRouter(nn.Module):
-    """Task-skill logits Z (T x h*S), one row per training task (h = 1: Poly, h > 1: MHR)."""
+@register_method(LoraConfig)
+class ConstantRouter(ModelRouter):
+    """LoRA: every input uses the single expert with weight one."""
 
-    mixing = "params"
+    @classmethod
+    def from_config(cls, config, n_layers: int, d_model: int) -> "ConstantRouter":
+        return cls()
 
-    def __init__(self, n_tasks: int, n_skills: int, n_splits: int = 1) -> None:
-        super().__init__()
-        self.n_tasks, self.n_skills, self.n_splits = n_tasks, n_skills, n_splits
-        self.logits = _init_logits(n_tasks, n_splits, n_skills)
-
-    def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        task_ids = state.task_ids_for(x.shape[0], "Poly/MHR routing").to(self.logits.device)  # (b,), -1 for an unseen task
-        logits = self.logits[task_ids.clamp_min(0)].view(-1, self.n_splits, self.n_skills)  # (b, h, S)
-        w = relaxed_allocation(logits, self.training)  # (b, h, S)
-        unseen = task_ids < 0
-        if unseen.any():  # no row for it: the mean evaluation-mode allocation of the training tasks
-            mean = relaxed_allocation(self.logits.view(self.n_tasks, self.n_splits, self.n_skills), False).mean(0)  # (h, S)
-            w = torch.where(unseen[:, None, None], mean, w)
-        return w
-
-    def allocation(self, task_id: int) -> torch.Tensor:
-        """Evaluation-mode weights of one task, (h, S)."""
-        return relaxed_allocation(self.logits[task_id].view(self.n_splits, self.n_skills), False)
+    def forward(self, inputs: RoutingInputs) -> Route:
+        return Route(None)
 
 
-class SkillRouter(nn.Module):
-    """OrchMoE's per-layer task-skill allocation matrix W_skill (K x S).
+@register_method(PolyConfig)
+@register_method(MHRConfig)
+class PolyRouter(ModelRouter):
+    """Task-skill logits Z (L, T, h*S): one row per training task in each of L layers (h = 1: Poly, h > 1: MHR).
 
-    The allocation of an example is pi(x) @ Z_hat: a convex mix of abstract-task rows.
+    Task id -1 routes an unseen task by the mean evaluation-mode allocation of the training tasks.
     """
 
-    mixing = "params"
-
-    def __init__(self, n_abstract_tasks: int, n_skills: int) -> None:
+    def __init__(self, n_layers: int, n_tasks: int, n_skills: int, n_splits: int = 1) -> None:
         super().__init__()
-        self.n_abstract_tasks, self.n_skills = n_abstract_tasks, n_skills
-        self.logits = _init_logits(n_abstract_tasks, 1, n_skills)
+        self.n_layers, self.n_tasks, self.n_skills, self.n_splits = n_layers, n_tasks, n_skills, n_splits
+        self.logits = init_logits(n_layers, n_tasks, n_splits * n_skills)
 
-    def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        pi = state.task_probs_for(x.shape[0], "OrchMoE skill routing")  # (b, K)
-        z = relaxed_allocation(self.logits, self.training)  # (K, S)
-        return (pi.to(device=z.device, dtype=z.dtype) @ z).unsqueeze(1)  # (b, K) @ (K, S) -> (b, S) -> (b, 1, S)
+    @classmethod
+    def from_config(cls, config: PolyConfig, n_layers: int, d_model: int) -> "PolyRouter":
+        return cls(n_layers, config.n_tasks, config.n_skills, config.n_splits)
 
-    def allocation(self) -> torch.Tensor:
-        """Evaluation-mode allocation matrix, (K, S): the rows the paper's Figure 3 clusters."""
-        return relaxed_allocation(self.logits, False)
+    def _blocks(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.unflatten(-1, (self.n_splits, self.n_skills))  # (..., h*S) -> (..., h, S)
+
+    def mean_allocation(self) -> torch.Tensor:
+        """(L, h, S): the evaluation-mode allocation averaged over the training tasks."""
+        return relaxed_allocation(self._blocks(self.logits), False).mean(1)
+
+    def forward(self, inputs: RoutingInputs) -> Route:
+        task_ids = inputs.task_ids
+        if task_ids is None:
+            raise RoutingError("Poly/MHR route by task id: pass task_ids=... (one per example) to forward()/generate()")
+        task_ids = task_ids.to(self.logits.device)
+        rows = self._blocks(self.logits.index_select(1, task_ids.clamp_min(0)))  # (L, T, hS) -> (L, b, h, S)
+        w = relaxed_allocation(rows, self.training)  # one noise sample per example and layer
+        unseen = (task_ids < 0).view(1, -1, 1, 1)  # (1, b, 1, 1): no row of its own
+        return Route(torch.where(unseen, self.mean_allocation().unsqueeze(1), w))  # (L, b, h, S)
+
+    def allocation_parameters(self) -> list[nn.Parameter]:
+        return [self.logits]
+
+    def allocation(self, task_id: int) -> torch.Tensor:
+        """Evaluation-mode weights of one task in every layer, (L, h, S)."""
+        return relaxed_allocation(self._blocks(self.logits[:, task_id]), False)
+
+    def allocation_matrices(self) -> torch.Tensor:
+        """(L, T, S); MHR's h blocks are averaged (each block's row sums to one, so the mean does too)."""
+        return relaxed_allocation(self._blocks(self.logits), False).mean(2)
+
+    def fixed_weights(self, task_id: int | None = None, **other) -> torch.Tensor:
+        if other:
+            raise RoutingError(f"Poly/MHR export takes task_id=..., not {sorted(other)}")
+        if task_id is None:
+            raise RoutingError(f"exporting a Poly/MHR adapter needs task_id=... (0..{self.n_tasks - 1})")
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < self.n_tasks:
+            raise RoutingError(f"task id {task_id!r} out of range: n_tasks={self.n_tasks}")
+        return self.allocation(task_id).unsqueeze(1)  # (L, 1, h, S)

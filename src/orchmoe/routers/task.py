@@ -1,4 +1,5 @@
-"""OrchMoE's Task Router: which abstract task a prompt belongs to, from the prompt alone."""
+"""OrchMoE's routers: the Task Router (which abstract task a prompt belongs to, from the prompt
+alone) and the Skill Router (which skills each abstract task uses, in every layer)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-PROMPT_NORMS = ("standardize", "layernorm", "none")
+from ..config import PROMPT_NORMS, OrchMoEConfig
+from ..registry import register_method
+from ..routing import RoutingError
+from .allocation import init_logits, relaxed_allocation
+from .base import ModelRouter, Route, RoutingInputs
+
+__all__ = ["TaskRouter", "SkillRouter", "OrchMoERouter"]
+
+_STATS = ("summary_mean", "summary_var")
 
 
 class TaskRouter(nn.Module):
@@ -17,8 +26,8 @@ class TaskRouter(nn.Module):
     has ~4x the norm of a prompt's deviation from it, while 85-98% of that deviation is
     between tasks. ``prompt_norm="standardize"`` therefore centres and scales each feature
     with running statistics of the training prompts (buffers, saved with the adapter, not
-    trained) before a parameter-free layer norm, so the router sees what tells tasks apart;
-    ``"layernorm"`` only applies the layer norm, ``"none"`` neither.
+    trained, always fp32) before a parameter-free layer norm, so the router sees what tells
+    tasks apart; ``"layernorm"`` only applies the layer norm, ``"none"`` neither.
     """
 
     def __init__(self, d_model: int, n_abstract_tasks: int, temperature: float = 1.0, hidden: int = 0,
@@ -35,48 +44,59 @@ class TaskRouter(nn.Module):
         if prompt_norm == "standardize":
             self.register_buffer("summary_mean", torch.zeros(d_model))
             self.register_buffer("summary_var", torch.ones(d_model))
-            self.register_buffer("summary_count", torch.zeros((), dtype=torch.long))  # long: .half() leaves it exact
+            self.register_buffer("summary_count", torch.zeros((), dtype=torch.long))  # long: casts leave it exact
+
+    def _apply(self, fn, recurse: bool = True):
+        """Statistics stay fp32 whatever the model is cast to (in bf16 they would stop moving)."""
+        super()._apply(fn, recurse)
+        for name in _STATS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
 
     @torch.no_grad()
     def update_statistics(self, summary: torch.Tensor) -> None:
         """Fold a batch of summaries (b, d) into the running mean and variance (an exact
         cumulative average over every prompt seen in training, merged as Chan et al.).
 
-        Under torch.distributed the batch statistics are those of the global batch (one
-        all-gather of 2d+1 numbers per process), so every process routes with the same statistics."""
+        Branch-free on the device (no host sync). Under torch.distributed the batch statistics
+        are those of the global batch (one all-gather of 2d+1 numbers per process), so every
+        process routes with the same statistics."""
         u = summary.detach().float()  # (b, d)
-        n = int(self.summary_count)
-        mean, var = self.summary_mean.float(), self.summary_var.float()
+        n = self.summary_count.float()
+        mean, var = self.summary_mean, self.summary_var
         b, batch_mean, batch_var = self._batch_moments(u)
-        if b == 0:
-            return
         total = n + b
+        inv = 1.0 / torch.clamp(total, min=1.0)
         delta = batch_mean - mean
-        new_mean = mean + delta * (b / total)
-        new_var = (var * n + batch_var * b + delta * delta * (n * b / total)) / total if n else batch_var
-        self.summary_mean.copy_(new_mean)
-        self.summary_var.copy_(new_var)
-        self.summary_count.add_(b)
+        new_var = (var * n + batch_var * b + delta * delta * (n * b * inv)) * inv
+        keep = total == 0
+        mean.copy_(torch.where(keep, mean, mean + delta * (b * inv)))
+        var.copy_(torch.where(keep, var, new_var))
+        self.summary_count.add_(b.long() if isinstance(b, torch.Tensor) else b)
 
     @staticmethod
-    def _batch_moments(u: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def _batch_moments(u: torch.Tensor) -> tuple[torch.Tensor | int, torch.Tensor, torch.Tensor]:
         """(count, mean, biased variance) of the rows of u, over all processes when distributed."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            if u.shape[0] == 0:
+                return 0, u.new_zeros(u.shape[1]), u.new_zeros(u.shape[1])
             return u.shape[0], u.mean(0), u.var(0, unbiased=False)
-        local_mean = u.mean(0) if u.shape[0] else u.new_zeros(u.shape[1])
+        n_local = u.shape[0]
+        local_mean = u.sum(0) / max(n_local, 1)
         centred = ((u - local_mean) ** 2).sum(0)  # (d,) sums around the local mean: no cancellation
-        packed = torch.cat([u.new_tensor([float(u.shape[0])]), u.sum(0), centred])  # (2d+1,)
+        packed = torch.cat([u.new_tensor([float(n_local)]), u.sum(0), centred])  # (2d+1,)
         world = [torch.zeros_like(packed) for _ in range(dist.get_world_size())]
         dist.all_gather(world, packed)
-        counts = torch.stack([w[0] for w in world])  # (W,)
-        total = float(counts.sum())
-        if total == 0:
-            return 0, u.new_zeros(u.shape[1]), u.new_zeros(u.shape[1])
+        stacked = torch.stack(world)  # (W, 2d+1)
         d = u.shape[1]
-        means = torch.stack([w[1:1 + d] / w[0].clamp_min(1) for w in world])  # (W, d)
-        mean = (means * counts[:, None]).sum(0) / total
-        m2 = torch.stack([w[1 + d:] for w in world]).sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
-        return int(total), mean, m2 / total
+        counts = stacked[:, 0]  # (W,)
+        total = counts.sum()
+        means = stacked[:, 1:1 + d] / counts.clamp_min(1)[:, None]  # (W, d)
+        mean = (means * counts[:, None]).sum(0) / total.clamp_min(1)
+        m2 = stacked[:, 1 + d:].sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+        return total, mean, m2 / total.clamp_min(1)
 
     def normalized(self, summary: torch.Tensor) -> torch.Tensor:
         u = summary.float()  # (b, d)
@@ -84,8 +104,8 @@ class TaskRouter(nn.Module):
             if self.training:
                 self.update_statistics(u)
             # before any statistics (mean 0, var 1) this is a uniform rescaling, which the layer norm undoes
-            var = self.summary_var.float()
-            u = (u - self.summary_mean.float()) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)  # (b, d)
+            var = self.summary_var
+            u = (u - self.summary_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)  # (b, d)
         if self.prompt_norm != "none":
             u = F.layer_norm(u, (self.d_model,))
         return u.to(next(self.parameters()).dtype)
@@ -106,3 +126,79 @@ class TaskRouter(nn.Module):
         """K * sum_k mean(pi_k)^2: 1 when the batch spreads evenly, K when it collapses onto one task."""
         mean = pi.mean(0)
         return pi.shape[-1] * (mean * mean).sum()
+
+
+class SkillRouter(nn.Module):
+    """W_skill (L, K, S): every layer's task-skill allocation logits, one (K, S) matrix per layer.
+
+    The allocation of an example is pi(x) @ Z_hat, a convex mix of abstract-task rows. In training
+    Z_hat is a Gumbel-sigmoid sample drawn per example (as Poly draws per example), so OrchMoE with
+    a one-hot pi is Poly in training too.
+    """
+
+    def __init__(self, n_layers: int, n_abstract_tasks: int, n_skills: int) -> None:
+        super().__init__()
+        self.n_layers, self.n_abstract_tasks, self.n_skills = n_layers, n_abstract_tasks, n_skills
+        self.logits = init_logits(n_layers, n_abstract_tasks, n_skills)
+
+    def forward(self, pi: torch.Tensor) -> torch.Tensor:
+        pi = pi.to(self.logits.dtype)  # (b, K)
+        if self.training:
+            L, K, S = self.logits.shape
+            z = relaxed_allocation(self.logits.unsqueeze(1).expand(L, pi.shape[0], K, S), True)  # (L, b, K, S)
+            w = torch.einsum("bk,lbks->lbs", pi, z)  # (b,K) x (L,b,K,S) -> (L,b,S)
+        else:
+            w = torch.einsum("bk,lks->lbs", pi, self.allocation())  # (b,K) x (L,K,S) -> (L,b,S)
+        return w.unsqueeze(2)  # (L, b, 1, S)
+
+    def allocation(self) -> torch.Tensor:
+        """Evaluation-mode allocation matrices (L, K, S): the rows the paper's Figure 3 clusters."""
+        return relaxed_allocation(self.logits, False)
+
+
+@register_method(OrchMoEConfig)
+class OrchMoERouter(ModelRouter):
+    """pi(x) from the prompt (Task Router), then pi(x) @ Z_hat in every layer (Skill Router)."""
+
+    row_label = "abstract task"
+
+    def __init__(self, config: OrchMoEConfig, n_layers: int, d_model: int) -> None:
+        super().__init__()
+        self.balance_coef = config.balance_coef
+        self.task_router = TaskRouter(d_model, config.n_abstract_tasks, config.task_temperature,
+                                      config.task_router_hidden, config.hard_routing, config.prompt_norm)
+        self.skill_router = SkillRouter(n_layers, config.n_abstract_tasks, config.n_skills)
+
+    @classmethod
+    def from_config(cls, config: OrchMoEConfig, n_layers: int, d_model: int) -> "OrchMoERouter":
+        return cls(config, n_layers, d_model)
+
+    def forward(self, inputs: RoutingInputs) -> Route:
+        if inputs.prompt_summary is None:
+            raise RoutingError("OrchMoE routes from the prompt: call the RoutedModel, not its base model")
+        pi = self.task_router(inputs.prompt_summary)  # (b, K)
+        aux = None
+        if self.balance_coef > 0 and self.training and torch.is_grad_enabled():
+            aux = self.balance_coef * TaskRouter.balance_loss(pi)
+        return Route(self.skill_router(pi), pi, aux)
+
+    def allocation_parameters(self) -> list[nn.Parameter]:
+        return [self.skill_router.logits]
+
+    def allocation_matrices(self) -> torch.Tensor:
+        return self.skill_router.allocation()
+
+    def fixed_weights(self, abstract_task: int | None = None, task_probs: torch.Tensor | None = None,
+                      **other) -> torch.Tensor:
+        """(L, 1, 1, S) for one abstract task, or for a given pi (1, K)."""
+        if other:
+            raise RoutingError(f"OrchMoE export takes abstract_task=k or a prompt, not {sorted(other)}")
+        K = self.skill_router.n_abstract_tasks
+        if (abstract_task is None) == (task_probs is None):
+            raise RoutingError("exporting an OrchMoE adapter needs exactly one of abstract_task=k or input_ids=<one prompt>")
+        if abstract_task is not None:
+            if isinstance(abstract_task, bool) or not isinstance(abstract_task, int) or not 0 <= abstract_task < K:
+                raise RoutingError(f"abstract task {abstract_task!r} out of range: n_abstract_tasks={K}")
+            task_probs = F.one_hot(torch.tensor([abstract_task]), K).float()
+        alloc = self.skill_router.allocation()  # (L, K, S)
+        return torch.einsum("bk,lks->lbs", task_probs.to(alloc), alloc).unsqueeze(2)  # (L, 1, 1, S)

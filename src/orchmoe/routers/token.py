@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MoDEConfig, MoLoRAConfig
+from ..registry import register_method
+from .base import LayerRouter
 
-class TokenRouter(nn.Module):
+__all__ = ["TokenRouter"]
+
+
+@register_method(MoLoRAConfig)
+@register_method(MoDEConfig)
+class TokenRouter(LayerRouter):
     """Gates g (b, n, k, S): for each of k rank blocks a softmax over S experts.
 
     MoLoRA is k = 1 (W_g: P x S); MoDE has one router per block of p rank columns
@@ -17,15 +25,18 @@ class TokenRouter(nn.Module):
     parameter receives a gradient every step and DDP needs no unused-parameter search.
     """
 
-    mixing = "tokens"
-    decoder_side = False  # set by the model on routers inside an encoder-decoder model's decoder
-
-    def __init__(self, in_features: int, n_experts: int, n_blocks: int = 1, top_k: int | None = None, aux_loss_coef: float = 0.0) -> None:
+    def __init__(self, in_features: int, n_experts: int, n_blocks: int = 1, top_k: int | None = None,
+                 aux_loss_coef: float = 0.0) -> None:
         super().__init__()
         self.n_experts, self.n_blocks, self.top_k, self.aux_loss_coef = n_experts, n_blocks, top_k, aux_loss_coef
         self.weight = nn.Parameter(torch.empty(in_features, n_blocks * n_experts))
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
+
+    @classmethod
+    def from_config(cls, config: MoLoRAConfig | MoDEConfig, in_features: int) -> "TokenRouter":
+        return cls(in_features, config.n_skills, config.n_blocks, getattr(config, "top_k", None),
+                   getattr(config, "aux_loss_coef", 0.0))
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
         logits = (x @ self.weight.to(x.dtype)).unflatten(-1, (self.n_blocks, self.n_experts))  # (b,n,P)@(P,k*S) -> (b,n,k,S)

@@ -1,0 +1,54 @@
+"""The method registry: each method is a config dataclass paired once with its router class.
+
+A router module registers itself for the configs it serves::
+
+    @register_method(PolyConfig)
+    @register_method(MHRConfig)
+    class PolyRouter(ModelRouter): ...
+
+and everything else (the model, budgets, export, analysis, the recipe) asks the config or the
+router instead of testing which class a config is. Adding a method is a config, a router and
+one decorator line.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["METHODS", "ROUTERS", "register_method", "config_class", "router_class", "UnknownMethodError"]
+
+#: method name -> config class (``orchmoe.METHODS``)
+METHODS: dict[str, type] = {}
+#: method name -> router class
+ROUTERS: dict[str, type] = {}
+
+
+class UnknownMethodError(ValueError):
+    """A method name that no registered config answers to."""
+
+
+def register_method(config_cls: type) -> Callable[[type], type]:
+    """Class decorator pairing ``config_cls`` (its ``method`` name) with the decorated router class."""
+    name = getattr(config_cls, "method", "")
+    if not name:
+        raise TypeError(f"{config_cls.__name__} has no method name")
+
+    def deco(router_cls: type) -> type:
+        if name in METHODS and METHODS[name] is not config_cls:
+            raise TypeError(f"method {name!r} is already registered to {METHODS[name].__name__}")
+        METHODS[name] = config_cls
+        ROUTERS[name] = router_cls
+        return router_cls
+
+    return deco
+
+
+def config_class(name: Any) -> type:
+    """The config class of a method name; a clear error naming the valid ones."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def router_class(config: Any) -> type:
+    """The router class registered for a config instance."""
+    return ROUTERS[config.method]
