@@ -55,7 +55,7 @@ def metrics(run: Path) -> dict | None:
 
 
 def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str], quality_root: Path | None = None) -> None:
-    from orchmoe.analysis import plot_score_vs_params
+    from orchmoe.recipe.analysis import plot_score_vs_params
 
     rows = []
     for method in methods:
@@ -81,7 +81,7 @@ def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str
 
 
 def redundancy(root: Path, size: dict, n_tasks: int, seed: int, extra: list[str]) -> None:
-    from orchmoe.analysis import redundancy_table
+    from orchmoe.recipe.analysis import redundancy_table
 
     rows = []
     K = n_tasks

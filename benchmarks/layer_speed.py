@@ -7,13 +7,12 @@ down-projection, its rank chosen by the METHODS.md formula to land closest to th
 budget). Compared in one run, repetitions interleaved (the order rotates every rep):
 
 * ``plain``      a hand-written LoRA layer, ``base(x) + (x @ A) @ B`` (the speed floor);
-* ``ours:*``     orchmoe's ``RoutedLoraLayer`` for each method, routed through a
-                 ``RoutingState`` filled as ``RoutedModel.set_routing`` does;
+* ``ours:*``     orchmoe's ``RoutedLoraLayer`` for each method; parameter-mixing methods are routed
+                 by their model-level router built for one layer (its cost included in every call),
+                 token routers run inside the layer;
 * ``peft:lora`` / ``peft:poly``  PEFT's LoRA / Poly layers on the same shapes;
 * ``loop:molora-8`` a naive MoLoRA with a Python loop over 8 experts, against
                  ``ours:molora-8`` (same experts, same gate, no balance loss on either).
-
-* ``proto:*``    (``--proto``) our layer with the changes prototyped in ``proto_layer.py``.
 
 The time of one step is forward + backward (the input requires grad, as it does
 inside a network; grads are set to None between steps as ``zero_grad`` does), in
@@ -24,7 +23,7 @@ On a shared CPU use ``--threads 1 --timer cpu`` (process CPU time instead of wal
 clock: other processes' load then barely moves the numbers).
 
     python benchmarks/layer_speed.py                       # CPU (or CUDA when present), fp32
-    python benchmarks/layer_speed.py --threads 1 --timer cpu --proto --json layer.json
+    python benchmarks/layer_speed.py --threads 1 --timer cpu --json layer.json
     python benchmarks/layer_speed.py --device cuda --dtype bf16 --reps 20
 """
 from __future__ import annotations
@@ -48,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 import orchmoe  # noqa: E402
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, count_parameters  # noqa: E402
-from orchmoe.model import _layer_for  # noqa: E402  (the factory get_model uses for each target layer)
+from orchmoe.layer import RoutedLoraLayer  # noqa: E402
+from orchmoe.registry import router_class  # noqa: E402
+from orchmoe.routers import LayerRouter, RoutingInputs  # noqa: E402
 from orchmoe.routing import RoutingState  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -134,8 +135,37 @@ class Bench:
         self.decode_times: list[float] = []
 
 
+def routed_bench(label: str, cfg, base: nn.Linear, P: int, Q: int, task_ids: torch.Tensor, device, dtype) -> Bench:
+    """Our layer for one method, with the routing a RoutedModel would compute for it before the forward."""
+    cls = router_class(cfg)
+    per_token = issubclass(cls, LayerRouter)
+    holder = OneLayer(P, Q)
+    holder.proj = RoutedLoraLayer(base, n_experts=cfg.n_experts, rank=cfg.rank, scale=cfg.scale,
+                                  shared_down=cfg.shares_down_projection, n_splits=cfg.n_splits,
+                                  router=cls.from_config(cfg, P) if per_token else None)
+    holder.model_router = None if per_token else cls.from_config(cfg, 1, P)
+    holder = holder.to(device=device, dtype=dtype)
+    state = RoutingState()
+    holder.proj.state = state
+    summary = torch.randn(task_ids.shape[0], P, device=device)  # OrchMoE's prompt summary u(x)
+    inputs = RoutingInputs(batch=task_ids.shape[0], task_ids=task_ids, prompt_summary=summary)
+
+    def route() -> None:
+        r = holder.model_router(inputs) if holder.model_router is not None else None
+        state.set(weights=None if r is None else r.weights)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        route()
+        return holder.proj(x)
+
+    note = {"molora-8x1": "8 experts, no balance loss (vs loop)"}.get(label, "")
+    b = Bench(f"ours:{label}", holder, call, state=state, note=note, routed=True)
+    b.route, b.decode_call = route, holder.proj  # decoding keeps one routing for every step
+    return b
+
+
 def build_methods(P: int, Q: int, batch: int, device: torch.device, dtype: torch.dtype, with_peft: bool,
-                  seed: int = 0, proto: bool = False) -> list[Bench]:
+                  seed: int = 0) -> list[Bench]:
     torch.manual_seed(seed)
     base = nn.Linear(P, Q, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
     budget = 8 * (P + Q)
@@ -160,32 +190,7 @@ def build_methods(P: int, Q: int, batch: int, device: torch.device, dtype: torch
     for label, cfg in ours.items():
         if isinstance(cfg, MoDEConfig):
             label = f"mode-{cfg.n_skills}x{cfg.rank}x{cfg.expert_rank}"
-        holder = OneLayer(P, Q)
-        holder.proj = _layer_for(cfg, base, P)
-        holder = one(holder)
-        state = RoutingState()
-        pi = None
-        if isinstance(cfg, OrchMoEConfig):  # pi(x) comes from the task router: a leaf that wants a gradient
-            pi = torch.softmax(torch.randn(batch, N_ABSTRACT, device=device), -1).to(dtype).requires_grad_(True)
-        state.set(task_ids=task_ids if isinstance(cfg, PolyConfig) else None, task_probs=pi)
-        holder.proj.state = state
-        note = {"molora-8x1": "8 experts, no balance loss (vs loop)"}.get(label, "")
-        b = Bench(f"ours:{label}", holder, holder, state=state, note=note, routed=True)
-        if pi is not None:
-            b.extra_leaves = [pi]
-        benches.append(b)
-        if proto:  # the same layer with benchmarks/proto_layer.py's changes (copies of the same weights)
-            import copy
-
-            from proto_layer import ProtoRoutedLoraLayer
-
-            twin = copy.deepcopy(holder)
-            twin.proj.base_layer = base
-            twin.proj.__class__ = ProtoRoutedLoraLayer
-            twin.proj.state = state
-            pb = Bench(f"proto:{label}", twin, twin, state=state, note="ours + proto_layer.py")
-            pb.extra_leaves = getattr(b, "extra_leaves", [])
-            benches.append(pb)
+        benches.append(routed_bench(label, cfg, base, P, Q, task_ids, device, dtype))
 
     loop = one(LoopMoLoRA(base, 8, 1))
     benches.append(Bench("loop:molora-8x1", loop, loop, note="Python loop over 8 experts"))
@@ -249,9 +254,12 @@ def time_method(b: Bench, x: torch.Tensor, gy: torch.Tensor, inner: int, device:
     k = 1e3 / inner
     out = {"wall": (w1 - w0) * k, "cpu": (c1 - c0) * k, "eval_wall": (w2 - w1) * k, "eval_cpu": (c2 - c1) * k}
     if xd is not None:
+        decode = getattr(b, "decode_call", b.call)
         with torch.no_grad():
+            if hasattr(b, "route"):
+                b.route()
             for _ in range(inner_decode):
-                b.call(xd)
+                decode(xd)
             _sync(device)
         w3, c3 = time.perf_counter(), time.process_time()
         out["decode_wall"], out["decode_cpu"] = (w3 - w2) * 1e6 / inner_decode, (c3 - c2) * 1e6 / inner_decode
@@ -260,7 +268,7 @@ def time_method(b: Bench, x: torch.Tensor, gy: torch.Tensor, inner: int, device:
 
 
 def run_shape(P: int, Q: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    benches = build_methods(P, Q, args.batch, device, dtype, not args.no_peft, proto=args.proto)
+    benches = build_methods(P, Q, args.batch, device, dtype, not args.no_peft)
     torch.manual_seed(1)
     x = torch.randn(args.batch, args.seq, P, device=device, dtype=dtype).requires_grad_(True)
     gy = torch.randn(args.batch, args.seq, Q, device=device, dtype=dtype)
@@ -337,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner", type=int, default=3, help="back-to-back calls timed together in one repetition")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--inner-decode", type=int, default=50, help="back-to-back decoding-step calls per repetition")
-    ap.add_argument("--proto", action="store_true", help="also time benchmarks/proto_layer.py's variant of each of our layers")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--shapes", default="576x576,576x1536", help="comma-separated PxQ layer shapes")

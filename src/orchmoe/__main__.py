@@ -1,6 +1,6 @@
-"""`python -m orchmoe ...` (also what `accelerate launch -m orchmoe train ...` runs)."""
+"""``python -m orchmoe`` (and ``accelerate launch -m orchmoe``): the command line."""
 import sys
 
-from .cli import main
+from .recipe.cli import main
 
 sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -135,6 +136,11 @@ class AdapterConfig:
             raise ConfigError(f"{owner}: target_modules must be a list of names or a regex string, got {tm!r}")
         if isinstance(tm, (str, list)) and not tm:
             raise ConfigError(f"{owner}: target_modules is empty")
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ConfigError(f"{owner}: target_modules {tm!r} is not a valid regular expression: {e}") from None
 
     def _positive(self, *names: str) -> None:
         for name in names:

@@ -11,7 +11,18 @@ import os
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "fsync_tree", "DiskFullError"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_tree", "DiskFullError", "cache_root", "CACHE_ENV"]
+
+CACHE_ENV = "ORCHMOE_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Root of orchmoe's cache (converted models, tokenised features, the builtin data):
+    ``cache_dir`` > ``$ORCHMOE_CACHE`` > ``~/.cache/orchmoe``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "orchmoe"
 
 
 class DiskFullError(OSError):

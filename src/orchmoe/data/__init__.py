@@ -1,4 +1,11 @@
-"""SuperNI data: loading the official layout, the embedded builtin dataset, prompts and batching."""
+"""Multi-task instruction data: every accepted format, the sampling protocol, prompts and batching.
+
+``load_multitask(data, tasks, ...)`` takes the official SuperNI folder layout, ``"builtin"``, Hugging
+Face tables (natural-instructions, instruction or prompt/completion columns; jsonl/json/parquet files
+or folders, ``save_to_disk`` folders) or a hub dataset id: see :mod:`orchmoe.data.tables` for the
+formats with example rows. ``tokenized_features`` (:mod:`orchmoe.data.features`) tokenises a part
+of the protocol with ``datasets`` and caches it on disk.
+"""
 
 from orchmoe.data.builtin import (
     BUILTIN_TASKS,
@@ -8,9 +15,31 @@ from orchmoe.data.builtin import (
     generate_task,
     write_builtin,
 )
+from orchmoe.data.core import (
+    BUILTIN,
+    DataError,
+    Example,
+    MultiTaskData,
+    SuperNITask,
+    TaskSource,
+    cache_root,
+)
+from orchmoe.data.features import (
+    default_features_dir,
+    tokenized_features,
+    tokenizer_fingerprint,
+)
+from orchmoe.data.multitask import (
+    available_tasks,
+    load_multitask,
+    load_task,
+    read_split,
+    sample_instances,
+    select_tasks,
+    unseen_eval_instances,
+)
 from orchmoe.data.prompts import (
     IGNORE_INDEX,
-    LengthGroupedBatchSampler,
     batch_mix,
     encode_answer,
     encode_example,
@@ -19,36 +48,26 @@ from orchmoe.data.prompts import (
     length_grouped_batches,
     pad_batch,
 )
-from orchmoe.data.superni import (
-    BUILTIN,
-    DataError,
-    Example,
-    MultiTaskData,
-    SuperNITask,
-    available_tasks,
-    load_multitask,
-    load_task,
-    read_split,
-    resolve_data_dir,
-    sample_instances,
-    select_tasks,
-    unseen_eval_instances,
-)
+from orchmoe.data.sources import open_source
+from orchmoe.data.superni import FolderSource, resolve_data_dir
 
 __all__ = [
     "BUILTIN",
     "BUILTIN_TASKS",
     "BUILTIN_VERSION",
+    "IGNORE_INDEX",
     "DataError",
     "Example",
-    "IGNORE_INDEX",
-    "LengthGroupedBatchSampler",
+    "FolderSource",
     "MultiTaskData",
     "SuperNITask",
+    "TaskSource",
     "available_tasks",
     "batch_mix",
     "builtin_data_dir",
     "builtin_task_names",
+    "cache_root",
+    "default_features_dir",
     "encode_answer",
     "encode_example",
     "encode_prompt",
@@ -57,11 +76,14 @@ __all__ = [
     "length_grouped_batches",
     "load_multitask",
     "load_task",
+    "open_source",
     "pad_batch",
     "read_split",
     "resolve_data_dir",
     "sample_instances",
     "select_tasks",
+    "tokenized_features",
+    "tokenizer_fingerprint",
     "unseen_eval_instances",
     "write_builtin",
 ]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchmoe.data.superni import DataError
+from orchmoe.data.core import DataError, cache_root
 
 #: Bump when generated content changes; caches with another version are rewritten.
 BUILTIN_VERSION = 1
@@ -445,7 +445,7 @@ def write_builtin(dest_dir: str | Path, seed: int = 0, n_instances: int = 1200) 
 
 def default_cache_root() -> Path:
     """``$ORCHMOE_CACHE`` if set, else ``~/.cache/orchmoe``."""
-    return Path(os.environ.get("ORCHMOE_CACHE") or "~/.cache/orchmoe").expanduser()
+    return cache_root()
 
 
 def builtin_data_dir(cache_dir: str | Path | None = None, seed: int = 0, n_instances: int = 1200) -> Path:

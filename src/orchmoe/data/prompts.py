@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
 
 IGNORE_INDEX = -100
 _CHAT_SENTINEL = "\u2063ORCHMOE_PROMPT_SLOT\u2063"
@@ -401,56 +400,3 @@ def batch_mix(batches: Sequence[Sequence[int]], groups: Sequence[int], lengths: 
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return {"tasks_per_batch": distinct, "padding_share": 1.0 - real / padded if padded else 0.0}
-
-
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """A ``batch_sampler`` for ``DataLoader`` built on :func:`length_grouped_batches`.
-
-    Call :meth:`set_epoch` each epoch to get a new (still deterministic) order: the seed used
-    is ``seed + epoch``. See :func:`length_grouped_batches` for the sharding rules.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        *,
-        mega_batch_mult: int = 50,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.mega_batch_mult = mega_batch_mult
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        return length_grouped_batches(
-            self.lengths, self.batch_size, self.seed + self.epoch, self.shuffle,
-            mega_batch_mult=self.mega_batch_mult, drop_last=self.drop_last,
-            num_replicas=self.num_replicas, rank=self.rank,
-        )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        n_batches = len(self.lengths) // self.batch_size
-        if not self.drop_last and len(self.lengths) % self.batch_size:
-            n_batches += 1
-        if self.num_replicas > 1:
-            if self.drop_last:
-                return n_batches // self.num_replicas
-            return -(-n_batches // self.num_replicas)
-        return n_batches

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
-from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model  # noqa: E402
-from orchmoe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions, markdown_table  # noqa: E402
-from orchmoe.metrics import score_example  # noqa: E402
-from orchmoe.model import RoutedModel  # noqa: E402
-from orchmoe.train import TrainConfig, build_data, train  # noqa: E402
+from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
+from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
+from orchmoe.recipe.tables import markdown_table
+from orchmoe.metrics import score_example
+from orchmoe.model import RoutedModel
+from orchmoe.recipe import TrainConfig, train
+from orchmoe.recipe.data import build_data
 
 
 def cfg_for(model, data, out, **kw) -> TrainConfig:
@@ -34,7 +35,7 @@ def run(tiny_llama, superni, tmp_path_factory) -> Path:
 
 
 def _load(tiny_llama):
-    from orchmoe.models import load_model_and_tokenizer
+    from orchmoe.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(tiny_llama))
 

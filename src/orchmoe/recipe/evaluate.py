@@ -12,35 +12,24 @@ Writes into the run folder: ``predictions.jsonl`` (one record per instance), ``m
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown", "markdown_table"]
+from ..data import encode_prompt, pad_batch
+from ..loading import is_encoder_decoder, load_model_and_tokenizer
+from ..metrics import aggregate, score_example
+from ..model import load_adapter
+from .data import build_data, prompt_settings, quiet_length_warning
+from .run_folder import RunFolder
+from .runtime import make_accelerator
+from .tables import markdown_table
 
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
-    """A GitHub Markdown table; numbers are right-aligned and floats shown with 2 decimals."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        if v is None:
-            return "-"
-        return str(v).replace("|", "\\|")
-
-    body = [[cell(v) for v in r] for r in rows]
-    if align is None:
-        align = ["r" if rows and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) else "l"
-                 for i in range(len(headers))]
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
+__all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown"]
 
 
 def _gather(obj: list, accelerator) -> list:
@@ -61,9 +50,6 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
     every W-th batch and the predictions are gathered.
     """
     from tqdm.auto import tqdm
-
-    from .data import encode_prompt, pad_batch
-    from .train import quiet_length_warning
 
     if not examples:
         return []
@@ -145,12 +131,6 @@ def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | None, *, accelerator=None,
                    decoder_only: bool | None = None, print_table: bool = True) -> dict:
     """Generate for the held-out instances of the seen tasks and the unseen tasks, score, write, print.
@@ -158,9 +138,6 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
     `model` is a RoutedModel (unwrapped), `data` a MultiTaskData, `cfg` the run's TrainConfig.
     Returns the metrics dict (also written to ``out_dir/metrics.json``).
     """
-    from .metrics import aggregate, score_example
-    from .models import is_encoder_decoder
-
     if decoder_only is None:
         decoder_only = not is_encoder_decoder(model.base_model)
     examples = list(data.eval) + list(data.unseen)
@@ -169,18 +146,17 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
     is_main = accelerator is None or accelerator.is_main_process
     t0 = time.perf_counter()
     with accelerator.autocast() if accelerator is not None else nullcontext():  # the training precision
-        preds = generate_predictions(model, tokenizer, examples, data.task_defs, n_pos=cfg.n_pos,
-                                     max_source_len=cfg.max_source_len, max_new_tokens=cfg.generation_tokens,
-                                     chat_template=cfg.chat_template, decoder_only=decoder_only,
+        preds = generate_predictions(model, tokenizer, examples, data.task_defs, **prompt_settings(cfg),
+                                     max_new_tokens=cfg.generation_tokens, decoder_only=decoder_only,
                                      batch_size=cfg.eval_batch_size, accelerator=accelerator, progress=cfg.progress)
     gen_seconds = time.perf_counter() - t0
+    if not is_main:  # scoring and writing are the main process's
+        return {}
     records = [{"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references)}
                for ex, p in zip(examples, preds)]
     agg = aggregate(records)
     out = Path(out_dir) if out_dir is not None else None
-    train_summary = {}
-    if out is not None and (out / "train_summary.json").is_file():
-        train_summary = json.loads((out / "train_summary.json").read_text())
+    train_summary = RunFolder(out).read_summary() if out is not None else {}
     n_trainable, _ = model.num_parameters_split()
     metrics = {
         "run": out.name if out is not None else None,
@@ -198,23 +174,17 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
         "categories": data.categories(),
         **agg,
     }
-    if is_main:
-        table = format_metrics_markdown(metrics)
+    table = format_metrics_markdown(metrics)
+    if out is not None:
+        predictions = [{"task": ex.task, "category": ex.category, "seen": ex.seen, "id": ex.id, "input": ex.input,
+                        "prediction": p, "references": list(ex.references), "scores": score_example(p, list(ex.references))}
+                       for ex, p in zip(examples, preds)]
+        RunFolder(out).write_results(metrics, table, predictions)
+    if print_table:
+        print(format_metrics_markdown(metrics, per_task=len(agg["per_task"]) <= 40))
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            lines = []
-            for ex, p in zip(examples, preds):
-                lines.append(json.dumps({"task": ex.task, "category": ex.category, "seen": ex.seen, "id": ex.id,
-                                         "input": ex.input, "prediction": p, "references": list(ex.references),
-                                         "scores": score_example(p, list(ex.references))}, ensure_ascii=False))
-            _atomic_write(out / "predictions.jsonl", "\n".join(lines) + "\n")
-            _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
-            _atomic_write(out / "metrics.md", table)
-        if print_table:
-            print(format_metrics_markdown(metrics, per_task=len(agg["per_task"]) <= 40))
-            if out is not None:
-                print(f"predictions: {out / 'predictions.jsonl'}; metrics: {out / 'metrics.json'}, {out / 'metrics.md'}"
-                      f" ({len(examples)} examples in {gen_seconds:.0f} s)")
+            print(f"predictions: {out / RunFolder.PREDICTIONS}; metrics: {out / RunFolder.METRICS}, "
+                  f"{out / RunFolder.METRICS_MD} ({len(examples)} examples in {gen_seconds:.0f} s)")
     return metrics
 
 
@@ -226,16 +196,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: 
     `data` / `model` override where the SuperNI files / the base model are found (e.g. a run
     trained on another machine); the tasks and instances are the ones the run was trained with.
     """
-    from accelerate import Accelerator
-
-    from .model import load_adapter
-    from .models import is_encoder_decoder, load_model_and_tokenizer
-    from .train import _mixed_precision, build_data, read_run_config
-
-    run = Path(run_dir)
-    if not (run / "adapter").is_dir():
-        raise FileNotFoundError(f"{run} has no adapter/ folder: train it first (or it is not an orchmoe run folder)")
-    cfg, _ = read_run_config(run)
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"run folder {str(run.path)!r} does not exist")
+    if not run.adapter_dir.is_dir():
+        raise FileNotFoundError(f"{run.path} has no adapter/ folder: train it first (or it is not an orchmoe run folder)")
+    cfg, _ = run.read_config()
     if data is not None:
         cfg.data = data
     if model is not None:
@@ -246,15 +212,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: 
         cfg.max_new_tokens = max_new_tokens
     if unseen_tasks is not None:
         cfg.unseen_tasks = unseen_tasks
-    cfg.progress = progress
+    cfg.progress, cfg.report_to = progress, "none"
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
-    base, tokenizer, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
-    routed = load_adapter(base, run / "adapter", base_model_name=info["name"]).to(accelerator.device)
     ds = build_data(cfg)
+    if not ds.eval and not ds.unseen:
+        raise ValueError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks")
+    accelerator = make_accelerator(cfg)
+    base, tokenizer, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=accelerator.device)
+    routed = load_adapter(base, run.adapter_dir, base_model_name=info["name"]).to(accelerator.device)
     saved_ids = getattr(routed, "adapter_metadata", {}).get("task_to_id")
     if saved_ids is not None and saved_ids != ds.task_to_id:
-        raise ValueError(f"the tasks rebuilt from {run / 'config.yaml'} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
+        raise ValueError(f"the tasks rebuilt from {run / RunFolder.CONFIG} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
                          f"the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data")
-    return evaluate_model(routed, tokenizer, ds, cfg, run, accelerator=accelerator,
+    return evaluate_model(routed, tokenizer, ds, cfg, run.path, accelerator=accelerator,
                           decoder_only=not is_encoder_decoder(base), print_table=print_table)

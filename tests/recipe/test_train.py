@@ -14,20 +14,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
-from orchmoe.cli import main  # noqa: E402
-from orchmoe.config import METHODS  # noqa: E402
-from orchmoe.train import (  # noqa: E402
-    TrainConfig,
-    TrainConfigError,
-    build_data,
-    epoch_batches,
-    latest_checkpoint,
-    rank_slice,
-    train,
-)
+from orchmoe.config import METHODS
+from orchmoe.recipe import RunFolder, TrainConfig, TrainConfigError, train
+from orchmoe.recipe.batches import epoch_batches, rank_slice
+from orchmoe.recipe.cli import main
+from orchmoe.recipe.data import build_data
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    return RunFolder(run).latest_checkpoint()
 
 
 def cfg_for(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
@@ -155,7 +152,7 @@ def test_batches_mix_tasks_and_still_group_lengths():
 def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
     """A real SIGKILL after the first checkpoint, then a resume: bit-identical final adapter."""
     opts = dict(train_per_task=16, epochs=2, grad_accum=2, batch_size=2, checkpoint_every=4, eval=False,
-                method="orchmoe", adapter_args={"balance_coef": 0.01}, log_every=3)
+                method="orchmoe", adapter={"balance_coef": 0.01}, log_every=3)
     killed = tmp_path / "killed"
     args = cli_args(tiny_llama, superni, killed) + ["--train-per-task", "16", "--epochs", "2", "--grad-accum", "2",
                                                    "--batch-size", "2", "--checkpoint-every", "4", "--no-eval",
@@ -223,15 +220,15 @@ def test_encoder_decoder_trains_and_evaluates(tiny_t5, superni, tmp_path):
 
 
 def test_budget_rank_matches_a_lora_budget(tiny_llama, superni, tmp_path):
-    lora = train(cfg_for(tiny_llama, superni, tmp_path / "lora", method="lora", rank=8, max_steps=0, eval=False))
+    lora = train(cfg_for(tiny_llama, superni, tmp_path / "lora", method="lora", adapter={"rank": 8}, max_steps=0, eval=False))
     # (the tiny model is so narrow that OrchMoE's task router alone is a third of the budget at K=16)
-    orch = train(cfg_for(tiny_llama, superni, tmp_path / "orch", method="orchmoe", budget_rank=8, n_skills=2,
-                         n_abstract_tasks=2, max_steps=0, eval=False))
+    orch = train(cfg_for(tiny_llama, superni, tmp_path / "orch", method="orchmoe", budget_rank=8,
+                         adapter={"n_skills": 2, "n_abstract_tasks": 2}, max_steps=0, eval=False))
     assert abs(orch["trainable_parameters"] - lora["trainable_parameters"]) <= 0.1 * lora["trainable_parameters"]
     resolved = yaml.safe_load((tmp_path / "orch" / "config.yaml").read_text())["_resolved"]["adapter"]
     assert resolved["method"] == "orchmoe" and resolved["rank"] > 2  # grown from the default rank 2
     with pytest.raises(TrainConfigError, match="budget"):
-        TrainConfig(method="orchmoe", budget_rank=8, rank=2)
+        TrainConfig(method="orchmoe", budget_rank=8, adapter={"rank": 2})
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_llama, superni, tmp_path):
@@ -252,6 +249,7 @@ def test_max_steps_zero_is_the_untrained_model(tiny_llama, superni, tmp_path):
 
 def test_method_options_are_validated(tiny_llama, superni, tmp_path):
     with pytest.raises(TrainConfigError, match="n_abstract_tasks"):
-        train(cfg_for(tiny_llama, superni, tmp_path / "x", method="lora", n_abstract_tasks=4, max_steps=0, eval=False))
-    with pytest.raises(TrainConfigError, match="unknown method 'moe'.*lora"):
+        train(cfg_for(tiny_llama, superni, tmp_path / "x", method="lora", adapter={"n_abstract_tasks": 4}, max_steps=0,
+                      eval=False))
+    with pytest.raises(TrainConfigError, match=r"method must be one of \[.*'lora'.*got 'moe'"):
         TrainConfig(method="moe")

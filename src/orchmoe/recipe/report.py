@@ -1,36 +1,48 @@
 """`orchmoe report RUN [RUN...]`: one Markdown comparison of finished runs.
 
 Reads each run folder's ``metrics.json`` (written by training or `orchmoe eval`) and puts the
-runs side by side: method, trainable parameters, training time, seen-task ROUGE-L / ROUGE-1 /
-exact match, unseen-task ROUGE-L / exact match; then ROUGE-L per task category.
+runs side by side: method, trainable parameters, training time, seen-task ROUGE-L / ROUGE-Lsum /
+ROUGE-1 / exact match, unseen-task ROUGE-L / ROUGE-Lsum / exact match; then ROUGE-L per task
+category. Runs scored on different tasks are not comparable: the report says so above the table.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from .evaluate import markdown_table
+from ..fileio import atomic_write_text
+from .run_folder import RunFolder
+from .tables import markdown_table
 
 __all__ = ["load_run", "build_report", "write_report"]
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
     """A run's metrics.json (with its folder path added); a clear error when it was never evaluated."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
-    path = run / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run} has no metrics.json: evaluate it first with `orchmoe eval {run}`")
-    metrics = json.loads(path.read_text(encoding="utf-8"))
-    if metrics.get("train_seconds") is None and (run / "train_summary.json").is_file():
-        summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"run folder {str(run.path)!r} does not exist")
+    metrics = run.read_metrics()
+    if metrics.get("train_seconds") is None:
+        summary = run.read_summary()
         metrics["train_seconds"] = summary.get("train_seconds")
         metrics["train_steps"] = summary.get("steps")
-    metrics["_path"] = str(run)
+    metrics["_path"] = str(run.path)
     return metrics
+
+
+def _task_sets(runs: Sequence[dict]) -> list[str]:
+    """Warnings when the runs were scored on different seen or unseen tasks."""
+    notes = []
+    for part in ("seen", "unseen"):
+        sets = {r["_path"]: frozenset(r.get(part, {}).get("per_task", {})) for r in runs}
+        if len(set(sets.values())) > 1:
+            first = next(iter(sets.values()))
+            odd = [p for p, s in sets.items() if s != first]
+            notes.append(f"**Warning**: the runs were scored on different {part} tasks ({', '.join(odd)} differ from "
+                         f"{next(iter(sets))}); their {part} scores are not comparable.")
+    return notes
 
 
 def _duration(seconds: float | None) -> str | None:
@@ -75,7 +87,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
     models = sorted({str(r.get("base_model")) for r in runs})
     parts = ["## Runs", "", f"Base model: {', '.join(models)}. Scores x100 (official SuperNI metrics); "
              "seen = held-out instances of the training tasks, unseen = test-split tasks.", "",
-             markdown_table(headers, rows, align)]
+             *[n + "\n" for n in _task_sets(runs)], markdown_table(headers, rows, align)]
     cats: dict[tuple[str, str], list] = {}
     for i, r in enumerate(runs):
         for part in ("seen", "unseen"):
@@ -94,8 +106,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     print(text, end="")
     if out is not None:
         path = Path(out)
+        if path.is_dir():
+            raise IsADirectoryError(f"report output {path} is a directory; name a file")
         if path.parent != Path(""):
             path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
         print(f"report written to {path}")
     return text

@@ -10,11 +10,10 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_helpers import REPO, SEEN, SUPERNI, UNSEEN, one_thread, save_tiny, superni, tiny_llama, tiny_t5  # noqa: E402,F401
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
-from orchmoe.cli import main  # noqa: E402
-from orchmoe.config import METHODS  # noqa: E402
+from orchmoe.recipe.cli import main
+from orchmoe.config import METHODS
 
 
 def base_args(tiny_llama: Path, superni: Path, out: Path) -> list[str]:
@@ -42,7 +41,8 @@ def test_config_file_with_command_line_override(tiny_llama, superni, tmp_path):
     out = tmp_path / "run"
     assert main(base_args(tiny_llama, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["method"] == "mhr" and saved["n_splits"] == 2 and saved["router_lr"] == 0.1
+    # a flat adapter key and the 0.1 `adapter_args` both land in the adapter section
+    assert saved["method"] == "mhr" and saved["adapter"] == {"n_splits": 2, "n_skills": 3} and saved["router_lr"] == 0.1
     assert saved["lr"] == 2e-3 and saved["batch_size"] == 3  # the flags win over the file
     assert saved["_resolved"]["adapter"]["n_skills"] == 3 and saved["_resolved"]["adapter"]["n_splits"] == 2
     assert not (out / "metrics.json").exists()  # eval: false in the file
@@ -80,26 +80,41 @@ def test_eval_subcommand_rescores(two_runs, capsys):
     assert "| seen tasks (held-out instances) |" in capsys.readouterr().out
 
 
-def test_analyze_calls_the_analysis_module(two_runs, monkeypatch):
+def test_analyze_calls_the_analysis_module(two_runs, monkeypatch, capsys):
     calls = []
-    fake = types.ModuleType("orchmoe.analysis")
-    fake.analyze_run = lambda run_dir, out_dir=None: calls.append((str(run_dir), out_dir))
-    monkeypatch.setitem(sys.modules, "orchmoe.analysis", fake)
+    fake = types.ModuleType("orchmoe.recipe.analysis")
+
+    def analyze_run(run_dir, out_dir=None, model=None, data=None):
+        calls.append((str(run_dir), out_dir))
+        return {"allocation_spread": 0.0012, "allocations_uniform": True, "files": {"a": 1, "b": 2, "c": 3}}
+
+    fake.analyze_run = analyze_run
+    monkeypatch.setitem(sys.modules, "orchmoe.recipe.analysis", fake)
     assert main(["analyze", str(two_runs[0]), "--out", "somewhere"]) == 0
     assert calls == [(str(two_runs[0]), "somewhere")]
+    out = capsys.readouterr().out  # it says where it wrote and what it found
+    assert "written to somewhere/" in out and "indistinguishable from uniform" in out
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "moe"], "unknown method 'moe'; valid methods: " + ", ".join(sorted(METHODS))),
+    (["--method", "moe"], f"method must be one of {sorted(METHODS)}, got 'moe' (did you mean 'mode'?)"),
     (["--data", "/no/such/superni"], "/no/such/superni"),
     (["--batch-size", "many"], "batch_size must be an integer"),
-    (["--method", "lora", "--n-skills", "4"], "has no option(s) ['n_skills']"),
+    (["--method", "lora", "--n-skills", "4"], "method 'lora' has no option 'n_skills' (an option of"),
+    (["--method", "lora", "--adapter.rnak", "4"], "unrecognized arguments: --adapter.rnak 4 (did you mean --adapter.rank"),
+    (["--learning-rat", "0.1"], "(did you mean --learning-rate"),
+    (["--target-modules", "((("], "neither comma-separated names nor a valid regular expression"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
 ])
 def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):
-    assert main(base_args(tiny_llama, superni, tmp_path / "x") + extra) == 2
+    try:
+        assert main(base_args(tiny_llama, superni, tmp_path / "x") + extra) == 2
+    except SystemExit as e:  # argparse's own errors (an unknown flag) exit 2 with a usage line
+        assert e.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("orchmoe train: error:")
+    assert err.strip().splitlines()[-1].startswith(("orchmoe train: error:", "orchmoe: error:"))
 
 
 def test_bad_config_file_names_the_key(tiny_llama, superni, tmp_path, capsys):
@@ -131,10 +146,13 @@ def test_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    from orchmoe.train import TrainConfig
+    from orchmoe.recipe import TrainConfig
     import dataclasses
 
     for f in dataclasses.fields(TrainConfig):
-        flag = "--adapter-arg" if f.name == "adapter_args" else "--" + f.name.replace("_", "-")
+        flag = "--adapter.rank" if f.name == "adapter" else "--" + f.name.replace("_", "-")
         assert flag in out, flag
+    for alias in ("--learning-rate", "--output-dir", "--per-device-train-batch-size", "--gradient-accumulation-steps",
+                  "--adapter.n_abstract_tasks", "--n-abstract-tasks"):
+        assert alias in out, alias
     assert "--config" in out and "--no-eval" in out

@@ -1,4 +1,4 @@
-"""Tests for orchmoe.models: tiny models, checkpoint loading, atomic cache, SmolLM2 GGUF."""
+"""Base-model loading (`orchmoe.loading`) and the GGUF cache (`orchmoe.gguf_cache`): checkpoints, atomic cache, SmolLM2 GGUF."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchmoe import models
-from orchmoe.models import (
-    DEFAULT_MODEL,
-    atomic_materialize,
-    is_encoder_decoder,
-    load_model_and_tokenizer,
-    tiny_model,
-    tiny_tokenizer,
-)
+import tiny_models
+from tiny_models import tiny_model, tiny_tokenizer
+
+from orchmoe import gguf_cache
+from orchmoe.gguf_cache import DEFAULT_MODEL, atomic_materialize
+from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer, resolve_dtype
 
 ARCHS = ["llama", "gpt2", "t5"]
 EXPECTED_MODULES = {
@@ -48,47 +45,6 @@ def _forward(model, input_ids, attention_mask):
         return model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
 
-# ------------------------------------------------------------------ tiny models
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_model_builds_and_runs(arch):
-    model = tiny_model(arch)
-    assert not model.training
-    cfg = model.config
-    assert cfg.vocab_size == 128
-    assert (cfg.pad_token_id, cfg.eos_token_id) == (models.TINY_PAD_ID, models.TINY_EOS_ID)
-    if arch == "t5":
-        assert cfg.decoder_start_token_id == models.TINY_PAD_ID
-    leaf_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    assert EXPECTED_MODULES[arch] <= leaf_names
-    assert is_encoder_decoder(model) == (arch == "t5")
-
-    tok = tiny_tokenizer()
-    enc = tok(["what is the capital of france ?", "paris"], padding=True, return_tensors="pt")
-    assert enc["input_ids"].max() < 128
-    logits = _forward(model, enc["input_ids"], enc["attention_mask"])
-    expected_len = 3 if arch == "t5" else enc["input_ids"].shape[1]
-    assert logits.shape == (2, expected_len, 128)
-    assert torch.isfinite(logits).all()
-
-
-def test_tiny_model_seeded_and_rng_neutral():
-    state = torch.random.get_rng_state()
-    a, b, c = tiny_model("llama", seed=0), tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
-    assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert not torch.equal(pa["model.layers.0.self_attn.q_proj.weight"], pc["model.layers.0.self_attn.q_proj.weight"])
-
-
-def test_tiny_model_custom_vocab_and_bad_arch():
-    assert tiny_model("gpt2", vocab_size=64).config.vocab_size == 64
-    assert len(tiny_tokenizer(64)) == 64
-    with pytest.raises(ValueError, match="unknown tiny arch"):
-        tiny_model("mamba")
-
-
 def test_is_encoder_decoder_accepts_configs_and_wrappers():
     t5 = tiny_model("t5")
 
@@ -101,6 +57,13 @@ def test_is_encoder_decoder_accepts_configs_and_wrappers():
     assert is_encoder_decoder(Wrapper(t5))
     assert not is_encoder_decoder(Wrapper(tiny_model("gpt2")))
     assert not is_encoder_decoder(object())
+
+
+def test_dtype_auto_is_float32_on_cpu_and_names_resolve():
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype(None) == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("torch.float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8")
 
 
 # ------------------------------------------------------------- local checkpoints
@@ -139,7 +102,7 @@ def test_load_with_dtype_and_device(tmp_path):
     tiny_tokenizer().save_pretrained(ckpt)
     model, tok, info = load_model_and_tokenizer(str(ckpt), dtype="bf16", device="cpu")
     assert model.dtype == torch.bfloat16
-    assert tok.pad_token_id == models.TINY_PAD_ID
+    assert tok.pad_token_id == tiny_models.TINY_PAD_ID
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model_and_tokenizer(ckpt, dtype="int3")
 
@@ -189,7 +152,7 @@ def test_atomic_cache_ignores_and_cleans_leftover_tmp(tmp_path):
 
     out = atomic_materialize(final, _tiny_writer, {"name": "tiny"})
     assert out == final
-    assert json.loads((final / models.CACHE_MARKER).read_text())["name"] == "tiny"
+    assert json.loads((final / gguf_cache.CACHE_MARKER).read_text())["name"] == "tiny"
     assert not leftover.exists(), "stale temp dir of a dead writer should be removed"
     assert [p.name for p in final.parent.iterdir()] == ["tiny"]
     model, _, info = load_model_and_tokenizer(final)
@@ -214,7 +177,7 @@ def test_atomic_cache_replaces_unmarked_dir(tmp_path):
     final.mkdir(parents=True)
     (final / "config.json").write_text("{ half written by an old version")
     atomic_materialize(final, _tiny_writer)
-    assert (final / models.CACHE_MARKER).is_file()
+    assert (final / gguf_cache.CACHE_MARKER).is_file()
     assert json.loads((final / "config.json").read_text())["model_type"] == "llama"
 
 
@@ -228,11 +191,11 @@ def test_atomic_cache_reuses_valid_and_rebuilds_stale(tmp_path):
     atomic_materialize(final, must_not_run, {"version": 2})  # default validity: has a marker
 
     def is_v2(path: Path) -> bool:
-        marker = models._read_marker(path)
+        marker = gguf_cache.read_marker(path)
         return marker is not None and marker.get("version") == 2
 
     atomic_materialize(final, _tiny_writer, {"version": 2}, is_valid=is_v2)
-    assert json.loads((final / models.CACHE_MARKER).read_text())["version"] == 2
+    assert json.loads((final / gguf_cache.CACHE_MARKER).read_text())["version"] == 2
     assert [p.name for p in final.parent.iterdir()] == ["tiny"]
 
 
@@ -253,7 +216,7 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     Not skipped when the package is missing: smollm2_gguf_path() raises with the
     install hint, which is the failure we want CI to show.
     """
-    gguf = models.smollm2_gguf_path()
+    gguf = gguf_cache.smollm2_gguf_path()
     assert gguf.is_file() and gguf.suffix == ".gguf"
 
     models_dir = smollm2_cache / "models"
@@ -267,7 +230,7 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     first = time.perf_counter() - t0
     cached_dir = models_dir / DEFAULT_MODEL
     assert not leftover.exists()
-    assert (cached_dir / "model.safetensors").is_file() and (cached_dir / models.CACHE_MARKER).is_file()
+    assert (cached_dir / "model.safetensors").is_file() and (cached_dir / gguf_cache.CACHE_MARKER).is_file()
     assert "quantization_config" not in json.loads((cached_dir / "config.json").read_text())
 
     t0 = time.perf_counter()

@@ -14,10 +14,11 @@ import yaml
 pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model  # noqa: E402
-from orchmoe.analysis import (  # noqa: E402
+from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model
+from orchmoe.recipe import RunFolder, TrainConfig
+from orchmoe.recipe.analysis import (
     AnalysisError,
     abstract_task_assignment,
     allocation_matrices,
@@ -35,8 +36,7 @@ from orchmoe.analysis import (  # noqa: E402
     task_skill_profile,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+from helpers_tokenizer import make_tiny_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -256,7 +256,7 @@ def test_redundancy_table():
     rows = [
         {"K": 25, "trainable_parameters": 1_000_100, "seen_rougeL": 50.0, "unseen_rougeL": 30.0},
         {"K": 100, "trainable_parameters": 1_000_400, "seen_rougeL": 51.5, "unseen_rougeL": 31.0},
-        {"K": 50, "params": 1_000_200, "seen": 51.0},
+        {"K": 50, "trainable_parameters": 1_000_200, "seen_rougeL": 51.0, "unseen_rougeL": None},
     ]
     table = redundancy_table(rows)
     lines = table.strip().splitlines()
@@ -264,9 +264,9 @@ def test_redundancy_table():
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["100", "50", "25"]
     assert "| 100 | 1,000,400 | 51.50 | +0.00 | 31.00 | +0.00 |" in table
     assert "| 25 | 1,000,100 | 50.00 | -1.50 | 30.00 | -1.00 |" in table
-    assert "| 50 | 1,000,200 | 51.00 | -0.50 | – | – |" in table
+    assert "| 50 | 1,000,200 | 51.00 | -0.50 | - | - |" in table
     with pytest.raises(AnalysisError, match="no K"):
-        redundancy_table([{"seen": 1.0}])
+        redundancy_table([{"seen_rougeL": 1.0}])
 
 
 # ------------------------------------------------------------------------------ run folders
@@ -311,11 +311,11 @@ def _write_run(root: Path, config, data_dir: Path, randomize: bool = True) -> Pa
         "categories": {t: TASKS[t][0] for t in names},
         "data_dir": str(data_dir),
     })
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "model": str(model_dir), "data": {"data_dir": str(data_dir), "tasks": names},
-        "n_pos": 1, "max_source_len": 96, "chat_template": False, "seed": 0,
-    }))
-    (run / "metrics.json").write_text(json.dumps({"seen": {"rougeL": 12.5}, "unseen": {"rougeL": 8.25}}))
+    cfg = TrainConfig(model=str(model_dir), data=str(data_dir), tasks=",".join(names), train_per_task=6, eval_per_task=5,
+                      unseen_tasks=0, n_pos=1, max_source_len=96, seed=0, method=config.method)
+    RunFolder(run).write_config(cfg)
+    (run / "metrics.json").write_text(json.dumps({"seen": {"overall": {"rougeL": 12.5, "n": 20}},
+                                                  "unseen": {"overall": {"rougeL": 8.25, "n": 3}}}))
     return run
 
 
@@ -343,7 +343,7 @@ def test_analyze_run_orchmoe_writes_every_artefact(tmp_path, data_dir):
     assert 0.5 <= saved["category_agreement"]["purity"] <= 1.0
     assert sorted(saved["dendrogram_leaves"]) == names
     assert saved["categories"]["task003_add"] == "Arithmetic"
-    assert saved["metrics"] == {"seen.rougeL": 12.5, "unseen.rougeL": 8.25}
+    assert saved["metrics"] == {"seen.rougeL": 12.5, "unseen.rougeL": 8.25}  # the overall scores, not the counts
     md = (out / "analysis.md").read_text()
     assert "| task | category | abstract task" in md and "NMI" in md
     for t in names:
@@ -376,11 +376,11 @@ def test_analyze_run_errors_name_the_missing_file(tmp_path, data_dir):
     with pytest.raises(AnalysisError, match="does not exist"):
         analyze_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AnalysisError, match=r"adapter[/\\]adapter_config\.json not found"):
+    with pytest.raises(AnalysisError, match=r"no adapter_config\.json in .*empty[/\\]adapter"):
         analyze_run(tmp_path / "empty")
     run = _write_run(tmp_path, OrchMoEConfig(n_abstract_tasks=2, n_skills=2), data_dir)
     (run / "config.yaml").unlink()
-    with pytest.raises(AnalysisError, match=r"config\.yaml not found"):
+    with pytest.raises(AnalysisError, match=r"has no config\.yaml"):
         read_run(run)
     meta_file = run / "adapter" / "adapter_config.json"
     meta = json.loads(meta_file.read_text())
