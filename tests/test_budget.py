@@ -1,11 +1,16 @@
-"""Parameter accounting (METHODS.md formulas == the real adapter) and budget matching."""
+"""Parameter accounting (the formulas of docs/methods.md == the real adapter) and budget matching."""
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
+import torch
 from core_helpers import tiny_base
 
-from orchmoe import (BudgetError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig,
-                     count_parameters, get_model, lora_budget, match_budget)
+from orchmoe import (METHODS, BudgetError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig,
+                     PolyConfig, count_parameters, get_model, lora_budget, match_budget)
 from orchmoe.budget import model_dims
 
 CONFIGS = {
@@ -34,6 +39,7 @@ def test_formula_equals_real_adapter_parameters(arch, name):
 
 
 def test_formulas_by_hand():
+    """The per-layer formulas of docs/methods.md, section 5, written out for one (10 -> 6) layer."""
     shapes = {"a": (10, 6)}  # P = 10, Q = 6
     assert count_parameters(LoraConfig(rank=2), shapes, 8) == 2 * 16
     assert count_parameters(MoLoRAConfig(n_skills=3, rank=2), shapes, 8) == 3 * 2 * 16 + 10 * 3
@@ -80,3 +86,74 @@ def test_match_budget_impossible_is_a_budget_error():
         match_budget(LoraConfig(), base, budget, vary="experts")
     with pytest.raises(BudgetError, match="cannot meet a budget of 10"):
         match_budget(OrchMoEConfig(rank=1), base, 10)
+
+
+# ----------------------------------------------------------------------------- the worked example in the docs
+METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+
+
+def _doc_table(marker: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the Markdown table right after ``<!-- worked-example: marker -->``."""
+    lines = METHODS_DOC.read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"<!-- worked-example: {marker} -->") + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    assert len(rows) > 2, f"no table after the {marker!r} marker in {METHODS_DOC}"
+    return rows[2:]  # header and separator
+
+
+def _doc_config(cell: str):
+    """`PolyConfig(n_tasks=100, ...)` from a table cell: a config class of orchmoe and literal keyword arguments."""
+    call = ast.parse(cell.strip("`"), mode="eval").body
+    classes = {cls.__name__: cls for cls in METHODS.values()}
+    assert isinstance(call, ast.Call) and not call.args and call.func.id in classes, cell
+    return classes[call.func.id](**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+
+
+def _number(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+def _smollm2_meta():
+    """SmolLM2-135M's architecture on the meta device: its real layer shapes, no weights, no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+def test_worked_example_matches_count_parameters():
+    """docs/methods.md's SmolLM2-135M tables are what count_parameters and match_budget give (the doc cannot drift)."""
+    base = _smollm2_meta()
+    shapes, d = model_dims(base)  # the default targets: q_proj and v_proj
+    assert d == 576 and len(shapes) == 60
+    assert {(k.rsplit(".", 1)[-1], v) for k, v in shapes.items()} == {("q_proj", (576, 576)), ("v_proj", (576, 192))}
+    budget = lora_budget(base, rank=8)
+    assert budget == 460_800
+
+    counts = _doc_table("counts")
+    assert len(counts) >= 6 and {type(_doc_config(r[1])).method for r in counts} == set(METHODS)
+    for name, cell, q, v, once, total, ratio in counts:
+        cfg = _doc_config(cell)
+        assert (cfg.layer_parameters(576, 576), cfg.layer_parameters(576, 192), cfg.model_parameters(576)) == \
+            (_number(q), _number(v), _number(once)), name
+        assert count_parameters(cfg, shapes, d) == _number(total), name
+        assert f"{_number(total) / budget:.3f}" == ratio, name
+
+    matches = _doc_table("match_budget")
+    assert any(r[5] == "yes" for r in matches) and any(r[5] == "no" for r in matches)
+    for cell, vary, closest, params, off, within in matches:
+        start = _doc_config(cell)
+        assert f"{(_number(params) - budget) / budget:+.1%}" == off, cell
+        if within == "yes":
+            got = match_budget(start, base, budget, vary=vary)
+            assert getattr(got, vary) == int(closest) and count_parameters(got, shapes, d) == _number(params), cell
+        else:
+            assert within == "no", cell
+            with pytest.raises(BudgetError, match=re.escape(f"closest is {vary}={closest} with {_number(params):,} ")):
+                match_budget(start, base, budget, vary=vary)
