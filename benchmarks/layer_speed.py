@@ -3,7 +3,7 @@
 Every method wraps the same frozen ``nn.Linear`` (576->576, the q projection, and
 576->1536, the MLP up projection, of SmolLM2-135M) and is sized to the trainable
 budget of a rank-8 LoRA (4 skills x rank 2 for the mixtures; MoDE m=4 with a shared
-down-projection, its rank chosen by the METHODS.md formula to land closest to the
+down-projection, its rank chosen by the docs/methods.md formula to land closest to the
 budget). Compared in one run, repetitions interleaved (the order rotates every rep):
 
 * ``plain``      a hand-written LoRA layer, ``base(x) + (x @ A) @ B`` (the speed floor);
@@ -113,7 +113,7 @@ class LoopMoLoRA(nn.Module):
 
 
 def mode_config(P: int, Q: int, budget: int, m: int = 4) -> MoDEConfig:
-    """MoDE with m experts per rank column (p = 1), rank chosen closest to `budget` by the METHODS.md count."""
+    """MoDE with m experts per rank column (p = 1), rank chosen closest to `budget` by the docs/methods.md count."""
     best = None
     for r in range(1, 65):
         cfg = MoDEConfig(target_modules=["proj"], n_skills=m, rank=r, expert_rank=1)
