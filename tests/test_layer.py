@@ -1,16 +1,19 @@
 """RoutedLoraLayer: the one mixture layer, checked against a per-expert reference loop."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 from orchmoe import RoutedLoraLayer
-from orchmoe.routers import LayerRouter
+from orchmoe.routers import LayerRouter, TokenRouter
 from orchmoe.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -167,3 +170,48 @@ def test_bf16_base_with_fp32_adapter_computes_the_update_in_fp32():
     torch.testing.assert_close(y, base(x) + delta.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
     y.float().sum().backward()
     assert layer.lora_B.grad.dtype == torch.float32 and base.weight.grad is not None  # (base not frozen here)
+
+
+class _Casts(TorchDispatchMode):
+    """Records the number of elements of every tensor cast (aten._to_copy) under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["single", "params", "mhr", "tokens"])
+def test_autocast_runs_the_update_without_casting_activations(path):
+    """Under autocast the GEMMs run in bf16 whatever their operands: casting the (b, n, P) activations to
+    the fp32 adapters and the update back would only add full passes. Only weight-sized tensors are cast
+    then (the experts, for autocast's GEMMs); the result has the base's dtype and matches fp32 math.
+    Without autocast (fp32 adapters on a bf16 base) the activations are cast: the update runs in fp32."""
+    torch.manual_seed(0)
+    b, n, P, Q, S = 4, 16, 16, 8, 3
+    base = nn.Linear(P, Q).to(torch.bfloat16)
+    if path == "tokens":
+        layer = RoutedLoraLayer(base, n_experts=S, rank=4, scale=0.5, router=TokenRouter(P, S, n_blocks=2))
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    elif path == "single":
+        layer = _layer(base, None, "params", S=1, r=4)
+    else:
+        h = 4 if path == "mhr" else 1
+        layer = _layer(base, torch.softmax(torch.randn(b, h, S), -1), "params", S=S, r=4, h=h)
+    x = torch.randn(b, n, P).to(torch.bfloat16)
+    activation = b * n * min(P, Q)  # elements of the smallest activation-sized tensor
+    with _Casts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert casts.sizes and max(casts.sizes) < activation, casts.sizes
+    with _Casts() as casts:
+        y32 = layer(x)
+    assert y32.dtype == torch.bfloat16 and max(casts.sizes) >= activation  # the fp32 update (the check can fail)
+    exact = copy.deepcopy(layer).float()(x.float())
+    torch.testing.assert_close(y.float(), exact, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(y32.float(), exact, atol=2e-2, rtol=2e-2)

@@ -367,6 +367,31 @@ def test_bf16_base_with_fp32_adapters():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.adapter_state_dict().values())
 
 
+def test_task_router_statistics_stay_fp32_and_keep_updating_after_a_bf16_cast():
+    """model.to(torch.bfloat16) casts everything but the Task Router's running statistics: in bf16 a
+    running mean stops moving once the count is large (1/n below bf16's resolution). They keep
+    accumulating every training prompt's fp32 summary exactly."""
+    from orchmoe.routing import prompt_token_mask
+
+    model = _routed("llama", "orchmoe").to(torch.bfloat16)
+    tr = model.task_router
+    assert tr.net.weight.dtype == torch.bfloat16 and next(iter(model.adapter_state_dict().values())).dtype == torch.bfloat16
+    assert tr.summary_mean.dtype == tr.summary_var.dtype == torch.float32 and tr.summary_count.dtype == torch.long
+    model.train()
+    summaries = []
+    for seed in range(3):
+        batch, _ = toy_batch("llama", seed=seed)
+        before = tr.summary_mean.clone()
+        model(**batch).loss.backward()
+        assert not torch.equal(tr.summary_mean, before)  # still updating
+        mask = prompt_token_mask(batch["attention_mask"], batch["labels"], batch["input_ids"].shape, "cpu")
+        summaries.append(model.prompt_summary(batch["input_ids"], batch["attention_mask"], prompt_mask=mask))
+    every = torch.cat(summaries)
+    assert tr.summary_mean.dtype == torch.float32 and int(tr.summary_count) == every.shape[0]
+    torch.testing.assert_close(tr.summary_mean, every.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tr.summary_var, every.var(0, unbiased=False), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_adapters_and_routers_live_on_the_base_model_device(method):
     with torch.device("meta"):
@@ -598,7 +623,7 @@ def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
         layer.lora_B.add_(0.5)  # an in-place weight change invalidates the cache
         out2 = model.base_model(input_ids=ids).logits
         assert len(calls) == 2
-        layer._decode_cache = None
+        model.routing_state.mixed.clear()  # drop every layer's mixed weights: rebuilt from scratch
         fresh = model.base_model(input_ids=ids).logits
     torch.testing.assert_close(out2, fresh)
     assert not torch.allclose(out1, out2)
@@ -659,3 +684,64 @@ def test_adapter_files_are_checked_before_use(tmp_path):
     save_file(tensors, str(weights))
     with pytest.raises(AdapterMismatchError, match="'router.logits' holds NaN"):
         load_adapter(tiny_base("llama"), tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- torch.compile, static KV cache
+@pytest.mark.parametrize("method", ["mhr", "orchmoe", "molora"])
+def test_compiled_static_cache_decoding_does_not_recompile_per_prompt_batch(method):
+    """generate() with a static cache compiles its decoding step (transformers' auto-compile; the eager
+    backend, only the graph capture matters). The layers read the routing's mixed weights as tensors, so
+    new prompt batches of the same shape, routed differently, reuse the one graph (fullgraph: no break)
+    and decode exactly as eager generation with a dynamic cache."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers auto-compiles on accelerators only, unless asked
+    model = _routed("llama", method)
+    _sharpen(model)
+    g = torch.Generator().manual_seed(5)
+    outs = []
+    for tasks in ([0, 2], [1, 0], [2, 1]):
+        ids = torch.randint(3, 60, (2, 6), generator=g)
+        compiled = _gen(model, ids, method, torch.tensor(tasks), max_new_tokens=5, cache_implementation="static",
+                        compile_config=config)
+        assert len(graphs) == 1, f"recompiled for prompt batch {len(outs) + 1}: {len(graphs)} graphs"
+        _same_up_to_padding(compiled, _gen(model, ids, method, torch.tensor(tasks), max_new_tokens=5))
+        outs.append(compiled)
+    assert not torch.equal(outs[0], outs[1])  # different prompts (and routings) really decoded differently
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["mhr", "orchmoe", "mode"])
+def test_compiled_training_forward_is_one_graph(method):
+    """The whole training forward, routing included (task-id check, Gumbel noise, Task Router statistics,
+    balance losses), compiles without a graph break (fullgraph) into one graph reused for new batches of the
+    same shape, and its gradients are the eager ones."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager, compiled = _routed("llama", method), _routed("llama", method)
+    step = torch.compile(compiled, backend=backend, fullgraph=True)
+    for seed in range(2):
+        batch, tasks = toy_batch("llama", seed=seed)
+        grads = []
+        for model, call in ((eager, eager), (compiled, step)):
+            model.train().zero_grad()
+            torch.manual_seed(seed)  # the same Gumbel noise
+            call(**batch, **task_kwargs(method, tasks)).loss.backward()
+            grads.append({k: p.grad for k, p in model.adapter_state_dict().items()})
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4, msg=k)
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    torch._dynamo.reset()

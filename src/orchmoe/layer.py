@@ -10,7 +10,17 @@ by all experts (MoDE, MoLoRA-SD). The router decides the mixture:
 * output mixing (MoLoRA, MoDE): per-token gates g (b, n, k, S) scale each
   expert's block of p = r/k rank columns between ``x @ A`` and ``@ B``.
 
-Both are two matrix products whatever S is: no Python loop over experts.
+Both are two matrix products whatever S is: no Python loop over experts. The second
+product also adds the scaled update to the base output (``addmm``/``baddbmm`` with
+``alpha=scale``), and a linear token router shares the first one (``x @ [A | W_g]``):
+on an accelerator a small model is launch-bound, so operators count, not FLOPs
+(``benchmarks/ops_count.py``). Nothing in a forward reads a tensor on the host.
+
+Precision: without autocast, fp32 adapters on a bf16 base compute the update in fp32
+(the activations are cast once, the sum rounded once); under autocast nothing is cast,
+autocast runs the products in its own dtype. Without gradients (generation) the mixed
+``(A_t, B_t)`` of a routing are built once and then read from the `RoutingState`, so a
+compiled decoding step does not recompile for a new prompt batch.
 """
 from __future__ import annotations
 
@@ -83,27 +93,35 @@ class RoutedLoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        squeeze = x.dim() == 2
-        h = self.dropout(x.unsqueeze(0) if squeeze else x).to(self.lora_A.dtype)  # (b, n, P)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.lora_A.dtype)  # fp32 adapters on a bf16 base: the update in fp32 (autocast picks its own)
         if self.router is not None:
-            delta = self.mix_outputs(h, self.router(h, self.state))
-        else:
-            delta = self.mix_parameters(h, *self.routed_weights(h))
-        if squeeze:
-            delta = delta.squeeze(0)
-        return result + (self.scale * delta).to(result.dtype)
+            return self.mix_outputs(h, result)
+        batch = h.shape[0] if h.dim() > 2 else 1
+        if self.state is None or self.state.weights is None:
+            self.allocation(batch)  # a mixture without routing: a clear error
+            return _add_product(result, h.reshape(-1, self.in_features) @ self.lora_A[0], self.lora_B[0], self.scale)
+        A_t, B_t = self.routed_weights(batch)
+        return self.mix_parameters(h, result, A_t, B_t)
 
     def mixed_weights(self, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example (A_t, B_t) from allocation weights w (b, h, S); None means the single expert."""
+        """Per-example (A_t, B_t), (b, P, r) and (b, r, Q), from allocation weights w (b, h, S); None: the single expert."""
         A, B = self.lora_A, self.lora_B  # (S, P, r), (S, r, Q)
         if w is None:
             return A, B  # (1, P, r), (1, r, Q): broadcast over the batch
         S, P, r = A.shape
-        Q, h = self.out_features, self.n_splits
+        Q, h, b = self.out_features, self.n_splits, w.shape[0]
         w = w.to(A.dtype)
-        A_t = torch.einsum("bhs,shpr->bhpr", w, A.view(S, h, P // h, r)).reshape(-1, P, r)  # (b,h,S)x(S,h,P/h,r) -> (b,P,r)
-        B_t = torch.einsum("bhs,srhq->brhq", w, B.view(S, r, h, Q // h)).reshape(-1, r, Q)  # (b,h,S)x(S,r,h,Q/h) -> (b,r,Q)
-        return A_t, B_t
+        if h == 1:  # one GEMM per factor
+            w = w.reshape(b, S)
+            return (w @ A.view(S, P * r)).view(b, P, r), (w @ B.view(S, r * Q)).view(b, r, Q)  # (b,S)@(S,P*r), (b,S)@(S,r*Q)
+        # MHR: block j of A's rows and of B's columns mixed by w[:, j]. A broadcast product and one sum each, laid
+        # out so that the results are already (b, P, r) and (b, r, Q) and the experts' gradients need no copy
+        w = w.transpose(1, 2).unsqueeze(-1)  # (b,S,h,1)
+        A_t = (w * A.view(S, h, P // h * r)).sum(1)  # (b,S,h,1)*(S,h,P/h*r) -> (b,h,P/h*r)
+        B_t = (w.unsqueeze(2) * B.view(S, r, h, Q // h)).sum(1)  # (b,S,1,h,1)*(S,r,h,Q/h) -> (b,r,h,Q/h)
+        return A_t.reshape(b, P, r), B_t.reshape(b, r, Q)
 
     def allocation(self, batch: int) -> torch.Tensor | None:
         """This layer's allocation weights (b, h, S) from the model's routing; None for a single expert."""
@@ -113,35 +131,56 @@ class RoutedLoraLayer(nn.Module):
                                "call the RoutedModel, not its base model")
         return w
 
-    def routed_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_t, B_t) for this batch. While decoding (no grad, routers in eval mode) the routing is
-        fixed per prompt batch, so the mixed weights are kept until the routing or a weight changes
-        instead of being rebuilt at every step."""
-        b = h.shape[0]
-        if torch.is_grad_enabled() or self.state is None:
-            return self.mixed_weights(self.allocation(b))
-        key = (self.state.version, b, self.lora_A._version, self.lora_B._version)
-        cache = getattr(self, "_decode_cache", None)
-        if cache is None or cache[0] != key:
-            cache = (key, self.mixed_weights(self.allocation(b)))
-            self._decode_cache = cache
-        return cache[1]
+    def routed_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_t, B_t) for this batch. Without gradients the routing is fixed until the next `RoutingState.set`
+        (a generate() call, every decoding step of it), so the mixed weights are built once, at the first
+        forward of that batch size (the prefill), kept in the state and then only read: a compiled decoding
+        step sees tensors, never a Python key that changes with the routing. In eager mode an in-place change
+        of the experts (an optimizer step between forwards) rebuilds them."""
+        state = self.state
+        if torch.is_grad_enabled():
+            return self.mixed_weights(self.allocation(batch))
+        cached = state.mixed.get(self.index)
+        if cached is None or cached[0].shape[0] != batch or (
+                not torch.compiler.is_compiling() and state.mixed_versions.get(self.index) != self._versions()):
+            cached = self.mixed_weights(self.allocation(batch))
+            state.mixed[self.index] = cached
+            state.mixed_versions[self.index] = self._versions()
+        return cached
 
-    @staticmethod
-    def mix_parameters(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
-        if A_t.shape[0] == 1:  # one (A, B) for the whole batch
-            return (x @ A_t[0]) @ B_t[0]  # (b,n,P)@(P,r) -> (b,n,r) @ (r,Q) -> (b,n,Q)
-        return (x @ A_t) @ B_t  # (b,n,P)@(b,P,r) -> (b,n,r) @ (b,r,Q) -> (b,n,Q)
+    def _versions(self) -> tuple[int, int]:
+        return self.lora_A._version, self.lora_B._version
 
-    def mix_outputs(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def mix_parameters(self, h: torch.Tensor, result: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+        """result + scale * (h @ A_t) @ B_t, one (A_t, B_t) per example: two batched GEMMs, the second also
+        adding the scaled update to the base output."""
+        b, P, _ = A_t.shape
+        if A_t.shape[0] == 1:  # one pair for every row (export's single routing)
+            return _add_product(result, h.reshape(-1, P) @ A_t[0], B_t[0], self.scale)
+        if h.dim() != 3:
+            return self.mix_parameters(h.reshape(b, -1, P), result.reshape(b, -1, self.out_features), A_t, B_t).view(result.shape)
+        return _add_product(result, torch.bmm(h, A_t), B_t, self.scale)  # (b,n,P)@(b,P,r) -> (b,n,r); @(b,r,Q)
+
+    def mix_outputs(self, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Per-token gates scale each expert's block of rank columns between ``h @ A`` and ``@ B``. When the
+        router is linear in h (MoLoRA, MoDE) its product shares the down-projection's GEMM."""
         A, B = self.lora_A, self.lora_B  # (D, P, r) with D in {1, S}; (S, r, Q)
         D, P, r = A.shape
-        S = B.shape[0]
+        S, Q = B.shape[0], self.out_features
+        x = h.reshape(-1, P)  # (N, P)
+        shape = h.shape[:-1]
+        down = [A[0]] if D == 1 else list(A.unbind(0))  # D blocks (P, r) of the down-projection
+        router_weight = self.router.input_weight()
+        if router_weight is None:
+            z = x @ (down[0] if D == 1 else torch.cat(down, 1))  # (N,P)@(P,D*r) -> (N,D*r)
+            gates = self.router(h, self.state)
+        else:
+            W = torch.cat([*down, router_weight.to(A.dtype)], 1)  # (P, D*r + k*S)
+            z, logits = (x @ W).split([D * r, router_weight.shape[1]], -1)  # (N,P)@(P,D*r+k*S) -> (N,D*r), (N,k*S)
+            gates = self.router.gates_from_logits(logits.view(*shape, -1), self.state)
         k = gates.shape[-2]  # rank blocks, each of p = r // k columns
-        b, n = x.shape[:2]
-        z = x @ A.permute(1, 0, 2).reshape(P, D * r)  # (b,n,P)@(P,D*r) -> (b,n,D*r)
-        z = z.view(b, n, D, k, r // k) * gates.transpose(-1, -2).unsqueeze(-1)  # (b,n,D,k,p)*(b,n,S,k,1) -> (b,n,S,k,p)
-        return z.reshape(b, n, S * r) @ B.reshape(S * r, self.out_features)  # (b,n,S*r)@(S*r,Q) -> (b,n,Q)
+        u = z.view(-1, D, k, r // k) * gates.reshape(-1, k, S).transpose(1, 2).unsqueeze(-1)  # (N,D,k,p)*(N,S,k,1) -> (N,S,k,p)
+        return _add_product(result, u.reshape(-1, S * r), B.view(S * r, Q), self.scale)  # (N,S*r)@(S*r,Q)
 
     def delta_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The merged update for one routing (parameter-mixing methods), (P, Q), scale included."""
@@ -149,3 +188,21 @@ class RoutedLoraLayer(nn.Module):
             raise ValueError("a per-token routed layer (MoLoRA/MoDE) has no single weight update to merge")
         A_t, B_t = self.mixed_weights(w)
         return self.scale * (A_t[0] @ B_t[0])  # (P,r)@(r,Q) -> (P,Q)
+
+
+def _add_product(result: torch.Tensor, z: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``result + scale * z @ B`` as one (batched) GEMM, shaped like ``result``.
+
+    z is (N, r) with B (r, Q), rows flattened from result's; or (b, n, r) with B (b, r, Q). The scale and
+    the residual add are folded into the GEMM (``addmm``/``baddbmm`` with ``alpha``). Under autocast the
+    GEMM runs in the autocast dtype; without it, an update in another dtype than the base output (fp32
+    adapters on a bf16 base) is added in the update's dtype and rounded once.
+    """
+    acc = result
+    if result.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
+        acc = result.to(z.dtype)
+    if z.dim() == 2:
+        out = torch.addmm(acc.reshape(-1, B.shape[-1]), z, B, alpha=scale).view(result.shape)  # (N,r)@(r,Q)
+    else:
+        out = torch.baddbmm(acc, z, B, alpha=scale)  # (b,n,r)@(b,r,Q) -> (b,n,Q)
+    return out.to(result.dtype)

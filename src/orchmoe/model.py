@@ -11,6 +11,7 @@ operation per forward), a `LayerRouter` is built into each adapted layer.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ class RoutedModel(nn.Module):
             raise RoutingError(f"got {ids.numel()} task_ids for a batch of {batch}")
         n_tasks = getattr(self.adapter_config, "n_tasks", None)
         if n_tasks is not None:
-            if ids.device.type == "cpu":  # checked on the host for free; on an accelerator without a sync
+            if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # on the host for free; else no sync
                 bad = ids[(ids < -1) | (ids >= n_tasks)]
                 if bad.numel():
                     raise RoutingError(f"task id {int(bad[0])} out of range: this {self.adapter_config.method} adapter has "
@@ -251,14 +252,23 @@ class RoutedModel(nn.Module):
             self.routing_state.add_aux_loss(route.aux_loss)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, routing_mask=None, **kwargs):
-        reuse = self.routing_state.ready and (
-            _continues_decode(kwargs)  # a continued decode keeps its prompt's routing
+        """The base model's forward under a routing set from these inputs, or kept: a step that continues a
+        KV cache (or runs the decoder over already encoded prompts) keeps its prompt's routing.
+
+        A static cache keeps its length on the device; reading it would be a host sync, so a forward continues
+        the decode when it passes the very cache object its routing was set with. To reuse that object for a
+        new prompt batch after ``cache.reset()``, call `set_routing` first (or pass a new cache)."""
+        cache = kwargs.get("past_key_values")
+        reuse = (
+            _continues_decode(cache, self.routing_state.cache)  # a continued decode keeps its prompt's routing
             or (input_ids is None and kwargs.get("inputs_embeds") is None and kwargs.get("encoder_outputs") is not None
-                and task_ids is None))  # a decoder step over an already encoded prompt
+                and task_ids is None)  # a decoder step over an already encoded prompt
+        ) and self.routing_state.ready  # read last: a compiled training forward then never guards on it
         if not reuse:
             self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
                              labels=labels, task_ids=task_ids, routing_mask=routing_mask,
                              decoder_attention_mask=kwargs.get("decoder_attention_mask"))
+            self.routing_state.cache = _weak(cache)
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         aux = self.routing_state.aux_losses
         if aux:
@@ -276,6 +286,11 @@ class RoutedModel(nn.Module):
         The routers run in evaluation mode whatever the model's mode: a training-mode
         router would draw a new Gumbel sample at every decoding step, so the tokens
         already in the KV cache would have been computed under another routing.
+
+        Parameter-mixing layers build their mixed ``(A_t, B_t)`` at the prefill and the
+        decoding steps only read them (tensors held by the routing state), so a compiled
+        decoding step (``cache_implementation="static"``, transformers' ``compile_config``)
+        is compiled once, not once per prompt batch.
         """
         routers = self._routers()
         modes = [r.training for r in routers]
@@ -354,12 +369,27 @@ class RoutedModel(nn.Module):
         return merge_and_unload(self, **routing)
 
 
-def _continues_decode(kwargs: dict) -> bool:
-    cache = kwargs.get("past_key_values")
-    if cache is not None:
-        length = getattr(cache, "get_seq_length", None)
-        return length() > 0 if callable(length) else True
-    return False
+def _weak(cache):
+    """A weak reference to a cache object (None for none, or for a legacy tuple cache, which has no identity to keep)."""
+    try:
+        return None if cache is None else weakref.ref(cache)
+    except TypeError:
+        return None
+
+
+def _continues_decode(cache, routed_cache) -> bool:
+    """Whether a forward given this KV cache continues a decode (rather than starting a new prompt batch).
+
+    ``routed_cache``: a weak reference to the cache the current routing was set with, or None."""
+    if cache is None:
+        return False
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        return True
+    n = length()
+    if isinstance(n, torch.Tensor):  # a static cache: its length lives on the device, `n > 0` would sync
+        return routed_cache is not None and routed_cache() is cache
+    return n > 0
 
 
 def get_model(base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None) -> RoutedModel:

@@ -6,6 +6,11 @@ model runs, the model's router fills it: the allocation weights of every layer a
 mask). `generate()` keeps it fixed across decoding steps, so the KV cache stays valid. Beam
 search and ``num_return_sequences`` repeat each example contiguously (``repeat_interleave``), so a
 batch that is a multiple of the stored one is expanded that way.
+
+Without gradients the parameter-mixing layers keep their mixed ``(A_t, B_t)`` here (``mixed``)
+from the first forward of a routing (the prefill) to the next `set`, so decoding steps only read
+tensors: nothing in a layer's forward depends on a Python value that changes from one routing to
+the next, and ``torch.compile`` does not recompile per prompt batch.
 """
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ class RoutingError(ValueError):
 
 class RoutingState:
     def __init__(self) -> None:
-        self.version = 0  # bumped by every set(): layers key their generation caches on it
+        # layer index -> (A_t, B_t) mixed under this routing without gradients (decoding); cleared in place by
+        # every set(), so a compiled decoding step reads tensors and never a key that changes with the routing
+        self.mixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mixed_versions: dict[int, tuple[int, int]] = {}  # the experts' _version counters when mixed (eager check)
         self.clear()
 
     def clear(self) -> None:
@@ -30,8 +38,11 @@ class RoutingState:
         self.token_mask: torch.Tensor | None = None  # (b, n) 1 for real tokens of the (encoder) input
         self.decoder_token_mask: torch.Tensor | None = None  # (b, m) real decoder tokens (encoder-decoder models)
         self.aux_losses: list[torch.Tensor] = []
+        self.cache = None  # weakref to the KV cache this routing was set with (RoutedModel.forward)
         self._per_layer: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._expanded: dict[tuple[str, int], torch.Tensor] = {}
+        self._expanded: dict[tuple, torch.Tensor] = {}  # per-batch expansions and derived masks
+        self.mixed.clear()
+        self.mixed_versions.clear()
         self.ready = False
 
     def set(self, *, task_ids=None, task_probs=None, weights=None, token_mask=None, decoder_token_mask=None) -> None:
@@ -42,7 +53,6 @@ class RoutingState:
         self.token_mask = token_mask
         self.decoder_token_mask = decoder_token_mask
         self.ready = True
-        self.version += 1
 
     def _for_batch(self, name: str, value: torch.Tensor, batch: int, dim: int = 0) -> torch.Tensor:
         stored = value.shape[dim]
@@ -76,6 +86,18 @@ class RoutingState:
         if m is None or m.dim() != 2 or m.shape[1] != shape[1] or shape[0] % m.shape[0]:
             return None
         return self._for_batch(name, m, shape[0])
+
+    def token_weights_for(self, shape: torch.Size, decoder: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The padding mask of these (b, n) tokens as weights summing to one over the real tokens, (b, n, 1, 1);
+        computed once per forward and shared by every layer's balance loss. None without a matching mask."""
+        m = self.token_mask_for(shape, decoder)
+        if m is None:
+            return None
+        key = ("token_weights", decoder, tuple(shape), dtype)
+        if key not in self._expanded:
+            w = m.to(dtype)
+            self._expanded[key] = (w / w.sum().clamp_min(1.0)).view(*w.shape, 1, 1)
+        return self._expanded[key]
 
     def add_aux_loss(self, loss: torch.Tensor) -> None:
         self.aux_losses.append(loss)

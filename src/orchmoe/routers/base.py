@@ -67,10 +67,23 @@ class ModelRouter(nn.Module):
 
 
 class LayerRouter(nn.Module):
-    """Gates every token of one adapted layer from its input (output mixing)."""
+    """Gates every token of one adapted layer from its input (output mixing).
+
+    A router whose gates depend on x only through ``x @ W`` answers ``input_weight()`` (W, P x k*S):
+    the layer then computes that product in the same GEMM as its down-projection and passes the
+    logits to ``gates_from_logits``; any other router is called on x (``forward``).
+    """
 
     mixing = "tokens"
     decoder_side = False  # set by the model on routers inside an encoder-decoder model's decoder
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def input_weight(self) -> torch.Tensor | None:
+        """W (P, k*S) when the gates are a function of ``x @ W``; None otherwise."""
+        return None
+
+    def gates_from_logits(self, logits: torch.Tensor, state) -> torch.Tensor:  # pragma: no cover - abstract
+        """Gates (b, n, k, S) from ``x @ input_weight()`` (b, n, k*S)."""
         raise NotImplementedError

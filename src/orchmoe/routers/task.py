@@ -86,7 +86,7 @@ class TaskRouter(nn.Module):
         n_local = u.shape[0]
         local_mean = u.sum(0) / max(n_local, 1)
         centred = ((u - local_mean) ** 2).sum(0)  # (d,) sums around the local mean: no cancellation
-        packed = torch.cat([u.new_tensor([float(n_local)]), u.sum(0), centred])  # (2d+1,)
+        packed = torch.cat([u.new_full((1,), n_local), u.sum(0), centred])  # (2d+1,); new_full: no host-to-device copy
         world = [torch.zeros_like(packed) for _ in range(dist.get_world_size())]
         dist.all_gather(world, packed)
         stacked = torch.stack(world)  # (W, 2d+1)
@@ -118,7 +118,7 @@ class TaskRouter(nn.Module):
         if self.hard:
             if self.training:
                 return F.gumbel_softmax(logits, tau=1.0, hard=True)
-            return F.one_hot(logits.argmax(-1), self.n_abstract_tasks).to(logits.dtype)
+            return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)  # one-hot (b, K), no host sync
         return F.softmax(logits, dim=-1)  # (b, K)
 
     @staticmethod

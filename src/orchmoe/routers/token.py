@@ -39,27 +39,48 @@ class TokenRouter(LayerRouter):
                    getattr(config, "aux_loss_coef", 0.0))
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        logits = (x @ self.weight.to(x.dtype)).unflatten(-1, (self.n_blocks, self.n_experts))  # (b,n,P)@(P,k*S) -> (b,n,k,S)
-        probs = F.softmax(logits.float(), dim=-1)
-        gates = probs
+        return self.gates_from_logits(x @ self.weight.to(x.dtype), state)  # (b,n,P)@(P,k*S) -> (b,n,k*S)
+
+    def input_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def gates_from_logits(self, logits: torch.Tensor, state) -> torch.Tensor:
+        """Gates (b, n, k, S) from the router's logits (b, n, k*S); adds the balance loss in training."""
+        probs = F.softmax(logits.unflatten(-1, (self.n_blocks, self.n_experts)).float(), dim=-1)  # (b,n,k,S)
+        gates, top = probs, None
         if self.top_k is not None and self.top_k < self.n_experts:
-            top, idx = probs.topk(self.top_k, dim=-1)  # (b,n,k,top_k)
-            gates = torch.zeros_like(probs).scatter(-1, idx, top)
+            kept, top = probs.topk(self.top_k, dim=-1)  # (b,n,k,top_k)
+            gates = torch.zeros_like(probs).scatter(-1, top, kept)
             gates = gates / gates.sum(-1, keepdim=True)
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled() and state is not None:
-            state.add_aux_loss(self.aux_loss_coef * self.balance_loss(probs, state.token_mask_for(x.shape, decoder=self.decoder_side)))
-        return gates.to(x.dtype)
+            weights = state.token_weights_for(probs.shape[:2], decoder=self.decoder_side, dtype=probs.dtype)
+            state.add_aux_loss(self._balance(probs, weights, top, self.aux_loss_coef))
+        return gates.to(logits.dtype)
 
-    def balance_loss(self, probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Switch load balancing S * sum_s f_s P_s, f the share of token selections, P the mean probability."""
-        k = self.top_k or 1
-        chosen = F.one_hot(probs.topk(k, dim=-1).indices, self.n_experts).sum(-2).to(probs.dtype)  # (b,n,k,S)
+    def balance_loss(self, probs: torch.Tensor, mask: torch.Tensor | None, top: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch load balancing S * sum_s f_s P_s, f the share of token selections, P the mean probability.
+
+        Args:
+            probs: router probabilities (b, n, k, S).
+            mask: (b, n) 1 for the tokens that count (padding excluded), or None for all.
+            top: the indices of the chosen experts when the gates already picked them (top-k routing).
+        """
+        weights = None
         if mask is not None:
-            w = mask.to(device=probs.device, dtype=probs.dtype)[..., None, None]  # (b,n,1,1)
-            denom = w.sum().clamp_min(1.0) * self.n_blocks
-            f = (chosen * w).sum((0, 1, 2)) / (denom * k)  # (S,)
-            p = (probs * w).sum((0, 1, 2)) / denom
+            w = mask.to(device=probs.device, dtype=probs.dtype)
+            weights = (w / w.sum().clamp_min(1.0)).view(*w.shape, 1, 1)
+        return self._balance(probs, weights, top)
+
+    def _balance(self, probs: torch.Tensor, weights: torch.Tensor | None, top: torch.Tensor | None,
+                 coef: float = 1.0) -> torch.Tensor:
+        """coef * the balance loss; ``weights`` (b, n, 1, 1) sum to one over the tokens that count."""
+        k = self.top_k or 1
+        if top is None or top.shape[-1] != k:
+            top = probs.topk(k, dim=-1).indices  # (b,n,k,top_k)
+        chosen = torch.zeros_like(probs).scatter_(-1, top, 1.0)  # (b,n,k,S), 1 where chosen (one_hot would sync on CPU)
+        if weights is None:
+            f, p = chosen.mean((0, 1, 2)), probs.mean((0, 1, 2))  # (S,)
         else:
-            f = chosen.mean((0, 1, 2)) / k
-            p = probs.mean((0, 1, 2))
-        return self.n_experts * (f * p).sum()
+            f, p = (chosen * weights).sum((0, 1, 2)), (probs * weights).sum((0, 1, 2))  # (S,), over n_blocks too
+            coef = coef / (self.n_blocks * self.n_blocks)
+        return (coef * self.n_experts / k) * (f * p).sum()
