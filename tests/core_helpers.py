@@ -1,7 +1,7 @@
 """Shared helpers of the core test-suite: tiny random models built straight from their configs.
 
-Import from a test module in tests/ with ``from core_helpers import ...`` (pytest puts the
-tests/ folder on sys.path for modules without an ``__init__.py``).
+Import from any test module with ``from core_helpers import ...`` (tests/ is on the import path,
+see ``pythonpath`` in pyproject.toml).
 """
 from __future__ import annotations
 

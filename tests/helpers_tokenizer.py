@@ -1,9 +1,7 @@
 """A tiny, offline Hugging Face tokenizer for tests (no network, builds in milliseconds).
 
-Usage from a test module anywhere under tests/::
+Usage from a test module anywhere under tests/ (tests/ is on the import path, see pyproject.toml)::
 
-    import sys; from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/ folder
     from helpers_tokenizer import make_tiny_tokenizer
 
 It is a byte-level BPE (every string is encodable, as with GPT-2/SmolLM tokenizers) trained on a

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helper
 from helpers_tokenizer import make_tiny_tokenizer
 
 from orchmoe.data import (
