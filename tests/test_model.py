@@ -132,7 +132,7 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
         weights = orch.router.skill_router(F.one_hot(tasks, N_TASKS).float())
     orch.routing_state.set(weights=weights, token_mask=batch["attention_mask"])
     with torch.no_grad():
-        got = orch.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)).logits
+        got = orch.get_base_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -140,7 +140,7 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
 def _grads_exactly_on_adapter(model):
     adapter = model.adapter_state_dict()
     ids = {id(p) for p in adapter.values()}
-    for name, p in model.base_model.named_parameters():
+    for name, p in model.get_base_model().named_parameters():
         if id(p) not in ids:
             assert p.grad is None and not p.requires_grad, f"base parameter {name} got a gradient"
     for name, p in adapter.items():
@@ -618,13 +618,13 @@ def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
     layer.mixed_weights = lambda w: calls.append(1) or mix(w)
     with torch.no_grad():
         out1 = model(input_ids=ids, **kw).logits
-        model.base_model(input_ids=ids)  # a decoding-style call under the same routing: cache hit
+        model.get_base_model()(input_ids=ids)  # a decoding-style call under the same routing: cache hit
         assert len(calls) == 1
         layer.lora_B.add_(0.5)  # an in-place weight change invalidates the cache
-        out2 = model.base_model(input_ids=ids).logits
+        out2 = model.get_base_model()(input_ids=ids).logits
         assert len(calls) == 2
         model.routing_state.mixed.clear()  # drop every layer's mixed weights: rebuilt from scratch
-        fresh = model.base_model(input_ids=ids).logits
+        fresh = model.get_base_model()(input_ids=ids).logits
     torch.testing.assert_close(out2, fresh)
     assert not torch.allclose(out1, out2)
 

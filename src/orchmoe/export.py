@@ -15,14 +15,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .fileio import atomic_write, atomic_write_text
+from .hub import base_model_provenance
 from .layer import Conv1D
+from .routing import RoutingError
 
-__all__ = ["export_peft_lora", "merge_and_unload"]
+__all__ = ["EXPORT_NOTE", "ExportMixin", "export_peft_lora", "merge_and_unload"]
+
+#: beside the PEFT files: where the base model comes from (a GGUF file it was dequantised from), which routing
+EXPORT_NOTE = "orchmoe_export.json"
 
 
 @torch.no_grad()
 def export_peft_lora(model, path, **routing) -> Path:
     """A folder `peft.PeftModel.from_pretrained(base, path)` loads: adapter_config.json + adapter_model.safetensors.
+
+    ``base_model_name_or_path`` is the base model's source (`RoutedModel.base_model_source`: a local path or a
+    hub id), so ``peft.AutoPeftModelForCausalLM.from_pretrained(path)`` finds the base. `EXPORT_NOTE` and a
+    README.md say which routing was exported and when the base weights were dequantised from a GGUF file
+    (kept out of adapter_config.json, which PEFT would warn about).
 
     Args:
         model: a `RoutedModel` of a parameter-mixing method.
@@ -41,10 +51,11 @@ def export_peft_lora(model, path, **routing) -> Path:
         tensors[f"base_model.model.{p}.lora_B.weight"] = B_t[0].T.contiguous().cpu()  # (Q, r)
         fan_in_fan_out |= bool(Conv1D) and isinstance(layer.base_layer, Conv1D)
     cfg = model.adapter_config
+    source = model.base_model_source or model.base_model_name
     peft_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM" if model.is_encoder_decoder else "CAUSAL_LM",
-        "base_model_name_or_path": model.base_model_name,
+        "base_model_name_or_path": source,
         "r": cfg.rank,
         "lora_alpha": cfg.scale * cfg.rank,  # PEFT scales by lora_alpha / r
         "lora_dropout": 0.0,
@@ -54,20 +65,88 @@ def export_peft_lora(model, path, **routing) -> Path:
         "inference_mode": True,
         "init_lora_weights": True,
     }
+    provenance = {"orchmoe_method": cfg.method, "routing": {k: _plain(v) for k, v in routing.items()},
+                  "base_model_name": model.base_model_name, **base_model_provenance(source)}
     atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
     atomic_write_text(path / "adapter_config.json", json.dumps(peft_config, indent=2))
+    atomic_write_text(path / EXPORT_NOTE, json.dumps(provenance, indent=2))
+    atomic_write_text(path / "README.md", _export_card(peft_config, provenance))
     return path
+
+
+def _plain(value):
+    """A routing argument as JSON (a prompt's ids as a list)."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _export_card(peft_config: dict, provenance: dict) -> str:
+    """README.md of an exported folder: which base it needs, and when that base was dequantised from GGUF."""
+    lines = [f"# LoRA exported from an orchmoe {provenance['orchmoe_method']} adapter", "",
+             (f"One fixed routing ({provenance['routing'] or 'the single expert'}) written as a standard PEFT LoRA "
+             f"for the base model `{peft_config['base_model_name_or_path']}` ({provenance['base_model_name']}):"),
+             "`peft.AutoPeftModelForCausalLM.from_pretrained(<this folder>)` loads both."]
+    if "dequantized_from_gguf" in provenance:
+        lines += ["", (f"The base weights were dequantised from the GGUF file `{provenance['dequantized_from_gguf']}` "
+                      f"into the cached checkpoint `{provenance['converted_checkpoint']}`: they are not the original "
+                      "full-precision weights, and this adapter was trained against the dequantised ones.")]
+    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
 def merge_and_unload(model, **routing) -> nn.Module:
-    """The base model with one routing's update added to its weights and the adapter layers removed."""
+    """The base model with one routing's update added to its weights and the adapter layers removed
+    (`RoutedModel.unload`)."""
     allocations = model.fixed_weights(**routing)
-    base = model.base_model
     for p, layer in model.routed_layers.items():
         delta = layer.delta_weight(allocations[p])  # (P, Q)
         weight = layer.base_layer.weight
         weight += (delta if isinstance(layer.base_layer, Conv1D) else delta.T).to(weight.dtype)
-        parent_path, _, leaf = p.rpartition(".")
-        setattr(base.get_submodule(parent_path) if parent_path else base, leaf, layer.base_layer)
-    return base
+    return model.unload()
+
+
+class ExportMixin:
+    """The ways out of a `RoutedModel`: one routing as a PEFT LoRA, merged weights, the clean base model."""
+
+    def fixed_weights(self, *, input_ids=None, attention_mask=None, **routing) -> dict[str, torch.Tensor | None]:
+        """Evaluation-mode allocation (1, h, S) of every layer for one fixed routing (a Poly/MHR task_id, an
+        OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none."""
+        if self.router is None:
+            raise RoutingError(f"{self.adapter_config.method} routes every token separately: it cannot be written as "
+                               "one LoRA adapter")
+        if input_ids is not None:
+            ids = torch.as_tensor(input_ids)
+            if ids.dim() == 2 and ids.shape[0] != 1:
+                raise RoutingError(f"export routes by one prompt; got a batch of {ids.shape[0]}")
+            ids = ids.reshape(1, -1).to(self.device)
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1).to(self.device)
+            was = self.router.training
+            self.router.eval()
+            with torch.no_grad():
+                routing["task_probs"] = self.task_probabilities(ids, mask)
+            self.router.train(was)
+        with torch.no_grad():
+            w = self.router.fixed_weights(**routing)
+        return {p: (None if w is None else w[i]) for i, p in enumerate(self.routed_layers)}
+
+    def export_peft_lora(self, path, **routing) -> Path:
+        """Write one fixed routing as a PEFT LoRA folder (`export_peft_lora`)."""
+        return export_peft_lora(self, path, **routing)
+
+    def merge_and_unload(self, **routing) -> nn.Module:
+        """Fold one fixed routing into the base weights and return the base model (`merge_and_unload`)."""
+        return merge_and_unload(self, **routing)
+
+    def unload(self) -> nn.Module:
+        """Put the original layers back and return the clean base model (its parameters trainable as they were
+        before `get_model`); this RoutedModel cannot run afterwards. The adapter is dropped: save it first."""
+        base = self.model
+        for path, layer in self.routed_layers.items():
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(base.get_submodule(parent_path) if parent_path else base, leaf, layer.base_layer)
+        trainable = set(self._trainable_base)
+        for name, p in base.named_parameters():
+            p.requires_grad_(name in trainable)
+        self.routing_state.clear()
+        self._unloaded = True
+        return base
+

@@ -1,24 +1,47 @@
 """`RoutedModel`: a frozen transformers model with routed LoRA experts injected.
 
-It feels like a PEFT model: `get_model(base, config)`, `print_trainable_parameters()`,
-`forward(...)`/`generate(...)` with the base model's arguments (plus `task_ids` for
-Poly/MHR), `save_adapter()` / `load_adapter()` as safetensors + JSON.
+It behaves like a PEFT model: `get_model(base, config)`, `print_trainable_parameters()`,
+`forward(...)`/`generate(...)` with the base model's arguments (plus `task_ids` for Poly/MHR),
+`save_pretrained()` / `RoutedModel.from_pretrained()` / `push_to_hub()` for the adapter only,
+`get_base_model()`, `unload()`, `merge_and_unload()`.
 
 What a method needs is asked of its config and its registered router, never of the config's
 class: a `ModelRouter` routes every layer at once before the base model runs (one batched
 operation per forward), a `LayerRouter` is built into each adapted layer.
+
+How it fits the Hugging Face tools (a design PEFT's tuner shares):
+
+* the wrapped transformers model is ``self.model`` (`get_base_model()`); ``self.base_model`` is,
+  as on any `PreTrainedModel`, its *backbone* (``LlamaModel`` of a ``LlamaForCausalLM``), which
+  TRL's fused LM head calls directly before projecting through ``get_output_embeddings()``;
+* `forward` routes from its inputs (``labels`` too, so OrchMoE routes from the prompt tokens only),
+  runs the transformers model and puts the auxiliary losses (MoLoRA's balance loss) in the
+  output's ``aux_loss`` field (`orchmoe.outputs`), adding them to ``loss``. When a library replaces
+  the instance's ``forward`` (TRL's ``add_fused_lm_head``), module hooks do the same around the
+  replacement (`orchmoe.calls`): every call routes first, whatever forward runs. ``task_ids`` and
+  ``routing_mask`` never reach the transformers model;
+* a trainer that computes its own loss from other fields (TRL's SFTTrainer uses the fused
+  ``log_probs``) collects the auxiliary losses instead (`aux_loss_collector`, as
+  `orchmoe.integrations.RoutedTrainer` does);
+* ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` are the adapter's, never forwarded
+  to the base model; nor are transformers' own PEFT-adapter methods (``load_adapter``,
+  ``add_adapter``, ...), which would inject a second kind of adapter. Other attributes
+  (``config``, ``generation_config``, ``device``, ...) are the base model's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .calls import attach_aux, finish_call, route_before_call, route_call
 from .config import AdapterConfig, ConfigError
+from .export import ExportMixin
+from .hub import AdapterHubMixin, base_model_provenance, model_source
 from .layer import RoutedLoraLayer
 from .registry import router_class
 from .routers import LayerRouter, RoutingInputs
@@ -34,30 +57,53 @@ __all__ = ["RoutedModel", "get_model", "load_adapter", "AdapterMismatchError", "
 #: learning rate of the allocation logits, as in every Poly/MHR reference config (adapters at 1e-3)
 DEFAULT_ROUTER_LR = 0.1
 
+#: attributes of a transformers model never reached through a RoutedModel (its persistence methods are the
+#: adapter's own, defined on RoutedModel): transformers' PEFT integration would add a second adapter
+_NOT_FORWARDED = {
+    "load_adapter": "use orchmoe.load_adapter(base_model, path) or RoutedModel.from_pretrained(base_model, path)",
+    "add_adapter": "a RoutedModel already carries its adapter", "set_adapter": "a RoutedModel has one adapter",
+    "delete_adapter": "a RoutedModel has one adapter; unload() restores the base model",
+    "enable_adapters": "use set_adapters_enabled(True)", "disable_adapters": "use set_adapters_enabled(False) or "
+    "the disable_adapter() context", "active_adapters": "a RoutedModel has one adapter",
+    "active_adapter": "a RoutedModel has one adapter", "get_adapter_state_dict": "use adapter_state_dict()",
+}
+
 
 def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or ""
-    return str(name) or type(model).__name__
+    return model_source(model) or type(model).__name__
 
 
-class RoutedModel(nn.Module):
-    """A base model whose target layers carry routed low-rank experts; everything else frozen."""
+class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
+    """A base model whose target layers carry routed low-rank experts; everything else frozen.
 
-    def __init__(self, base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None) -> None:
+    Attributes:
+        model: the wrapped transformers model (also `get_base_model()`).
+        base_model_name: the portable name recorded in saved adapters.
+        base_model_source: the path or hub id the base model loads from (exports name it).
+        aux_loss_in_loss: whether a forward adds the auxiliary losses to ``loss`` (default True).
+    """
+
+    def __init__(self, base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None,
+                 base_model_source: str | None = None) -> None:
         super().__init__()
         config.validate()
-        self.base_model = base_model
-        self.adapter_config = config
-        self.base_model_name = base_model_name or _model_name(base_model)
-        self.is_encoder_decoder = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", False))
-        self.routing_state = RoutingState()
         if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
             raise ValueError(f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh "
                              "base model (or call unload() on the RoutedModel first)")
+        self.model = base_model
+        self.adapter_config = config
+        self.base_model_name = base_model_name or _model_name(base_model)
+        self.base_model_source = base_model_source or model_source(base_model)
+        self.is_encoder_decoder = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", False))
+        self.routing_state = RoutingState()
+        self.aux_loss_in_loss = True
+        self._aux_sink: list | None = None  # set by aux_loss_collector
+        self._routed_call = False  # the pre-hook routed this call
+        self._unloaded = False
+        self.layer_shapes = find_target_layers(base_model, config.target_modules)
+        self._trainable_base = [n for n, p in base_model.named_parameters() if p.requires_grad]  # restored by unload()
         for p in base_model.parameters():
             p.requires_grad_(False)
-        self.layer_shapes = find_target_layers(base_model, config.target_modules)
         router_cls = router_class(config)
         per_layer = issubclass(router_cls, LayerRouter)
         for index, (path, (P, _)) in enumerate(self.layer_shapes.items()):
@@ -80,24 +126,37 @@ class RoutedModel(nn.Module):
         if not per_layer:
             emb = base_model.get_input_embeddings()
             self.router = router_cls.from_config(config, len(self.layer_shapes), emb.embedding_dim).to(emb.weight.device)
+        self.register_forward_pre_hook(route_before_call, with_kwargs=True)
+        self.register_forward_hook(finish_call, with_kwargs=True)
 
     @property
     def task_router(self) -> nn.Module | None:
         """OrchMoE's Task Router (None for the other methods)."""
         return getattr(self.router, "task_router", None)
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers *backbone*, as ``PreTrainedModel.base_model`` (``LlamaModel`` of a ``LlamaForCausalLM``;
+        the model itself when it has none, as T5). The whole wrapped model is `get_base_model()`."""
+        return getattr(self.model, "base_model", self.model)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the routed layers in it), as ``PeftModel.get_base_model()``."""
+        return self.model
+
     # -- PEFT-like conveniences --------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+            if name == "model" or name in _NOT_FORWARDED:
+                why = _NOT_FORWARDED.get(name)
+                raise AttributeError(f"{type(self).__name__} has no attribute {name!r}" + (f": {why}" if why else "")) from None
+            return getattr(self.model, name)
 
     @property
     def routed_layers(self) -> dict[str, RoutedLoraLayer]:
-        return {p: m for p, m in self.base_model.named_modules() if isinstance(m, RoutedLoraLayer)}
+        return {p: m for p, m in self.model.named_modules() if isinstance(m, RoutedLoraLayer)}
 
     def _routers(self) -> list[nn.Module]:
         layer_routers = [layer.router for layer in self.routed_layers.values() if layer.router is not None]
@@ -165,6 +224,18 @@ class RoutedModel(nn.Module):
         for layer in self.routed_layers.values():
             layer.disabled = not enabled
 
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model computes as its base model (as ``PeftModel.disable_adapter()``)."""
+        layers = list(self.routed_layers.values())
+        was = [layer.disabled for layer in layers]
+        self.set_adapters_enabled(False)
+        try:
+            yield
+        finally:
+            for layer, disabled in zip(layers, was):
+                layer.disabled = disabled
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Non-reentrant by default: recomputation re-reads the same routing context, so routers get gradients.
 
@@ -179,12 +250,12 @@ class RoutedModel(nn.Module):
             # a balance loss computed inside the checkpoint would be silently dropped.
             raise ConfigError(f"{cfg.method} needs non-reentrant checkpointing (use_reentrant=False, the default): "
                               "reentrant checkpointing loses the routers' gradients / the load-balancing loss")
-        if hasattr(self.base_model, "activation_checkpointing_enable"):
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:  # transformers 4
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
         if ckpt["use_reentrant"]:
-            self.base_model.enable_input_require_grads()
+            self.model.enable_input_require_grads()
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
@@ -192,7 +263,7 @@ class RoutedModel(nn.Module):
     def prompt_summary(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
         """u(x): masked mean of the frozen input embeddings over the prompt tokens, (b, d)."""
         with torch.no_grad():
-            emb = inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)  # (b,n,d)
+            emb = inputs_embeds if inputs_embeds is not None else self.model.get_input_embeddings()(input_ids)  # (b,n,d)
         mask = prompt_mask if prompt_mask is not None else attention_mask
         if mask is None:
             mask = torch.ones(emb.shape[:2], device=emb.device)
@@ -252,32 +323,40 @@ class RoutedModel(nn.Module):
             self.routing_state.add_aux_loss(route.aux_loss)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, routing_mask=None, **kwargs):
-        """The base model's forward under a routing set from these inputs, or kept: a step that continues a
-        KV cache (or runs the decoder over already encoded prompts) keeps its prompt's routing.
+        """The base model's forward under the routing of these inputs (see `orchmoe.calls.route_call`).
 
-        A static cache keeps its length on the device; reading it would be a host sync, so a forward continues
-        the decode when it passes the very cache object its routing was set with. To reuse that object for a
-        new prompt batch after ``cache.reset()``, call `set_routing` first (or pass a new cache)."""
-        cache = kwargs.get("past_key_values")
-        reuse = (
-            _continues_decode(cache, self.routing_state.cache)  # a continued decode keeps its prompt's routing
-            or (input_ids is None and kwargs.get("inputs_embeds") is None and kwargs.get("encoder_outputs") is not None
-                and task_ids is None)  # a decoder step over an already encoded prompt
-        ) and self.routing_state.ready  # read last: a compiled training forward then never guards on it
-        if not reuse:
-            self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
-                             labels=labels, task_ids=task_ids, routing_mask=routing_mask,
-                             decoder_attention_mask=kwargs.get("decoder_attention_mask"))
-            self.routing_state.cache = _weak(cache)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        aux = self.routing_state.aux_losses
-        if aux:
-            device = out["loss"].device if out.get("loss") is not None else aux[0].device  # layers may sit on several devices
-            total = torch.stack([a.float().to(device) for a in aux]).sum()
-            if out.get("loss") is not None:
-                out["loss"] = out["loss"] + total.to(out["loss"].dtype)
-            out["aux_loss"] = total
-        return out
+        Args:
+            input_ids, attention_mask, labels, **kwargs: the base model's arguments.
+            task_ids: one task id per example (Poly/MHR; -1 for an unseen task).
+            routing_mask: which tokens are the prompt OrchMoE routes from (default: the attended tokens
+                without a label).
+        Returns:
+            The base model's output with an ``aux_loss`` field (`orchmoe.outputs`): the auxiliary losses
+            (None without any), also added to ``loss`` (unless `aux_loss_collector` collects them).
+        """
+        direct, self._routed_call = not self._routed_call, False
+        if direct:  # not a replacement forward calling ours after the pre-hook routed (orchmoe.calls)
+            call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, task_ids=task_ids,
+                        routing_mask=routing_mask, **kwargs)
+            route_call(self, call)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return attach_aux(self, out, labels) if direct else out  # else the forward hook attaches them
+
+    @contextlib.contextmanager
+    def aux_loss_collector(self):
+        """Within the block forwards leave the auxiliary losses out of ``loss`` and append each call's total
+        (a tensor with its graph) to the yielded list: for a trainer that adds them itself, scaled to its own
+        loss normalisation (gradient accumulation, token-averaged losses, TRL's per-token log-probs).
+
+        Yields:
+            The list the auxiliary losses of the block's forwards are appended to.
+        """
+        previous, sink = self._aux_sink, []
+        self._aux_sink = sink
+        try:
+            yield sink
+        finally:
+            self._aux_sink = previous
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, routing_mask=None, **kwargs):
@@ -301,7 +380,7 @@ class RoutedModel(nn.Module):
                              task_ids=task_ids, routing_mask=routing_mask)
             if input_ids is not None:
                 kwargs["input_ids"] = input_ids
-            return self.base_model.generate(attention_mask=attention_mask, **kwargs)
+            return self.model.generate(attention_mask=attention_mask, **kwargs)
         finally:
             for r, mode in zip(routers, modes):
                 r.train(mode)
@@ -313,7 +392,8 @@ class RoutedModel(nn.Module):
         meta = {
             "method": self.adapter_config.method,
             "config": self.adapter_config.to_dict(),
-            "base_model": {"name": self.base_model_name, **model_fingerprint(self.base_model)},
+            "base_model": {"name": self.base_model_name, **base_model_provenance(self.base_model_source),
+                           **model_fingerprint(self.model)},
             "layers": {k: list(v) for k, v in self.layer_shapes.items()},
             "trainable_parameters": sum(p.numel() for p in params.values()),
             "metadata": metadata or {},
@@ -336,77 +416,41 @@ class RoutedModel(nn.Module):
                     raise AdapterMismatchError(f"{weights_file}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(p.shape)}")
                 p.copy_(loaded[k].to(p.dtype))
 
-    # -- export ------------------------------------------------------------
-    def fixed_weights(self, *, input_ids=None, attention_mask=None, **routing) -> dict[str, torch.Tensor | None]:
-        """Evaluation-mode allocation (1, h, S) of every layer for one fixed routing (a Poly/MHR task_id, an
-        OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none."""
-        if self.router is None:
-            raise RoutingError(f"{self.adapter_config.method} routes every token separately: it cannot be written as "
-                               "one LoRA adapter")
-        if input_ids is not None:
-            ids = torch.as_tensor(input_ids)
-            if ids.dim() == 2 and ids.shape[0] != 1:
-                raise RoutingError(f"export routes by one prompt; got a batch of {ids.shape[0]}")
-            ids = ids.reshape(1, -1).to(self.device)
-            mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1).to(self.device)
-            was = self.router.training
-            self.router.eval()
-            with torch.no_grad():
-                routing["task_probs"] = self.task_probabilities(ids, mask)
-            self.router.train(was)
-        with torch.no_grad():
-            w = self.router.fixed_weights(**routing)
-        return {p: (None if w is None else w[i]) for i, p in enumerate(self.routed_layers)}
+    def init_from_peft_lora(self, path: str | os.PathLike) -> None:
+        """Start every skill (expert) equal to a PEFT LoRA adapter folder, so the model starts equal to it;
+        see `orchmoe.peft_interop.init_from_peft_lora`."""
+        from .peft_interop import init_from_peft_lora
 
-    def export_peft_lora(self, path, **routing) -> Path:
-        from .export import export_peft_lora
-
-        return export_peft_lora(self, path, **routing)
-
-    def merge_and_unload(self, **routing) -> nn.Module:
-        from .export import merge_and_unload
-
-        return merge_and_unload(self, **routing)
+        init_from_peft_lora(self, path)
 
 
-def _weak(cache):
-    """A weak reference to a cache object (None for none, or for a legacy tuple cache, which has no identity to keep)."""
-    try:
-        return None if cache is None else weakref.ref(cache)
-    except TypeError:
-        return None
-
-
-def _continues_decode(cache, routed_cache) -> bool:
-    """Whether a forward given this KV cache continues a decode (rather than starting a new prompt batch).
-
-    ``routed_cache``: a weak reference to the cache the current routing was set with, or None."""
-    if cache is None:
-        return False
-    length = getattr(cache, "get_seq_length", None)
-    if not callable(length):
-        return True
-    n = length()
-    if isinstance(n, torch.Tensor):  # a static cache: its length lives on the device, `n > 0` would sync
-        return routed_cache is not None and routed_cache() is cache
-    return n > 0
-
-
-def get_model(base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None) -> RoutedModel:
+def get_model(base_model: nn.Module, config: Any, base_model_name: str | None = None, *,
+              base_model_source: str | None = None, init_lora: str | os.PathLike | None = None) -> RoutedModel:
     """Inject `config`'s routed experts into `base_model` (in place) and freeze the rest.
 
     Args:
         base_model: a transformers model (decoder-only or encoder-decoder).
-        config: the method's config (``LoraConfig``, ``PolyConfig``, ``OrchMoEConfig``, ...).
+        config: the method's config (``LoraConfig``, ``PolyConfig``, ``OrchMoEConfig``, ...); a
+            ``peft.LoraConfig`` is converted to orchmoe's `LoraConfig` (`orchmoe.peft_interop.from_peft_config`).
         base_model_name: recorded in saved adapters (default: the model's ``name_or_path``).
+        base_model_source: the path or hub id the base model loads from, recorded in saved adapters and
+            named by PEFT exports (default: the ``name_or_path`` that ``from_pretrained`` recorded).
+        init_lora: a PEFT LoRA adapter folder every skill starts equal to (`RoutedModel.init_from_peft_lora`).
     Returns:
         The `RoutedModel` wrapping ``base_model``.
     """
-    return RoutedModel(base_model, config, base_model_name)
+    if not isinstance(config, AdapterConfig):
+        from .peft_interop import from_peft_config
+
+        config = from_peft_config(config, base_model)
+    model = RoutedModel(base_model, config, base_model_name, base_model_source)
+    if init_lora is not None:
+        model.init_from_peft_lora(init_lora)
+    return model
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
-                 base_model_name: str | None = None) -> RoutedModel:
+                 base_model_name: str | None = None, base_model_source: str | None = None) -> RoutedModel:
     """Rebuild a saved adapter onto `base_model`; a model of another shape is a clear error.
 
     Args:
@@ -414,9 +458,14 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable
         path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
         is_trainable: keep the adapter trainable (default: frozen, eval mode).
         base_model_name: overrides the base model name recorded in the adapter.
+        base_model_source: where this base model loads from (default: its ``name_or_path``, else the
+            source recorded in the adapter).
     Returns:
         The `RoutedModel` with the saved weights.
     """
+    if isinstance(base_model, RoutedModel) or any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
+        raise ValueError(f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
+                         "(or the result of RoutedModel.unload())")
     meta = read_adapter_config(path)
     saved = meta.get("base_model") or {}
     ours = model_fingerprint(base_model)
@@ -425,15 +474,13 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise AdapterMismatchError(f"adapter in {path} was saved for another model ({saved.get('name')!r}): {details}")
     config = adapter_config_from_meta(meta, path)
-    if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
-        raise ValueError(f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
-                         "(or the result of RoutedModel.unload())")
     shapes = find_target_layers(base_model, config.target_modules)
     want = {k: tuple(v) for k, v in meta["layers"].items()}
     if shapes != want:
         off = sorted(set(shapes.items()) ^ set(want.items()))[:3]
         raise AdapterMismatchError(f"adapter in {path} was saved for other layers than this model has (first differences: {off})")
-    model = get_model(base_model, config, base_model_name or saved.get("name"))
+    source = base_model_source or model_source(base_model) or saved.get("source")
+    model = get_model(base_model, config, base_model_name or saved.get("name"), base_model_source=source)
     legacy = str(meta.get("orchmoe_version", "0")).startswith("0.1")
     model.load_adapter_weights(path, legacy=legacy)
     model.adapter_metadata = meta.get("metadata") or {}

@@ -83,7 +83,7 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
                 kwargs["task_ids"] = torch.tensor([examples[i].task_id for i in idx], device=device)  # -1: unseen
             seqs = routed.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             new = seqs[:, input_ids.shape[1]:] if decoder_only else seqs
-            start = None if decoder_only else routed.base_model.generation_config.decoder_start_token_id
+            start = None if decoder_only else routed.generation_config.decoder_start_token_id
             for i, row in zip(idx, new.tolist()):
                 if start is not None and row and row[0] == start:
                     row = row[1:]  # the decoder start token of an encoder-decoder model
@@ -139,7 +139,7 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
     Returns the metrics dict (also written to ``out_dir/metrics.json``).
     """
     if decoder_only is None:
-        decoder_only = not is_encoder_decoder(model.base_model)
+        decoder_only = not is_encoder_decoder(model)
     examples = list(data.eval) + list(data.unseen)
     if not examples:
         raise ValueError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks")

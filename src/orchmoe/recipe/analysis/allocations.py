@@ -115,7 +115,7 @@ def prompt_task_probabilities(model: RoutedModel, prompts_by_task: Mapping[str, 
                             "is an OrchMoE analysis (Poly/MHR route by the true task id)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model.base_model.get_input_embeddings().weight.device
+    device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,31 @@
+"""`orchmoe train --report-to tensorboard`: the event file holds the losses, learning rates and routing."""
+from __future__ import annotations
+
+import pytest
+from recipe_helpers import SEEN
+
+from orchmoe.recipe.cli import main
+
+pytest.importorskip("tensorboard")
+
+
+def test_tensorboard_event_file_has_loss_lr_and_routing_scalars(tiny_llama, superni, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama), "--data", str(superni), "--tasks", ",".join(SEEN),
+                 "--train-per-task", "8", "--eval-per-task", "1", "--unseen-per-task", "1", "--max-source-len", "64",
+                 "--max-target-len", "8", "--batch-size", "4", "--lr", "1e-2", "--log-every", "2", "--no-progress",
+                 "--out", str(run), "--report-to", "tensorboard"]) == 0
+    events = sorted(run.rglob("events.out.tfevents.*"))  # accelerate: the scalars, and the hparams in a subfolder
+    assert events, f"no TensorBoard event file under {run}"
+    accs = [EventAccumulator(str(e)) for e in events]
+    for a in accs:
+        a.Reload()
+    acc = next((a for a in accs if "loss" in a.Tags()["scalars"]), accs[0])
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss", "aux_loss", "lr", "router_lr", "tokens_per_s", "allocation_spread", "pi_entropy"):
+        assert tag in tags, (tag, sorted(tags))
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == [2, 4, 6] and all(e.value > 0 for e in acc.Scalars("loss"))
+    assert any(t.startswith("eval/seen/") for t in tags), sorted(tags)  # the final metrics
