@@ -158,10 +158,8 @@ class AdapterHubMixin:
         Returns:
             The `RoutedModel`.
         """
-        from .model import load_adapter
-
         folder = resolve_adapter_folder(path_or_repo, revision=revision, token=token)
-        return load_adapter(base_model, folder, is_trainable=is_trainable, **kwargs)
+        return cls.load_folder(base_model, folder, is_trainable=is_trainable, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,

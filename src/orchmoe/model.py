@@ -386,6 +386,11 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
                 r.train(mode)
 
     # -- persistence -------------------------------------------------------
+    @classmethod
+    def load_folder(cls, base_model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> "RoutedModel":
+        """`load_adapter` (what `from_pretrained` calls once the folder is local)."""
+        return load_adapter(base_model, path, **kwargs)
+
     def save_adapter(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         """safetensors weights + JSON (method, sizes, base model, layer shapes), written atomically."""
         params = self.adapter_state_dict()
@@ -439,10 +444,9 @@ def get_model(base_model: nn.Module, config: Any, base_model_name: str | None = 
     Returns:
         The `RoutedModel` wrapping ``base_model``.
     """
-    if not isinstance(config, AdapterConfig):
-        from .peft_interop import from_peft_config
+    from .peft_interop import from_peft_config
 
-        config = from_peft_config(config, base_model)
+    config = from_peft_config(config, base_model)  # an orchmoe config as it is; a PEFT config converted
     model = RoutedModel(base_model, config, base_model_name, base_model_source)
     if init_lora is not None:
         model.init_from_peft_lora(init_lora)

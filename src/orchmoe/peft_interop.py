@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
+from .config import METHODS, AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
 from .layer import is_adaptable
 from .serialization import AdapterMismatchError
 
@@ -77,34 +77,40 @@ def from_peft_config(cfg: Any, base_model: nn.Module | None = None) -> AdapterCo
         ConfigError: a PEFT setting without an orchmoe counterpart, or a PEFT method orchmoe does not have.
         TypeError: ``cfg`` is neither an orchmoe nor a PEFT config.
     """
-    if isinstance(cfg, AdapterConfig):
+    if getattr(cfg, "method", None) in METHODS:  # already an orchmoe config
         return cfg
-    try:
-        import peft
-    except ImportError:  # pragma: no cover - peft is a dependency of the interop only
-        peft = None
-    if peft is None or not isinstance(cfg, peft.PeftConfig):
+    peft_type = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", "")) or "")
+    if not peft_type or not dataclasses.is_dataclass(cfg):
         raise TypeError(f"expected an orchmoe config ({_ORCHMOE_CONFIGS}) or a peft.LoraConfig, got {type(cfg).__name__}")
-    name = f"peft.{type(cfg).__name__}"
-    if isinstance(cfg, peft.LoraConfig):
-        bad = _unsupported(cfg, {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"})
-        if cfg.init_lora_weights is not True:
-            bad = [b for b in bad if not b.startswith("init_lora_weights")] + [f"init_lora_weights={cfg.init_lora_weights!r}"]
-        if bad:
-            raise ConfigError(f"{name} sets {', '.join(bad)}, which orchmoe does not support: orchmoe's LoraConfig has "
-                              "rank (r), alpha (lora_alpha), dropout (lora_dropout) and target_modules")
-        alpha = cfg.lora_alpha * math.sqrt(cfg.r) if cfg.use_rslora else cfg.lora_alpha  # rsLoRA: alpha / sqrt(r)
-        return LoraConfig(rank=cfg.r, alpha=float(alpha), dropout=cfg.lora_dropout,
-                          target_modules=_target_modules(cfg, base_model))
-    if isinstance(cfg, peft.PolyConfig):
-        bad = _unsupported(cfg, {"r", "target_modules", "n_tasks", "n_skills", "n_splits"})
-        if bad:
-            raise ConfigError(f"{name} sets {', '.join(bad)}, which orchmoe's PolyConfig / MHRConfig do not have")
-        cls = MHRConfig if cfg.n_splits > 1 else PolyConfig
-        return cls(rank=cfg.r, alpha=1.0, n_tasks=cfg.n_tasks, n_skills=cfg.n_skills, n_splits=cfg.n_splits,
-                   target_modules=_target_modules(cfg, base_model))  # PEFT's Poly scales by 1/r: alpha = 1
-    raise ConfigError(f"{name} ({cfg.peft_type}) has no orchmoe counterpart: orchmoe builds routed mixtures of LoRA "
-                      f"experts; pass one of orchmoe's configs ({_ORCHMOE_CONFIGS})")
+    convert = _FROM_PEFT.get(peft_type.upper())
+    if convert is None:
+        raise ConfigError(f"peft.{type(cfg).__name__} ({peft_type}) has no orchmoe counterpart: orchmoe builds routed "
+                          f"mixtures of LoRA experts; pass one of orchmoe's configs ({_ORCHMOE_CONFIGS})")
+    return convert(cfg, base_model)
+
+
+def _from_lora(cfg: Any, base_model: nn.Module | None) -> AdapterConfig:
+    bad = _unsupported(cfg, {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"})
+    if cfg.init_lora_weights is not True:
+        bad = [b for b in bad if not b.startswith("init_lora_weights")] + [f"init_lora_weights={cfg.init_lora_weights!r}"]
+    if bad:
+        raise ConfigError(f"peft.{type(cfg).__name__} sets {', '.join(bad)}, which orchmoe does not support: orchmoe's "
+                          "LoraConfig has rank (r), alpha (lora_alpha), dropout (lora_dropout) and target_modules")
+    alpha = cfg.lora_alpha * math.sqrt(cfg.r) if cfg.use_rslora else cfg.lora_alpha  # rsLoRA: alpha / sqrt(r)
+    return LoraConfig(rank=cfg.r, alpha=float(alpha), dropout=cfg.lora_dropout, target_modules=_target_modules(cfg, base_model))
+
+
+def _from_poly(cfg: Any, base_model: nn.Module | None) -> AdapterConfig:
+    bad = _unsupported(cfg, {"r", "target_modules", "n_tasks", "n_skills", "n_splits"})
+    if bad:
+        raise ConfigError(f"peft.{type(cfg).__name__} sets {', '.join(bad)}, which orchmoe's PolyConfig / MHRConfig do not have")
+    cls = MHRConfig if cfg.n_splits > 1 else PolyConfig
+    return cls(rank=cfg.r, alpha=1.0, n_tasks=cfg.n_tasks, n_skills=cfg.n_skills, n_splits=cfg.n_splits,
+               target_modules=_target_modules(cfg, base_model))  # PEFT's Poly scales by 1/r: alpha = 1
+
+
+#: PEFT method (``peft_type``) -> its orchmoe config
+_FROM_PEFT = {"LORA": _from_lora, "POLY": _from_poly}
 
 
 def read_peft_lora(path: str | os.PathLike) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -124,7 +130,7 @@ def read_peft_lora(path: str | os.PathLike) -> tuple[Any, dict[str, tuple[torch.
         raise FileNotFoundError(f"no adapter_model.safetensors in {folder} (a .bin adapter must be re-saved with "
                                 "safe_serialization=True)")
     cfg = peft.PeftConfig.from_pretrained(str(folder))
-    if not isinstance(cfg, peft.LoraConfig):
+    if str(getattr(cfg.peft_type, "value", cfg.peft_type)).upper() != "LORA":
         raise AdapterMismatchError(f"{folder} holds a {cfg.peft_type} adapter, not a LoRA")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(weights)).items():
