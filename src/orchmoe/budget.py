@@ -7,6 +7,8 @@ layer shapes; tests check it against the parameters a built model really has.
 from __future__ import annotations
 
 import dataclasses
+import math
+from numbers import Real
 
 from torch import nn
 
@@ -44,12 +46,12 @@ def match_budget(config: AdapterConfig, model: nn.Module, budget: int, *, vary: 
     Raises BudgetError when even the closest size is more than `tolerance`
     (relative) away, naming the closest size it found.
     """
-    if budget <= 0:
-        raise BudgetError(f"budget must be a positive number of parameters, got {budget}")
+    _check_numbers(budget, tolerance, max_value)
     names = {f.name for f in dataclasses.fields(config)}
     if vary not in names:
         raise BudgetError(f"{type(config).__name__} has no field {vary!r} to vary; choose from {sorted(names)}")
     shapes, d = model_dims(model, config.target_modules)
+    _check_varies(config, vary, shapes, d, max_value)
     best: tuple[float, AdapterConfig, int] | None = None
     for value in range(1, max_value + 1):
         try:
@@ -69,3 +71,28 @@ def match_budget(config: AdapterConfig, model: nn.Module, budget: int, *, vary: 
             f"by varying {vary}{closest}"
         )
     return best[1]
+
+
+def _check_numbers(budget, tolerance, max_value) -> None:
+    """A budget is a finite positive count, a tolerance a finite fraction in (0, 1): NaN would compare false
+    everywhere and pick rank 1, infinity would accept any size."""
+    if isinstance(budget, bool) or not isinstance(budget, Real) or not math.isfinite(budget) or budget <= 0:
+        raise BudgetError(f"budget must be a positive number of parameters, got {budget!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not (0 < tolerance < 1):
+        raise BudgetError(f"tolerance must be a relative tolerance in (0, 1), got {tolerance!r}")
+    if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 1:
+        raise BudgetError(f"max_value must be a positive integer, got {max_value!r}")
+
+
+def _check_varies(config: AdapterConfig, vary: str, shapes: dict, d: int, max_value: int) -> None:
+    """``vary`` must be an integer size that changes the count (not ``alpha``, ``dropout``, ``target_modules``)."""
+    counts = set()
+    for value in range(1, min(max_value, 8) + 1):
+        try:
+            counts.add(count_parameters(config.replace(**{vary: value}), shapes, d))
+        except (ConfigError, TypeError, ValueError):
+            continue
+        if len(counts) > 1:
+            return
+    raise BudgetError(f"varying {vary!r} does not change the trainable parameter count of {config.method}; vary a "
+                      "size such as 'rank' or 'n_skills'")

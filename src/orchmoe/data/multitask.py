@@ -270,7 +270,12 @@ def _unseen_pool(source: TaskSource, spec: Any, split: str, seen: set[str], task
     count = None if spec is None else int(spec)
     if count == 0:
         return []
-    pool = [n for n in _present(source, source.split_tasks(split, "test")) if n not in seen]
+    listed = source.split_tasks(split, "test")
+    pool = [n for n in _present(source, listed) if n not in seen]
+    absent = [n for n in listed if not source.has_task(n)]
+    if absent:
+        logger.warning("split %r lists %d test task(s) without %s (%s); they are not scored",
+                       split, len(absent), source.where, ", ".join(absent[:5]))
     if count is None:
         return sorted(pool)
     if count < 0 or count > len(pool):

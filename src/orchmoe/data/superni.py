@@ -79,7 +79,11 @@ def read_name_file(path: Path) -> list[str]:
     a trailing ``.json`` dropped)."""
     names: list[str] = []
     seen: set[str] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -130,6 +134,8 @@ def _parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
             if not output:
                 raise DataError(f"{path}: {key}[{i}] has an empty 'output' list")
             output = output[0]
+        if ex["input"] is None or output is None:
+            raise DataError(f"{path}: {key}[{i}] has a null 'input' or 'output'; fill it in or remove it")
         out.append(
             {"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))}
         )
@@ -137,22 +143,33 @@ def _parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
 
 
 def _parse_instances(value: Any, path: Path) -> list[dict[str, Any]]:
+    """Instances with string ids, inputs and reference lists. A null id or input is an error (it would become
+    the text "None"); an id given twice with the same input is one instance with the references of both
+    (so it cannot land in both train and eval), with a different input an error."""
     if not isinstance(value, list):
         raise DataError(f"{path}: 'Instances' must be a list, got {type(value).__name__}")
     if not value:
         raise DataError(f"{path}: 'Instances' is empty; a task needs at least one instance")
-    out = []
+    by_id: dict[str, dict[str, Any]] = {}
     for i, inst in enumerate(value):
         if not isinstance(inst, Mapping):
             raise DataError(f"{path}: Instances[{i}] must be an object, got {type(inst).__name__}")
         missing = [k for k in ("id", "input", "output") if k not in inst]
         if missing:
             raise DataError(f"{path}: Instances[{i}] is missing key(s) {missing}")
+        if inst["id"] is None or inst["input"] is None:
+            raise DataError(f"{path}: Instances[{i}] has a null {'id' if inst['id'] is None else 'input'}")
         refs = _as_str_list(inst["output"], f"Instances[{i}].output", path)
         if not refs:
             raise DataError(f"{path}: Instances[{i}] (id {inst['id']!r}) has no reference output")
-        out.append({"id": str(inst["id"]), "input": str(inst["input"]), "output": refs})
-    return out
+        key, text = str(inst["id"]), str(inst["input"])
+        if key in by_id:  # a repeated instance is one instance (so it cannot land in both train and eval)
+            if by_id[key]["input"] != text:
+                raise DataError(f"{path}: Instances[{i}] repeats id {key!r} with a different input")
+            by_id[key]["output"] += [r for r in refs if r not in by_id[key]["output"]]
+            continue
+        by_id[key] = {"id": key, "input": text, "output": refs}
+    return list(by_id.values())
 
 
 def read_task_file(path: Path, name: str) -> SuperNITask:

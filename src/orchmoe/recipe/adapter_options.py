@@ -18,16 +18,15 @@ def _method_kwargs(cfg: TrainConfig, cls: type[AdapterConfig]) -> dict[str, Any]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for k, v in cfg.adapter.items():
+        if v is None:  # not set: the method's default (a 0.1 config.yaml lists every option, unset ones as null)
+            continue
         if k not in fields:
             owners = sorted(m for m, c in METHODS.items() if k in {f.name for f in dataclasses.fields(c)})
             where = f" (an option of {', '.join(owners)})" if owners else ""
             valid = sorted(set(fields) - set(RECIPE_SET))
             raise TrainConfigError(f"method {cfg.method!r} has no option {k!r}{where}; its options: {valid}")
-        if k == "target_modules":
-            v = parse_target_modules(f"adapter.{k}", v)
-        elif v is not None:
-            v = coerce_value(fields[k], v, name=f"adapter.{k}")
-        if v is not None:  # none: the method's default
+        v = parse_target_modules(f"adapter.{k}", v) if k == "target_modules" else coerce_value(fields[k], v, f"adapter.{k}")
+        if v is not None:
             kwargs[k] = v
     return kwargs
 

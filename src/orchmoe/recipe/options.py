@@ -27,7 +27,7 @@ from ..registry import METHODS
 
 __all__ = ["TrainConfig", "TrainConfigError", "GROUPS", "SCHEDULES", "RESUME_FREE", "coerce_value", "option_names",
            "config_from_mapping", "load_config_file", "none_word", "adapter_fields", "adapter_field_names",
-           "merge_adapter_section", "parse_target_modules"]
+           "merge_adapter_section", "parse_target_modules", "yaml_error_line"]
 
 GROUPS = ("model and method", "data and prompts", "optimisation", "run folder, checkpoints, evaluation")
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -81,6 +81,16 @@ def _count_or_all(name: str, v: Any) -> int | None:
     return n
 
 
+def _folder(name: str, v: Any) -> str:
+    """A folder path; empty (an unset shell variable) is an error rather than the current directory."""
+    if isinstance(v, bool) or not isinstance(v, (str, os.PathLike)):
+        raise TrainConfigError(f"{name} must be a folder path, got {v!r}")
+    s = os.fspath(v)
+    if not s.strip():
+        raise TrainConfigError(f"{name} is empty; name a run folder (use '.' to mean the current directory)")
+    return s
+
+
 def opt(default: Any, help: str, group: int, *, aliases: tuple[str, ...] = (),
         choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
         ge: float | None = None, gt: float | None = None, lt: float | None = None,
@@ -101,8 +111,8 @@ class TrainConfig:
     # -- model and method --------------------------------------------------------------------------
     model: str | None = opt(None, "base model: a checkpoint dir, a .gguf file or a cached hub id (default "
                                   "SmolLM2-135M-Instruct)", 0, aliases=("model_name_or_path",))
-    dtype: str = opt("auto", "dtype of the frozen base weights (auto: bfloat16 on a GPU, float32 on CPU)", 0,
-                     choices=DTYPES, aliases=("torch_dtype",))
+    dtype: str | None = opt("auto", "dtype of the frozen base weights (auto: bfloat16 on a GPU, float32 on CPU; none: "
+                                    "float32)", 0, choices=DTYPES, aliases=("torch_dtype",))
     method: str = opt("orchmoe", "adapter method", 0, choices=lambda: tuple(sorted(METHODS)))
     adapter: dict = opt({}, "the method's own options (rank, n_skills, n_abstract_tasks, ...): --adapter.NAME VALUE", 0)
     budget_rank: int | None = opt(None, "size the method to the trainable parameters of a LoRA of this rank", 0, ge=1)
@@ -155,7 +165,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)", 2)
     seed: int = opt(0, "seed of task/instance sampling, adapter init, batch order and routing noise", 2, ge=0)
     # -- run folder, checkpoints, evaluation -------------------------------------------------------
-    out: str = opt("runs/orchmoe", "run folder", 3, aliases=("output_dir",))
+    out: str = opt("runs/orchmoe", "run folder", 3, aliases=("output_dir",), parse=_folder)
     checkpoint_every: int = opt(200, "optimizer steps between checkpoints (0: none)", 3, ge=0, aliases=("save_steps",))
     keep_checkpoints: int = opt(2, "checkpoints kept (older ones deleted)", 3, ge=1, aliases=("save_total_limit",))
     log_every: int = opt(10, "optimizer steps between train_log.jsonl records", 3, ge=1, aliases=("logging_steps",))
@@ -404,12 +414,19 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise TrainConfigError(f"config file {p}: not valid YAML/JSON: {e}") from None
+        raise TrainConfigError(f"config file {p}: not valid YAML/JSON: {yaml_error_line(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise TrainConfigError(f"config file {p}: the top level must be a mapping of option names to values")
     return config_from_mapping(raw, origin=f"config file {p}")
+
+
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else " ".join(what.split())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

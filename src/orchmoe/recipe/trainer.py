@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -53,12 +52,15 @@ class Trainer:
         self.folder = RunFolder(cfg.out)
 
     def run(self) -> dict[str, Any]:
-        self.setup()
-        self.train()
-        summary = self.finish()
-        if self.cfg.eval:
-            summary["metrics"] = self.evaluate()
-        self.end_tracking(summary)
+        try:
+            self.setup()
+            self.train()
+            summary = self.finish()
+            if self.cfg.eval:
+                summary["metrics"] = self.evaluate()
+            self.end_tracking(summary)
+        finally:
+            self.folder.release()  # the run folder's lock, held since prepare_folder
         return summary
 
     # -- setup -----------------------------------------------------------------------------------
@@ -76,13 +78,18 @@ class Trainer:
         self.setup_seconds = time.perf_counter() - t0
 
     def prepare_folder(self) -> None:
-        self.resume_from, leftovers = self.folder.prepare(self.cfg)
+        """Claim the run folder (main process: lock, marker), then decide between a fresh start and a resume
+        from the newest intact checkpoint (every process alike), then clean up (main process)."""
+        self.folder.check_out()  # a bad --out fails alike on every process
+        if self.is_main:
+            self.folder.claim()
+        self.acc.wait_for_everyone()
+        plan = self.folder.plan(self.cfg)
         self.acc.wait_for_everyone()
         if self.is_main:
-            for p in leftovers:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            self.folder.path.mkdir(parents=True, exist_ok=True)
+            self.folder.apply(plan)
         self.acc.wait_for_everyone()
+        self.resume_from = plan.resume_from
 
     def load_data_and_model(self) -> None:
         """Data seeded and identical on every process (each process slices its share of a batch)."""
