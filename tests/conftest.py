@@ -46,3 +46,17 @@ def tiny_t5(tmp_path_factory) -> Path:
     from recipe_helpers import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test that builds an Accelerator with other settings
+    (mixed precision) than an earlier test must not inherit it."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
