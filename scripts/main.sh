@@ -10,7 +10,7 @@
 #   bash scripts/main.sh --overwrite          # train runs/main again from scratch
 #
 # Re-running the same command after a kill resumes from the last checkpoint (every 25 steps); a
-# finished run is kept: orchmoe refuses to train over it unless --overwrite is given.
+# finished run is kept and its results are shown again, unless --overwrite is given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -31,6 +31,13 @@ for arg in "$@"; do
   prev=$arg
 done
 OUT=${OUT:-$DEFAULT_OUT}
+
+# A finished main job is kept: show its results instead of training over it (--overwrite retrains).
+if [[ -f "$OUT/train_summary.json" && -f "$OUT/metrics.md" && " $* " != *" --overwrite "* ]]; then
+  echo "$OUT holds a finished run (pass --overwrite to train it again); its results:"
+  cat "$OUT/metrics.md"
+  exit 0
+fi
 
 # 15 seen tasks (all builtin train-split tasks) x 40 training instances, one epoch (75 steps of 8);
 # scored on 12 held-out instances of each seen task and 12 of each of the 3 unseen test-split tasks.

@@ -496,3 +496,28 @@ def test_main_script_resumes_and_keeps_the_baseline_apart(args, env_out, out, tm
     assert "--overwrite" not in argv
     assert argv[argv.index("--out") + 1] == out
     assert argv[len(argv) - len(args):] == args  # the user's flags come last: they override the defaults
+
+
+def test_main_script_shows_a_finished_run_instead_of_failing(tmp_path):
+    """A second `bash scripts/main.sh` after a finished main job prints its results (exit 0) and trains nothing."""
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "main.sh", tmp_path / "scripts" / "main.sh")
+    (tmp_path / "scripts" / "setup.sh").write_text("exit 0\n")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text(f'export PATH="{tmp_path}/bin:$PATH"\n')
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "orchmoe").write_text(f'#!/usr/bin/env bash\ntouch "{tmp_path}/trained"\n')
+    (tmp_path / "bin" / "orchmoe").chmod(0o755)
+    run = tmp_path / "runs" / "main"
+    run.mkdir(parents=True)
+    (run / "train_summary.json").write_text("{}")
+    (run / "metrics.md").write_text("| seen | 47.0 |\n")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / "main.sh")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "| seen | 47.0 |" in done.stdout and "holds a finished run" in done.stdout
+    assert not (tmp_path / "trained").exists()
+    again = subprocess.run(["bash", str(tmp_path / "scripts" / "main.sh"), "--overwrite"], env=env, capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert again.returncode == 0 and (tmp_path / "trained").exists()  # --overwrite trains again
