@@ -49,6 +49,7 @@ from .routing import RoutingError, RoutingState, prompt_token_mask
 from .serialization import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_config_from_meta,
                             model_fingerprint, read_adapter_config, read_adapter_tensors, upgrade_legacy_tensors,
                             write_adapter)
+from .sharding import copy_into, generation_context
 from .targets import find_target_layers
 
 __all__ = ["RoutedModel", "get_model", "load_adapter", "AdapterMismatchError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
@@ -376,11 +377,12 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         for r in routers:
             r.eval()
         try:
-            self.set_routing(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=kwargs.get("inputs_embeds"),
-                             task_ids=task_ids, routing_mask=routing_mask)
-            if input_ids is not None:
-                kwargs["input_ids"] = input_ids
-            return self.model.generate(attention_mask=attention_mask, **kwargs)
+            with generation_context(self) as sharded:  # FSDP: the root unit whole, synced decoding steps
+                self.set_routing(input_ids=input_ids, attention_mask=attention_mask,
+                                 inputs_embeds=kwargs.get("inputs_embeds"), task_ids=task_ids, routing_mask=routing_mask)
+                if input_ids is not None:
+                    kwargs["input_ids"] = input_ids
+                return self.model.generate(attention_mask=attention_mask, **{**sharded, **kwargs})
         finally:
             for r, mode in zip(routers, modes):
                 r.train(mode)
@@ -419,7 +421,7 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
             for k, p in own.items():
                 if tuple(loaded[k].shape) != tuple(p.shape):
                     raise AdapterMismatchError(f"{weights_file}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(p.shape)}")
-                p.copy_(loaded[k].to(p.dtype))
+                copy_into(p, loaded[k])  # a sharded (FSDP) parameter takes its own slice
 
     def init_from_peft_lora(self, path: str | os.PathLike) -> None:
         """Start every skill (expert) equal to a PEFT LoRA adapter folder, so the model starts equal to it;

@@ -29,7 +29,7 @@ from .run_folder import RunFolder
 from .runtime import make_accelerator
 from .tables import markdown_table
 
-__all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown"]
+__all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown", "process_batches"]
 
 
 def _gather(obj: list, accelerator) -> list:
@@ -40,6 +40,20 @@ def _gather(obj: list, accelerator) -> list:
     return gather_object(obj)
 
 
+def process_batches(batches: list[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This process's generation batches, as (example indices, keep): every W-th batch, then repeats of the last
+    (shortest) batch with keep=False until every process has the same number of ``generate()`` calls.
+
+    Equal counts matter under FSDP, where each decoding step all-gathers the sharded blocks on every process:
+    a process that stopped early would leave the others waiting forever. The repeats' outputs are dropped.
+    """
+    if not batches:
+        return []
+    per_process = -(-len(batches) // world)  # ceil
+    mine = [(b, True) for b in batches[rank::world]]
+    return mine + [(batches[-1], False)] * (per_process - len(mine))
+
+
 @torch.no_grad()
 def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 2, max_source_len: int = 512,
                          max_new_tokens: int = 64, chat_template: bool = False, decoder_only: bool = True,
@@ -47,7 +61,8 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
     """Greedy predictions for `examples` (in their order), decoded from the new tokens only and stripped.
 
     Batches are cut from the prompts sorted longest first; with several processes each takes
-    every W-th batch and the predictions are gathered.
+    every W-th batch (all processes making the same number of ``generate()`` calls, `process_batches`)
+    and the predictions are gathered.
     """
     from tqdm.auto import tqdm
 
@@ -62,7 +77,7 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    mine = batches[rank::world]
+    mine = process_batches(batches, rank, world)
     device = next(routed.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -74,7 +89,7 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
     show = progress and (accelerator is None or accelerator.is_main_process)
     bar = tqdm(total=len(examples), desc="generate", unit="ex", dynamic_ncols=True, disable=not show)
     try:
-        for idx in mine:
+        for idx, keep in mine:
             feats = [{"input_ids": prompts[i]} for i in idx]
             batch = pad_batch(feats, pad, "left", decoder_only=True)
             input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -82,6 +97,8 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
             if needs_task_ids:
                 kwargs["task_ids"] = torch.tensor([examples[i].task_id for i in idx], device=device)  # -1: unseen
             seqs = routed.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if not keep:
+                continue  # a repeat that keeps this process in step with the others
             new = seqs[:, input_ids.shape[1]:] if decoder_only else seqs
             start = None if decoder_only else routed.generation_config.decoder_start_token_id
             for i, row in zip(idx, new.tolist()):

@@ -163,6 +163,8 @@ class TrainConfig:
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm (0 or none: no clipping)", 2, ge=0)
     mixed_precision: str = opt("auto", "auto (bf16/fp16 on GPU, no on CPU), no, bf16, fp16", 2, choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)", 2)
+    fsdp: bool = opt(False, "shard the base model and adapter across the processes (FSDP2, one unit per transformer "
+                            "block); needs several processes (torchrun / accelerate launch)", 2)
     seed: int = opt(0, "seed of task/instance sampling, adapter init, batch order and routing noise", 2, ge=0)
     # -- run folder, checkpoints, evaluation -------------------------------------------------------
     out: str = opt("runs/orchmoe", "run folder", 3, aliases=("output_dir",), parse=_folder)

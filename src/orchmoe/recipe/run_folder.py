@@ -41,6 +41,7 @@ from .. import __version__
 from ..fileio import (FolderLock, atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree,
                       reporting_disk_full, verify_manifest, write_manifest)
 from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_tensors
+from ..sharding import full_optimizer_state, is_sharded, load_full_optimizer_state, unsharded
 from .options import RESUME_FREE, TrainConfig, TrainConfigError, config_from_mapping, yaml_error_line
 
 __all__ = ["RunFolder", "ResumePlan", "CheckpointError", "rng_state", "set_rng_state"]
@@ -323,7 +324,11 @@ class RunFolder:
                         resolved: dict, metadata: dict, keep: int) -> Path:
         """Every process writes its RNG state into a temporary folder; the main process adds the adapter,
         optimizer, scheduler, configuration, trainer state and (last) the manifest, flushes the folder and
-        renames it into place. A failure (a full disk) removes the temporary folder and keeps the older ones."""
+        renames it into place. A failure (a full disk) removes the temporary folder and keeps the older ones.
+
+        A sharded (FSDP) model's adapter and optimizer state are gathered whole by every process (collectives)
+        and written by the main one: the files are the same as without sharding, the optimizer's keyed by
+        parameter name."""
         root = self.path / self.CHECKPOINTS
         final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
         try:
@@ -334,9 +339,11 @@ class RunFolder:
                 accelerator.wait_for_everyone()
                 atomic_torch_save(tmp / f"rng_state_{accelerator.process_index}.pth", rng_state())
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    self._write_checkpoint(tmp, final, routed, optimizer, scheduler, accelerator.scaler, state, cfg,
-                                           resolved, metadata, keep)
+                optim_state = full_optimizer_state(routed, optimizer) if is_sharded(routed) else None
+                with unsharded(routed):
+                    if accelerator.is_main_process:
+                        self._write_checkpoint(tmp, final, routed, optimizer if optim_state is None else optim_state,
+                                               scheduler, accelerator.scaler, state, cfg, resolved, metadata, keep)
         except BaseException:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
@@ -346,8 +353,9 @@ class RunFolder:
 
     def _write_checkpoint(self, tmp: Path, final: Path, routed, optimizer, scheduler, scaler, state: dict,
                           cfg: TrainConfig, resolved: dict, metadata: dict, keep: int) -> None:
+        """The main process's files (``optimizer``: the optimizer, or its state dict already gathered)."""
         routed.save_adapter(tmp / self.ADAPTER, metadata=metadata)
-        atomic_torch_save(tmp / "optimizer.pt", optimizer.state_dict())
+        atomic_torch_save(tmp / "optimizer.pt", optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         atomic_torch_save(tmp / "scheduler.pt", scheduler.state_dict())
         if scaler is not None:
             atomic_torch_save(tmp / "scaler.pt", scaler.state_dict())
@@ -373,8 +381,12 @@ class RunFolder:
         if saved.get("num_processes", 1) != world:
             raise TrainConfigError(f"{ckpt} was written by {saved.get('num_processes')} processes; resume it with the "
                                    f"same number (now {world}): the batch order depends on it")
-        routed.load_adapter_weights(ckpt / self.ADAPTER)
-        optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt", map_location="cpu"))
+        routed.load_adapter_weights(ckpt / self.ADAPTER)  # a sharded model's parameters each take their slice
+        optim_state = _torch_load(ckpt / "optimizer.pt", map_location="cpu")
+        if is_sharded(routed):
+            load_full_optimizer_state(routed, optimizer, optim_state)
+        else:
+            optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(_torch_load(ckpt / "scheduler.pt"))
         if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(_torch_load(ckpt / "scaler.pt"))

@@ -21,16 +21,18 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..data import IGNORE_INDEX
 from ..diagnostics import routing_record
 from ..loading import is_encoder_decoder, load_model_and_tokenizer
 from ..model import get_model
+from ..sharding import full_tensor, is_sharded, local_parameter_count, set_gradient_sync, shard_model, unsharded
 from .adapter_options import build_adapter_config
 from .batches import answer_window, device_batch, epoch_batches, first_answer_position, rank_slice, tokens_of
 from .data import build_data, run_metadata, train_features
-from .options import SCHEDULES, TrainConfig, TrainConfigError
 from .evaluate import evaluate_model
+from .options import SCHEDULES, TrainConfig, TrainConfigError
 from .run_folder import RunFolder
-from .runtime import make_accelerator
+from .runtime import LAUNCH_HELP, make_accelerator
 
 __all__ = ["Trainer", "train"]
 
@@ -67,6 +69,9 @@ class Trainer:
     def setup(self) -> None:
         self.acc = make_accelerator(self.cfg)
         self.is_main, self.rank, self.world = self.acc.is_main_process, self.acc.process_index, self.acc.num_processes
+        if self.cfg.fsdp and self.world == 1:
+            raise TrainConfigError("--fsdp shards the model across processes, but this run has one: " + LAUNCH_HELP
+                                   + " (or drop --fsdp)")
         self.prepare_folder()
         t0 = time.perf_counter()
         self.load_data_and_model()
@@ -111,6 +116,7 @@ class Trainer:
         set_seed(self.cfg.seed)  # adapter initialisation: identical on every process
         self.adapter_cfg = build_adapter_config(self.cfg, self.base, self.data.num_tasks)
         self.routed = get_model(self.base, self.adapter_cfg, base_model_name=self.info["name"])
+        self.routed.aux_loss_in_loss = False  # weighted apart from the LM loss (forward_backward)
         if self.cfg.gradient_checkpointing:
             self.routed.gradient_checkpointing_enable()
             self.base.config.use_cache = False
@@ -123,6 +129,7 @@ class Trainer:
         self.feats = train_features(cfg, self.data, self.tokenizer, self.decoder_only, self.acc)
         self.lengths = [len(f["input_ids"]) + (0 if self.decoder_only else len(f["labels"])) for f in self.feats]
         self.task_of = [f["task_id"] for f in self.feats]
+        self.n_labels = [_label_tokens(f, self.decoder_only) for f in self.feats]
         n_global = math.ceil(len(self.feats) / (cfg.batch_size * self.world)) if self.feats else 0
         self.steps_per_epoch = math.ceil(n_global / cfg.grad_accum) if n_global else 0
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
@@ -134,16 +141,22 @@ class Trainer:
                              self.cfg.length_window)
 
     def build_optimizer(self) -> None:
+        """The model prepared first (DDP-wrapped, or sharded by FSDP2: its parameters become `DTensor` shards),
+        then the optimizer over the prepared parameters."""
         from transformers import get_scheduler
 
         cfg = self.cfg
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        if cfg.fsdp:  # our own FSDP2 units (accelerate's FSDP is GPU-only and FSDP1 by default): not DDP-wrapped
+            self.model = self.routed = shard_model(self.routed)
+        else:
+            self.model = self.acc.prepare(self.routed)
+            self.routed = self.acc.unwrap_model(self.model)
         optimizer = torch.optim.AdamW(self.routed.parameter_groups(cfg.lr, cfg.router_lr, cfg.weight_decay))
         # Not passed through accelerator.prepare: it would step the schedule once per process.
         self.scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=self.warmup,
                                        num_training_steps=self.total_steps)
-        self.model, self.optimizer = self.acc.prepare(self.routed, optimizer)
-        self.routed = self.acc.unwrap_model(self.model)
+        self.optimizer = self.acc.prepare(optimizer)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def describe(self) -> None:
@@ -161,6 +174,7 @@ class Trainer:
             "train_examples": len(self.feats), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup, "mixed_precision": self.acc.mixed_precision,
             "trainable_parameters": self.n_trainable, "total_parameters": self.n_total,
+            "parameters_per_process": local_parameter_count(self.routed),  # ~total/N under FSDP
             "batch_mix": {k: round(v, 4) for k, v in mix.items()},
         }
 
@@ -220,22 +234,40 @@ class Trainer:
             self.order, self.epoch = self.batches_of_epoch(epoch), epoch
         return self.order[k * self.cfg.grad_accum:(k + 1) * self.cfg.grad_accum]
 
-    def forward_backward(self, feats: list[dict], scale: float, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch: (LM loss, auxiliary loss) as detached device tensors."""
+    def forward_backward(self, feats: list[dict], lm_weight: float, aux_weight: float,
+                         sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch, its LM loss (a mean over its answer tokens) weighted by ``lm_weight`` and its auxiliary
+        loss by ``aux_weight`` (see `loss_weights`): (weighted LM loss, weighted auxiliary loss), detached."""
         batch, task_ids = device_batch(feats, self.tokenizer.pad_token_id, self.acc.device, decoder_only=self.decoder_only,
                                        with_task_ids=self.adapter_cfg.needs_task_ids)
         if self.trim_logits:
             batch = answer_window(batch, first_answer_position(feats))
-        with nullcontext() if sync else self.acc.no_sync(self.model):
-            outputs = self.model(**batch)
-            self.acc.backward(outputs["loss"] * scale)  # backward divides by grad_accum; a short last step has fewer
+        sharded = is_sharded(self.model)
+        set_gradient_sync(self.model, sync)  # FSDP2's no_sync
+        with nullcontext() if sync or sharded else self.acc.no_sync(self.model):
+            with self.acc.autocast() if sharded else nullcontext():  # a prepared (unsharded) model autocasts itself
+                outputs = self.model(**batch)
+            lm = outputs["loss"] * lm_weight
+            aux = outputs.get("aux_loss")
+            aux = aux.float() * aux_weight if aux is not None else torch.zeros((), device=lm.device)
+            self.acc.backward((lm + aux) * self.cfg.grad_accum)  # backward divides by grad_accum
         pi = self.routed.routing_state.task_probs
         if pi is not None:  # the Task Router's decisions, for this window's diagnostics
             self.routing_seen[0].append(pi.detach())
             self.routing_seen[1].append(task_ids)
-        aux = outputs.get("aux_loss")
-        aux = aux.detach().float() if aux is not None else torch.zeros((), device=self.acc.device)
-        return outputs["loss"].detach().float() - aux, aux
+        return lm.detach().float(), aux.detach()
+
+    def loss_weights(self, micro: list[list[int]]) -> tuple[list[float], float]:
+        """Weights that make a step's gradient that of one process running the whole step: the LM loss a mean over
+        every answer token of the step's global batch (whatever the processes and micro-batches), the auxiliary
+        loss a mean over micro-batches and processes. Per micro-batch of this process: n_j * W / N, with n_j its
+        answer tokens and N those of every process's micro-batches (host-side counts, no communication); DDP and
+        FSDP average gradients over the W processes."""
+        shares = [[rank_slice(g, r, self.world) for r in range(self.world)] for g in micro]
+        total = sum(self.n_labels[i] for share in shares for part in share for i in part)
+        mine = [sum(self.n_labels[i] for i in share[self.rank]) for share in shares]
+        lm = [n * self.world / total if total else 1.0 / len(micro) for n in mine]
+        return lm, 1.0 / len(micro)
 
     def train_step(self, step: int) -> None:
         cfg, t_step = self.cfg, time.perf_counter()
@@ -243,13 +275,16 @@ class Trainer:
         step_loss = torch.zeros((), device=self.acc.device)
         step_aux = torch.zeros((), device=self.acc.device)
         tokens = 0
+        lm_weights, aux_weight = self.loss_weights(micro)
         for j, gbatch in enumerate(micro):
             feats = [self.feats[i] for i in rank_slice(gbatch, self.rank, self.world)]
-            loss, aux = self.forward_backward(feats, cfg.grad_accum / len(micro), sync=j == len(micro) - 1)
-            step_loss += loss / len(micro)
-            step_aux += aux / len(micro)
+            loss, aux = self.forward_backward(feats, lm_weights[j], aux_weight, sync=j == len(micro) - 1)
+            step_loss += loss  # this process's share: the mean over processes is the step's loss
+            step_aux += aux
             tokens += tokens_of(feats, self.decoder_only)
         grad_norm = self.acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        if grad_norm is not None:
+            grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor (every process runs this line)
         self.optimizer.step()
         if not self.acc.optimizer_step_was_skipped:
             self.scheduler.step()
@@ -290,8 +325,11 @@ class Trainer:
                "lr": lrs[0], "router_lr": next((lr for g, lr in zip(self.optimizer.param_groups, lrs)
                                                 if g.get("name") == "allocation"), None),
                "grad_norm": float(window["grad_norm"]) if cfg.max_grad_norm else None,
-               "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), "train_seconds": round(self.state["train_seconds"], 3),
-               **routing_record(self.routed, torch.cat(pis) if pis else None, torch.cat(tasks) if tasks else None)}
+               "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+               "train_seconds": round(self.state["train_seconds"], 3)}
+        with unsharded(self.routed, recurse=False):  # FSDP: the model router whole (every process runs this)
+            rec.update(routing_record(self.routed, torch.cat(pis) if pis else None,
+                                      torch.cat(tasks) if tasks else None))
         pis.clear(), tasks.clear()
         self.last_loss = rec["loss"]
         if self.log_file is not None:
@@ -325,8 +363,10 @@ class Trainer:
             "effective_batch_size": self.resolved["effective_batch_size"], "seen_tasks": len(self.data.seen_tasks),
             "train_examples": len(self.feats),
         }
+        with unsharded(self.routed):  # FSDP: the adapter whole, gathered by every process, written by the main one
+            if self.is_main:
+                self.routed.save_adapter(self.folder.adapter_dir, metadata=self.metadata)
         if self.is_main:
-            self.routed.save_adapter(self.folder.adapter_dir, metadata=self.metadata)
             self.folder.write_config(cfg, self.resolved)
             self.folder.write_json(RunFolder.SUMMARY, summary)
             print(f"saved adapter to {self.folder.adapter_dir} ({state['global_step']} steps, "
@@ -347,6 +387,13 @@ class Trainer:
         if final:
             self.acc.log(final, step=self.state["global_step"])
         self.acc.end_training()
+
+
+def _label_tokens(feature: dict, decoder_only: bool) -> int:
+    """Tokens a feature's LM loss averages over: its labelled tokens (a decoder-only model's loss shifts the labels
+    by one, so the first position never counts)."""
+    labels = feature["labels"][1:] if decoder_only else feature["labels"]
+    return sum(t != IGNORE_INDEX for t in labels)
 
 
 def _tracker_config(cfg: TrainConfig, resolved: dict) -> dict[str, Any]:

@@ -1,0 +1,220 @@
+"""Several processes on CPU (gloo): DDP and FSDP2 runs of the recipe equal one process running the same global
+batch, FSDP checkpoints resume exactly, evaluation makes equal generate() counts, and every launch that would
+run independent copies (or an unsupported engine) fails loudly with the command that works."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from recipe_helpers import REPO, SEEN, UNSEEN
+
+from orchmoe.recipe import TrainConfig, TrainConfigError, train
+from orchmoe.recipe.evaluate import process_batches
+from orchmoe.recipe.runtime import env_world_size, launch_problem
+
+STEPS, PER_PROCESS, WORLD = 4, 2, 2
+# LoRA without dropout: nothing random in training, so one process and two see the same computation.
+OPTIONS = dict(tasks=",".join(SEEN), train_per_task=8, eval_per_task=2, unseen_tasks=UNSEEN, unseen_per_task=2,
+               max_source_len=96, max_target_len=12, eval_batch_size=3, lr=1e-3, warmup_steps=0, method="lora",
+               max_steps=STEPS, log_every=1, checkpoint_every=0, progress=False)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cli_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
+    opts = {**OPTIONS, **overrides}
+    args = ["train", "--model", str(model), "--data", str(data), "--out", str(out)]
+    for k, v in opts.items():
+        if isinstance(v, bool):
+            args.append(_flag(k) if v else "--no-" + _flag(k)[2:])
+        else:
+            args += [_flag(k), str(v)]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without any launcher's variables, one thread per process."""
+    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "FSDP_"))}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(cmd: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+                   str(_free_port()), "-m", "orchmoe", *args])
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= tol, f"adapters differ by {worst:.3g} (tolerance {tol})"
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def predictions(run: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len({(r["task"], r["id"]) for r in rows}) == len(rows)  # every example once
+    return {f"{r['task']}/{r['id']}": r["prediction"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, superni, tmp_path_factory) -> Path:
+    """The reference: one process running the global batch (per-process batch x processes)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(TrainConfig(model=str(tiny_llama), data=str(superni), out=str(out), batch_size=PER_PROCESS * WORLD,
+                      **OPTIONS))
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tiny_llama, superni, one_process, tmp_path):
+    run = tmp_path / "ddp"
+    proc = torchrun(cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["_resolved"]
+    assert resolved["num_processes"] == WORLD and resolved["effective_batch_size"] == PER_PROCESS * WORLD
+    assert_close(adapter(run), adapter(one_process), 1e-5)
+    assert losses(run) == pytest.approx(losses(one_process), abs=1e-5)  # the loss of the whole global batch
+    # scored and written once, by the main process: one report, every example predicted once, as one process does
+    assert proc.stdout.count("predictions: ") == 1
+    assert predictions(run) == predictions(one_process)
+
+
+def test_fsdp_shards_evaluates_and_resumes_like_one_process(tiny_llama, superni, one_process, tmp_path):
+    run = tmp_path / "fsdp"
+    proc = torchrun(cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["_resolved"]
+    assert resolved["parameters_per_process"] < 0.6 * resolved["total_parameters"]  # really sharded
+    assert_close(adapter(run), adapter(one_process), 1e-5)
+    assert predictions(run) == predictions(one_process)  # evaluated sharded, no hang on the uneven batch split
+    ckpt = run / "checkpoints" / "step-00000002"
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    whole = adapter(run)
+    for name, state in optim["state"].items():  # gathered whole, keyed by parameter name
+        key = next(k for k in whole if name.endswith(k))
+        assert state["exp_avg"].shape == whole[key].shape, name
+
+    # killed after the step-2 checkpoint: the resumed run ends on the unbroken run's adapter, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(".orchmoe-run.lock"))
+    for name in ("adapter", "train_summary.json", "metrics.json", "metrics.md", "predictions.jsonl"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    proc = torchrun(cli_args(tiny_llama, superni, resumed, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2,
+                             eval=False))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stdout and "(step 2/4)" in proc.stdout
+    final = adapter(resumed)
+    assert all(torch.equal(final[k], whole[k]) for k in whole)
+    assert losses(resumed) == losses(run)
+
+
+def test_accelerate_multi_gpu_flag_runs_gloo_processes_on_cpu(tiny_llama, superni, tmp_path):
+    """The accelerate command the launch errors name: two processes that train together, also without a GPU."""
+    run = tmp_path / "acc"
+    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                   "--num_processes", str(WORLD), "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "-m", "orchmoe",
+                   *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS, max_steps=2, eval=False)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["_resolved"]["num_processes"] == WORLD
+    assert proc.stdout.count("saved adapter to") == 1
+
+
+def test_accelerate_cpu_launch_of_several_processes_fails_loudly(tiny_llama, superni, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: refused before it touches the run folder."""
+    run = tmp_path / "refused"
+    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(WORLD),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "orchmoe",
+                   *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS)])
+    assert proc.returncode != 0
+    assert "started this one alone" in proc.stderr and "torchrun --nproc_per_node N" in proc.stderr
+    assert "--multi_gpu --num_machines 1" in proc.stderr
+    assert not run.exists()
+
+
+_ONE_GROUP = """
+import sys
+from orchmoe.recipe import TrainConfig
+from orchmoe.recipe.runtime import LaunchError, make_accelerator
+try:
+    make_accelerator(TrainConfig(out=sys.argv[1]), cpu=False)
+except LaunchError as e:
+    print(e, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_processes_that_do_not_form_one_group_are_refused(tmp_path):
+    """torchrun starts two processes and accelerate makes each a group of one (forced here with cpu=False on a
+    machine without GPUs: what plain torchrun on CPU gave before): a LaunchError, not two independent copies."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine accelerate forms the NCCL group: there is no one-process fallback to provoke")
+    script = tmp_path / "one_group.py"
+    script.write_text(_ONE_GROUP)
+    proc = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+                   str(_free_port()), str(script), str(tmp_path / "run")], timeout=120)
+    assert proc.returncode != 0
+    refusal = "the launcher started 2 processes but accelerate formed a group of 1"
+    assert proc.stdout.count(refusal) == WORLD, proc.stderr[-3000:]
+    assert "torchrun --nproc_per_node N" in proc.stdout
+
+
+def test_launch_problem_names_unsupported_engines_and_one_process_launches():
+    assert launch_problem({}) is None
+    torchrun_env = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert launch_problem(torchrun_env) is None  # accelerate launch --multi_gpu runs torchrun: fine
+    deepspeed = launch_problem({"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert "DeepSpeed is not supported" in deepspeed and "DDP and FSDP" in deepspeed and "--fsdp" in deepspeed
+    fsdp = launch_problem({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert "--use_fsdp" in fsdp and "orchmoe train --fsdp" in fsdp
+    single = launch_problem({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True",
+                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "started this one alone" in single
+    assert launch_problem({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True"}) is None  # one process
+    assert env_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4 and env_world_size({}) == 1
+
+
+def test_fsdp_with_one_process_is_refused(tiny_llama, superni, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"--fsdp shards the model across processes.*torchrun"):
+        train(TrainConfig(model=str(tiny_llama), data=str(superni), out=str(tmp_path / "run"), fsdp=True, **OPTIONS))
+
+
+@pytest.mark.parametrize("n_batches", range(0, 8))
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_process_makes_the_same_number_of_generate_calls(n_batches, world):
+    batches = [[2 * b, 2 * b + 1] for b in range(n_batches)]
+    shares = [process_batches(batches, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1  # equal generate() counts
+    assert len(shares[0]) == -(-n_batches // world)
+    kept = sorted(i for s in shares for idx, keep in s if keep for i in idx)
+    assert kept == list(range(2 * n_batches))  # every example predicted once
+    assert all(idx == batches[-1] for s in shares for idx, keep in s if not keep)  # repeats: the shortest batch
