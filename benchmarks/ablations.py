@@ -10,6 +10,7 @@ point with exactly the quality benchmark's arguments reuses that run (same seed)
 has finished, instead of training it again. `redundancy` shrinks OrchMoE's
 number of abstract tasks. Runs that finished are skipped, so either can be restarted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ def metrics(run: Path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str], quality_root: Path | None = None) -> None:
+def sweep(
+    root: Path, size: dict, methods: list[str], seed: int, extra: list[str], quality_root: Path | None = None
+) -> None:
     from orchmoe.recipe.analysis import plot_score_vs_params
 
     rows = []
@@ -62,19 +65,38 @@ def sweep(root: Path, size: dict, methods: list[str], seed: int, extra: list[str
         for label, change in SWEEP[method]:
             method_args = with_override(METHOD_ARGS[method], change)
             out = root / f"{method}-{label}-s{seed}"
-            if metrics(out) is None and not extra and quality_root is not None and same_args(method_args, METHOD_ARGS[method]):
+            if (
+                metrics(out) is None
+                and not extra
+                and quality_root is not None
+                and same_args(method_args, METHOD_ARGS[method])
+            ):
                 if metrics(quality_root / f"{method}-s{seed}") is not None:
                     out = quality_root / f"{method}-s{seed}"
             if metrics(out) is None:
                 run_one(method, seed, size, out, ["--no-progress", *extra], method_args)
             m = metrics(out)
-            rows.append({"method": method, "label": label, "trainable_parameters": m["trainable_parameters"],
-                         "score": m["seen"]["overall"]["rougeL"], "unseen": m.get("unseen", {}).get("overall", {}).get("rougeL")})
-    plot_score_vs_params(rows, root / "score_vs_params.png", ylabel="seen-task ROUGE-L",
-                         title="ROUGE-L vs trainable parameters (SmolLM2-135M)")
+            rows.append(
+                {
+                    "method": method,
+                    "label": label,
+                    "trainable_parameters": m["trainable_parameters"],
+                    "score": m["seen"]["overall"]["rougeL"],
+                    "unseen": m.get("unseen", {}).get("overall", {}).get("rougeL"),
+                }
+            )
+    plot_score_vs_params(
+        rows,
+        root / "score_vs_params.png",
+        ylabel="seen-task ROUGE-L",
+        title="ROUGE-L vs trainable parameters (SmolLM2-135M)",
+    )
     lines = ["| method | size | trainable params | seen ROUGE-L | unseen ROUGE-L |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['label']} | {r['trainable_parameters']:,} | {r['score']:.2f} | "
-              f"{'-' if r['unseen'] is None else format(r['unseen'], '.2f')} |" for r in rows]
+    lines += [
+        f"| {r['method']} | {r['label']} | {r['trainable_parameters']:,} | {r['score']:.2f} | "
+        f"{'-' if r['unseen'] is None else format(r['unseen'], '.2f')} |"
+        for r in rows
+    ]
     (root / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"plot: {root / 'score_vs_params.png'}")
@@ -88,11 +110,23 @@ def redundancy(root: Path, size: dict, n_tasks: int, seed: int, extra: list[str]
     while K >= 1:
         out = root / f"orchmoe-K{K}-s{seed}"
         if metrics(out) is None:
-            run_one("orchmoe", seed, size, out, ["--no-progress", *extra],
-                    with_override(METHOD_ARGS["orchmoe"], ["--n-abstract-tasks", str(K)]))
+            run_one(
+                "orchmoe",
+                seed,
+                size,
+                out,
+                ["--no-progress", *extra],
+                with_override(METHOD_ARGS["orchmoe"], ["--n-abstract-tasks", str(K)]),
+            )
         m = metrics(out)
-        rows.append({"K": K, "trainable_parameters": m["trainable_parameters"], "seen_rougeL": m["seen"]["overall"]["rougeL"],
-                     "unseen_rougeL": m.get("unseen", {}).get("overall", {}).get("rougeL")})
+        rows.append(
+            {
+                "K": K,
+                "trainable_parameters": m["trainable_parameters"],
+                "seen_rougeL": m["seen"]["overall"]["rougeL"],
+                "unseen_rougeL": m.get("unseen", {}).get("overall", {}).get("rougeL"),
+            }
+        )
         K //= 2
         if K < max(1, n_tasks // 8):
             break
@@ -113,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out or REPO / "runs" / f"{args.experiment}-{args.size}")
     root.mkdir(parents=True, exist_ok=True)
     if args.experiment == "sweep":
-        sweep(root, size, [m for m in args.methods.split(",") if m], args.seed, extra,
-              quality_root=REPO / "runs" / f"quality-{args.size}")
+        sweep(
+            root,
+            size,
+            [m for m in args.methods.split(",") if m],
+            args.seed,
+            extra,
+            quality_root=REPO / "runs" / f"quality-{args.size}",
+        )
     else:
         n_tasks = len(CPU_TASKS) if args.size == "cpu" else 100
         redundancy(root, size, n_tasks, args.seed, extra)

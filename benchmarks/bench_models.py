@@ -7,6 +7,7 @@ check measures SmolLM2-135M's shape and a 1.3B shape that way and needs no model
     from bench_models import SHAPES, load_base
     base, tok, name = load_base(model=None, shape="1.3b", dtype=torch.bfloat16, device="cuda")
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,14 +21,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 # 1.3b is a 1.33B-parameter Llama (hidden 2048, 24 layers, MHA, SwiGLU 5632); smollm2-1.7b is SmolLM2-1.7B's
 # config (1.71B); tiny is for smoke tests on a CPU.
 SHAPES: dict[str, dict] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 512},
-    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                     "num_key_value_heads": 3, "vocab_size": 49152, "rope_theta": 100000.0},
-    "1.3b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 49152, "rope_theta": 100000.0},
-    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
-                     "num_key_value_heads": 32, "vocab_size": 49152, "rope_theta": 130000.0},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    },
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+    },
+    "1.3b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+    },
+    "smollm2-1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 49152,
+        "rope_theta": 130000.0,
+    },
 }
 PAD_ID = 2  # SmolLM2's pad (= eos) id; any id < vocab works for random weights
 
@@ -40,14 +68,23 @@ def random_model(shape: str, dtype: torch.dtype, device: str | torch.device, see
         raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
     spec = dict(SHAPES[shape])
     theta = spec.pop("rope_theta", 10000.0)
-    cfg = LlamaConfig(**spec, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=PAD_ID, pad_token_id=PAD_ID)
+    cfg = LlamaConfig(
+        **spec,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=PAD_ID,
+        pad_token_id=PAD_ID,
+    )
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}  # transformers 5 (ignored by 4)
     cfg.rope_theta = theta  # transformers 4
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    for p in model.parameters():  # weights only: buffers (RoPE's inv_freq) stay fp32, as from_pretrained(dtype=...) leaves them
+    for p in (
+        model.parameters()
+    ):  # weights only: buffers (RoPE's inv_freq) stay fp32, as from_pretrained(dtype=...) leaves them
         p.data = p.data.to(dtype)
     model.eval()
     model.generation_config.pad_token_id = PAD_ID

@@ -26,6 +26,7 @@ clock: other processes' load then barely moves the numbers).
     python benchmarks/layer_speed.py --threads 1 --timer cpu --json layer.json
     python benchmarks/layer_speed.py --device cuda --dtype bf16 --reps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,14 @@ from orchmoe.registry import router_class  # noqa: E402
 from orchmoe.routers import LayerRouter, RoutingInputs  # noqa: E402
 from orchmoe.routing import RoutingState  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 N_TASKS = 8  # Poly/MHR training tasks (rows of Z)
 N_ABSTRACT = 16  # OrchMoE K
 MHR_SPLITS = 8
@@ -96,7 +103,9 @@ class LoopMoLoRA(nn.Module):
         self.base = base
         P, Q = base.in_features, base.out_features
         bound = 1 / math.sqrt(P)
-        self.A = nn.ParameterList([nn.Parameter(torch.empty(P, rank).uniform_(-bound, bound)) for _ in range(n_experts)])
+        self.A = nn.ParameterList(
+            [nn.Parameter(torch.empty(P, rank).uniform_(-bound, bound)) for _ in range(n_experts)]
+        )
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(rank, Q)) for _ in range(n_experts)])
         self.gate = nn.Parameter(torch.empty(P, n_experts).uniform_(-bound, bound))
         self.scale = scale
@@ -105,7 +114,7 @@ class LoopMoLoRA(nn.Module):
         y = self.base(x)
         g = F.softmax((x @ self.gate).float(), dim=-1).to(x.dtype)  # (b,n,S)
         for s in range(len(self.A)):
-            y = y + g[..., s:s + 1] * ((x @ self.A[s]) @ self.B[s]) * self.scale
+            y = y + g[..., s : s + 1] * ((x @ self.A[s]) @ self.B[s]) * self.scale
         return y
 
 
@@ -126,8 +135,15 @@ def mode_config(P: int, Q: int, budget: int, m: int = 4) -> MoDEConfig:
 class Bench:
     """One method: a module, a routing context, and the call that runs it."""
 
-    def __init__(self, name: str, module: nn.Module, call: Callable[[torch.Tensor], torch.Tensor],
-                 state: RoutingState | None = None, note: str = "", routed: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        call: Callable[[torch.Tensor], torch.Tensor],
+        state: RoutingState | None = None,
+        note: str = "",
+        routed: bool = False,
+    ) -> None:
         self.name, self.module, self.call, self.state, self.note, self.routed = name, module, call, state, note, routed
         self.params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.times: list[float] = []
@@ -140,9 +156,15 @@ def routed_bench(label: str, cfg, base: nn.Linear, P: int, Q: int, task_ids: tor
     cls = router_class(cfg)
     per_token = issubclass(cls, LayerRouter)
     holder = OneLayer(P, Q)
-    holder.proj = RoutedLoraLayer(base, n_experts=cfg.n_experts, rank=cfg.rank, scale=cfg.scale,
-                                  shared_down=cfg.shares_down_projection, n_splits=cfg.n_splits,
-                                  router=cls.from_config(cfg, P) if per_token else None)
+    holder.proj = RoutedLoraLayer(
+        base,
+        n_experts=cfg.n_experts,
+        rank=cfg.rank,
+        scale=cfg.scale,
+        shared_down=cfg.shares_down_projection,
+        n_splits=cfg.n_splits,
+        router=cls.from_config(cfg, P) if per_token else None,
+    )
     holder.model_router = None if per_token else cls.from_config(cfg, 1, P)
     holder = holder.to(device=device, dtype=dtype)
     state = RoutingState()
@@ -164,8 +186,9 @@ def routed_bench(label: str, cfg, base: nn.Linear, P: int, Q: int, task_ids: tor
     return b
 
 
-def build_methods(P: int, Q: int, batch: int, device: torch.device, dtype: torch.dtype, with_peft: bool,
-                  seed: int = 0) -> list[Bench]:
+def build_methods(
+    P: int, Q: int, batch: int, device: torch.device, dtype: torch.dtype, with_peft: bool, seed: int = 0
+) -> list[Bench]:
     torch.manual_seed(seed)
     base = nn.Linear(P, Q, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
     budget = 8 * (P + Q)
@@ -198,11 +221,15 @@ def build_methods(P: int, Q: int, batch: int, device: torch.device, dtype: torch
     if with_peft:
         import peft
 
-        pl = peft.get_peft_model(OneLayer(P, Q), peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"]))
+        pl = peft.get_peft_model(
+            OneLayer(P, Q), peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"])
+        )
         pl.base_model.model.proj.base_layer = base
         pl = one(pl)
         benches.append(Bench("peft:lora-8", pl, pl))
-        pp = peft.get_peft_model(OneLayer(P, Q), peft.PolyConfig(r=2, n_skills=4, n_splits=1, n_tasks=N_TASKS, target_modules=["proj"]))
+        pp = peft.get_peft_model(
+            OneLayer(P, Q), peft.PolyConfig(r=2, n_skills=4, n_splits=1, n_tasks=N_TASKS, target_modules=["proj"])
+        )
         pp.base_model.model.proj.base_layer = base
         pp = one(pp)
         tuner = pp.base_model  # PolyModel: its forward routes task_ids to every Poly layer
@@ -234,8 +261,15 @@ def step(b: Bench, x: torch.Tensor, gy: torch.Tensor) -> None:
     torch.autograd.backward(tensors, grads)
 
 
-def time_method(b: Bench, x: torch.Tensor, gy: torch.Tensor, inner: int, device: torch.device,
-                xd: torch.Tensor | None = None, inner_decode: int = 50) -> dict[str, float]:
+def time_method(
+    b: Bench,
+    x: torch.Tensor,
+    gy: torch.Tensor,
+    inner: int,
+    device: torch.device,
+    xd: torch.Tensor | None = None,
+    inner_decode: int = 50,
+) -> dict[str, float]:
     """ms per call, averaged over `inner` back-to-back calls: fwd+bwd and eval fwd, wall clock and process CPU time;
     with `xd` (batch x 1 token) also the eval forward of one decoding step, in microseconds."""
     b.module.train()
@@ -289,23 +323,35 @@ def run_shape(P: int, Q: int, args, device: torch.device, dtype: torch.dtype) ->
     rows = []
     for b in benches:
         med = statistics.median(b.times)
-        rows.append({
-            "method": b.name, "params": b.params, "fwd_bwd_ms": med,
-            "fwd_bwd_ms_min": min(b.times), "fwd_bwd_ms_max": max(b.times),
-            "eval_fwd_ms": statistics.median(b.eval_times),
-            "decode_us": statistics.median(b.decode_times), "decode_vs_plain": statistics.median(b.decode_times) / plain_dec,
-            "vs_plain": med / plain, "vs_peft_lora": (med / peft_lora) if peft_lora else None,
-            "routed": b.routed, "note": b.note,
-        })
+        rows.append(
+            {
+                "method": b.name,
+                "params": b.params,
+                "fwd_bwd_ms": med,
+                "fwd_bwd_ms_min": min(b.times),
+                "fwd_bwd_ms_max": max(b.times),
+                "eval_fwd_ms": statistics.median(b.eval_times),
+                "decode_us": statistics.median(b.decode_times),
+                "decode_vs_plain": statistics.median(b.decode_times) / plain_dec,
+                "vs_plain": med / plain,
+                "vs_peft_lora": (med / peft_lora) if peft_lora else None,
+                "routed": b.routed,
+                "note": b.note,
+            }
+        )
     return rows
 
 
-def check_targets(shape: str, rows: list[dict], limit: float = 1.3, loop_speedup: float = 2.0) -> list[tuple[str, bool, str]]:
+def check_targets(
+    shape: str, rows: list[dict], limit: float = 1.3, loop_speedup: float = 2.0
+) -> list[tuple[str, bool, str]]:
     out = []
     by = {r["method"]: r for r in rows}
     for r in rows:
         if r["routed"]:
-            out.append((f"{shape} {r['method']} <= {limit}x plain LoRA", r["vs_plain"] <= limit, f"{r['vs_plain']:.2f}x"))
+            out.append(
+                (f"{shape} {r['method']} <= {limit}x plain LoRA", r["vs_plain"] <= limit, f"{r['vs_plain']:.2f}x")
+            )
     if "loop:molora-8x1" in by and "ours:molora-8x1" in by:
         s = by["loop:molora-8x1"]["fwd_bwd_ms"] / by["ours:molora-8x1"]["fwd_bwd_ms"]
         out.append((f"{shape} ours:molora-8x1 >= {loop_speedup}x faster than the loop", s >= loop_speedup, f"{s:.2f}x"))
@@ -313,13 +359,17 @@ def check_targets(shape: str, rows: list[dict], limit: float = 1.3, loop_speedup
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | params | fwd+bwd ms (median) | min-max | vs plain LoRA | vs PEFT LoRA | eval fwd ms "
-             "| decode step us | decode vs plain | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| method | params | fwd+bwd ms (median) | min-max | vs plain LoRA | vs PEFT LoRA | eval fwd ms "
+        "| decode step us | decode vs plain | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         vp = f"{r['vs_peft_lora']:.2f}x" if r["vs_peft_lora"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['params']:,} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ms_min']:.2f}-{r['fwd_bwd_ms_max']:.2f} "
-                     f"| {r['vs_plain']:.2f}x | {vp} | {r['eval_fwd_ms']:.2f} | {r['decode_us']:.0f} | {r['decode_vs_plain']:.2f}x | {r['note']} |")
+        lines.append(
+            f"| {r['method']} | {r['params']:,} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ms_min']:.2f}-{r['fwd_bwd_ms_max']:.2f} "
+            f"| {r['vs_plain']:.2f}x | {vp} | {r['eval_fwd_ms']:.2f} | {r['decode_us']:.0f} | {r['decode_vs_plain']:.2f}x | {r['note']} |"
+        )
     return "\n".join(lines)
 
 
@@ -340,7 +390,9 @@ def hardware(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions; the median is reported")
     ap.add_argument("--inner", type=int, default=3, help="back-to-back calls timed together in one repetition")
     ap.add_argument("--warmup", type=int, default=2)
@@ -352,14 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--timer", default="auto", choices=["auto", "wall", "cpu"],
-                    help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1); auto: wall")
+    ap.add_argument(
+        "--timer",
+        default="auto",
+        choices=["auto", "wall", "cpu"],
+        help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1); auto: wall",
+    )
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT layers")
     ap.add_argument("--limit", type=float, default=1.3, help="target: routed time / plain LoRA time")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = DTYPES["bf16" if args.bf16 else args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -370,9 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": " ".join(["python", "benchmarks/layer_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "hardware": hardware(device), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__, "orchmoe": orchmoe.__version__, "batch": args.batch, "seq": args.seq,
-        "reps": args.reps, "inner": args.inner, "timer": args.timer,
+        "hardware": hardware(device),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "orchmoe": orchmoe.__version__,
+        "batch": args.batch,
+        "seq": args.seq,
+        "reps": args.reps,
+        "inner": args.inner,
+        "timer": args.timer,
     }
     try:
         import peft
@@ -382,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_peft:
             print("peft is not installed: running with --no-peft", file=sys.stderr)
             args.no_peft = True
-    print(f"# layer_speed  {meta['date']}\n{meta['hardware']} | device {device} | {meta['dtype']} | torch {meta['torch']}"
-          f" | batch {args.batch} x seq {args.seq} | reps {args.reps} x inner {args.inner} | timer {args.timer}\n")
+    print(
+        f"# layer_speed  {meta['date']}\n{meta['hardware']} | device {device} | {meta['dtype']} | torch {meta['torch']}"
+        f" | batch {args.batch} x seq {args.seq} | reps {args.reps} x inner {args.inner} | timer {args.timer}\n"
+    )
     results, checks = {}, []
     for shape in args.shapes.split(","):
         P, Q = (int(v) for v in shape.lower().split("x"))
@@ -396,8 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, value in checks:
         print(f"- {'PASS' if ok else 'FAIL'}: {name} ({value})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results,
-                                               "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "results": results,
+                    "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks],
+                },
+                indent=2,
+            )
+        )
         print(f"\nwrote {args.json}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 

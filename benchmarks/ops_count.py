@@ -26,6 +26,7 @@ on its CPU step counters is no device sync either and is left out of the sync co
     python benchmarks/ops_count.py --width 64 --vocab 512   # same counts in seconds (counts do not depend on widths)
     python benchmarks/ops_count.py --json ops.json --top 15 --methods poly,orchmoe
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,22 @@ def smollm2_shape(width: int = 576, vocab: int = 49152, layers: int = 30, seed: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = 9 if width % 9 == 0 else 4
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=3 if heads == 9 else 2, head_dim=width // heads,
-                      max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=width * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=3 if heads == 9 else 2,
+        head_dim=width // heads,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -95,9 +108,15 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
 
 def _row(counter: OpCounter, top: int) -> dict:
     ours = counter.syncs_from("/orchmoe/")
-    return {"ops": counter.total, "kernels": counter.kernels, "syncs": counter.host_syncs, "syncs_ours": ours,
-            "syncs_base": counter.host_syncs - ours, "host_checks": sum(counter.excluded.values()),
-            "top": counter.by_name(top)}
+    return {
+        "ops": counter.total,
+        "kernels": counter.kernels,
+        "syncs": counter.host_syncs,
+        "syncs_ours": ours,
+        "syncs_base": counter.host_syncs - ours,
+        "host_checks": sum(counter.excluded.values()),
+        "top": counter.by_name(top),
+    }
 
 
 def count(method: str, base, batch: dict, top: int) -> dict:
@@ -131,8 +150,10 @@ def _ratio(value: int, ref: dict | None, phase: str, key: str) -> str:
 
 def table(results: dict) -> str:
     lora, peft = results.get("lora"), results.get("peft-lora")
-    header = ("| method | train ops | x LoRA | x PEFT | train kernels | x LoRA | x PEFT | train syncs ours / base (host checks) "
-              "| eval ops | x LoRA | eval kernels | x LoRA | eval syncs ours / base (host checks) |")
+    header = (
+        "| method | train ops | x LoRA | x PEFT | train kernels | x LoRA | x PEFT | train syncs ours / base (host checks) "
+        "| eval ops | x LoRA | eval kernels | x LoRA | eval syncs ours / base (host checks) |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         t, e = r["train"], r["eval"]
@@ -141,7 +162,8 @@ def table(results: dict) -> str:
             f"| {t['kernels']:,} | {_ratio(t['kernels'], lora, 'train', 'kernels')} | {_ratio(t['kernels'], peft, 'train', 'kernels')} "
             f"| {t['syncs_ours']} / {t['syncs_base']} ({t['host_checks']}) "
             f"| {e['ops']:,} | {_ratio(e['ops'], lora, 'eval', 'ops')} | {e['kernels']:,} | {_ratio(e['kernels'], lora, 'eval', 'kernels')} "
-            f"| {e['syncs_ours']} / {e['syncs_base']} ({e['host_checks']}) |")
+            f"| {e['syncs_ours']} / {e['syncs_base']} ({e['host_checks']}) |"
+        )
     return "\n".join(lines)
 
 
@@ -166,16 +188,20 @@ def main(argv=None) -> None:
         base = smollm2_shape(args.width, args.vocab, args.layers)
         results[method] = count(method, base, batch, args.top)
         print(f"counted {method}", file=sys.stderr, flush=True)
-    print(f"Ops per training step (forward + backward + AdamW) and per eval forward; SmolLM2-135M shape "
-          f"(width {args.width}, vocab {args.vocab}, {args.layers} layers), batch {args.batch} x {args.seq}, "
-          f"q_proj+v_proj, torch {torch.__version__}\n")
+    print(
+        f"Ops per training step (forward + backward + AdamW) and per eval forward; SmolLM2-135M shape "
+        f"(width {args.width}, vocab {args.vocab}, {args.layers} layers), batch {args.batch} x {args.seq}, "
+        f"q_proj+v_proj, torch {torch.__version__}\n"
+    )
     print(table(results))
     lora = results.get("lora")
     mixing = [m for m in PARAMETER_MIXING if m in results]
     if lora and mixing:
         for key in ("ops", "kernels"):
             worst = max((results[m]["train"][key] / lora["train"][key], m) for m in mixing)
-            print(f"\nparameter mixing, worst: {worst[1]} at {worst[0]:.2f}x LoRA's training-step {key} (target <= 1.25x)")
+            print(
+                f"\nparameter mixing, worst: {worst[1]} at {worst[0]:.2f}x LoRA's training-step {key} (target <= 1.25x)"
+            )
     if args.top:
         for m, r in results.items():
             print(f"\n{m}: " + ", ".join(f"{n} {c}" for n, c in r["train"]["top"]))

@@ -6,6 +6,7 @@ routers (K abstract tasks), how much pi varies across prompts under each `prompt
 
     python benchmarks/prompt_summary.py                  # CPU-size SuperNI tasks and the builtin suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CPU_TASKS, SHARED  # noqa: E402
-
-from orchmoe.diagnostics import normalized_mutual_info  # noqa: E402
 from orchmoe.data.builtin import builtin_data_dir, builtin_task_names  # noqa: E402
 from orchmoe.data.prompts import encode_prompt  # noqa: E402
 from orchmoe.data.superni import load_task  # noqa: E402
+from orchmoe.diagnostics import normalized_mutual_info  # noqa: E402
 from orchmoe.loading import load_model_and_tokenizer  # noqa: E402
 from orchmoe.routers import TaskRouter  # noqa: E402
+from quality import CPU_TASKS, SHARED  # noqa: E402
 
 
 def summaries(emb: torch.Tensor, tok, data, names: list[str], n_pos: int, per_task: int, max_len: int):
@@ -45,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model, tok, _ = load_model_and_tokenizer()
     emb = model.get_input_embeddings().weight.detach().float()  # (V, d)
-    sets = [("SuperNI, quality CPU size", SHARED, CPU_TASKS, 1), ("builtin suite", builtin_data_dir(), builtin_task_names("train"), 1)]
-    print("| data | tasks | prompts | norm of mean u | mean norm of u - mean | between-task share of deviation variance |")
+    sets = [
+        ("SuperNI, quality CPU size", SHARED, CPU_TASKS, 1),
+        ("builtin suite", builtin_data_dir(), builtin_task_names("train"), 1),
+    ]
+    print(
+        "| data | tasks | prompts | norm of mean u | mean norm of u - mean | between-task share of deviation variance |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     results = []
     for label, data, names, n_pos in sets:
@@ -54,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         mean, labels = u.mean(0), torch.tensor(y)
         within = sum(((u[labels == k] - u[labels == k].mean(0)) ** 2).sum() for k in set(y))
         total = ((u - mean) ** 2).sum()
-        print(f"| {label} | {len(names)} | {len(y)} | {mean.norm():.3f} | {(u - mean).norm(dim=1).mean():.3f} | {1 - within / total:.3f} |")
+        print(
+            f"| {label} | {len(names)} | {len(y)} | {mean.norm():.3f} | {(u - mean).norm(dim=1).mean():.3f} | {1 - within / total:.3f} |"
+        )
         results.append((label, u, y))
     print()
-    print(f"Random linear Task Routers (K={args.abstract_tasks}, {args.routers} initialisations), statistics from the same prompts:")
+    print(
+        f"Random linear Task Routers (K={args.abstract_tasks}, {args.routers} initialisations), statistics from the same prompts:"
+    )
     print()
     print("| data | prompt_norm | std of pi across prompts | abstract tasks on top | NMI(top abstract task, task) |")
     print("|---|---|---|---|---|")
@@ -75,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 stds.append(pi.std(0).mean().item())
                 used.append(len(set(top)))
                 nmis.append(normalized_mutual_info(top, y))
-            print(f"| {label} | {norm} | {min(stds):.3f}–{max(stds):.3f} | {min(used)}–{max(used)} | {min(nmis):.2f}–{max(nmis):.2f} |")
+            print(
+                f"| {label} | {norm} | {min(stds):.3f}–{max(stds):.3f} | {min(used)}–{max(used)} | {min(nmis):.2f}–{max(nmis):.2f} |"
+            )
     return 0
 
 

@@ -17,6 +17,7 @@ the shared alpha = rank convention).
 Finished runs (a metrics.json in their folder) are skipped, and an interrupted run
 resumes from its last checkpoint, so the command can simply be started again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,31 +52,31 @@ ALL_ARGS = {**METHOD_ARGS, **CONTROL_ARGS}
 
 # Short-prompt SuperNI tasks with short answers, spread over categories, for the CPU size.
 CPU_TASKS = [
-    "task1508_wordnet_antonyms",            # Word Semantics
-    "task1146_country_capital",             # Misc.
-    "task1314_country_abbreviation",        # Misc.
-    "task591_sciq_answer_generation",       # Question Answering
+    "task1508_wordnet_antonyms",  # Word Semantics
+    "task1146_country_capital",  # Misc.
+    "task1314_country_abbreviation",  # Misc.
+    "task591_sciq_answer_generation",  # Question Answering
     "task1412_web_questions_question_answering",  # Question Answering
-    "task568_circa_question_generation",    # Question Generation
-    "task565_circa_answer_generation",      # Dialogue Generation
+    "task568_circa_question_generation",  # Question Generation
+    "task565_circa_answer_generation",  # Dialogue Generation
     "task899_freebase_qa_topic_generation",  # Question Understanding
     "task454_swag_incorrect_answer_generation",  # Wrong Candidate Generation
-    "task455_swag_context_generation",      # Text Completion
+    "task455_swag_context_generation",  # Text Completion
 ]
 CPU_UNSEEN = [
     "task1195_disflqa_disfluent_to_fluent_conversion",  # Question Rewriting
-    "task645_summarization",                # Keyword Tagging
+    "task645_summarization",  # Keyword Tagging
     "task393_plausible_result_generation",  # Cause Effect Classification
     "task957_e2e_nlg_text_generation_generate",  # Data to Text
 ]
 
 # Five tasks of five categories with short prompts and answers, for the longer CPU protocol.
 LONG_TASKS = [
-    "task1508_wordnet_antonyms",            # Word Semantics
-    "task094_conala_calculate_mean",        # Program Execution
+    "task1508_wordnet_antonyms",  # Word Semantics
+    "task094_conala_calculate_mean",  # Program Execution
     "task1412_web_questions_question_answering",  # Question Answering
-    "task568_circa_question_generation",    # Question Generation
-    "task132_dais_text_modification",       # Paraphrasing
+    "task568_circa_question_generation",  # Question Generation
+    "task132_dais_text_modification",  # Paraphrasing
 ]
 
 SIZES: dict[str, dict] = {
@@ -84,11 +85,38 @@ SIZES: dict[str, dict] = {
     # ~4-5 minutes per run (train + eval) on 2 CPU cores, so 6 methods x 3 seeds fit in ~1.5 hours.
     "cpu": {
         "data": str(SHARED),
-        "args": ["--tasks", ",".join(CPU_TASKS), "--unseen-tasks", ",".join(CPU_UNSEEN),
-                 "--train-per-task", "32", "--eval-per-task", "10", "--unseen-per-task", "10",
-                 "--n-pos", "1", "--max-source-len", "160", "--max-target-len", "24", "--max-new-tokens", "24",
-                 "--batch-size", "8", "--epochs", "1", "--lr", "3e-3", "--warmup-ratio", "0.1",
-                 "--checkpoint-every", "20", "--eval-batch-size", "16"],
+        "args": [
+            "--tasks",
+            ",".join(CPU_TASKS),
+            "--unseen-tasks",
+            ",".join(CPU_UNSEEN),
+            "--train-per-task",
+            "32",
+            "--eval-per-task",
+            "10",
+            "--unseen-per-task",
+            "10",
+            "--n-pos",
+            "1",
+            "--max-source-len",
+            "160",
+            "--max-target-len",
+            "24",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--lr",
+            "3e-3",
+            "--warmup-ratio",
+            "0.1",
+            "--checkpoint-every",
+            "20",
+            "--eval-batch-size",
+            "16",
+        ],
         "seeds": [0, 1, 2],
     },
     # Fewer, more different tasks and ten times the steps: 5 tasks of 5 categories x 320 training
@@ -96,11 +124,38 @@ SIZES: dict[str, dict] = {
     # allocation logits 0.1, the defaults); ~25 minutes per run on one CPU core.
     "cpu-long": {
         "data": str(SHARED),
-        "args": ["--tasks", ",".join(LONG_TASKS), "--unseen-tasks", ",".join(CPU_UNSEEN),
-                 "--train-per-task", "320", "--eval-per-task", "20", "--unseen-per-task", "10",
-                 "--n-pos", "1", "--max-source-len", "160", "--max-target-len", "24", "--max-new-tokens", "24",
-                 "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
-                 "--checkpoint-every", "50", "--log-every", "10", "--eval-batch-size", "16"],
+        "args": [
+            "--tasks",
+            ",".join(LONG_TASKS),
+            "--unseen-tasks",
+            ",".join(CPU_UNSEEN),
+            "--train-per-task",
+            "320",
+            "--eval-per-task",
+            "20",
+            "--unseen-per-task",
+            "10",
+            "--n-pos",
+            "1",
+            "--max-source-len",
+            "160",
+            "--max-target-len",
+            "24",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "50",
+            "--log-every",
+            "10",
+            "--eval-batch-size",
+            "16",
+        ],
         "seeds": [0, 1, 2],
     },
     # A GPU-sized protocol for about 10 minutes of one H100 for the methods the claim is about: the
@@ -108,11 +163,41 @@ SIZES: dict[str, dict] = {
     # test-split tasks on 20 instances, bf16, K = 100 abstract tasks (= T, as the OrchMoE paper).
     "ni100-quick": {
         "data": str(SHARED),
-        "args": ["--tasks", "100", "--task-seed", "0", "--allow-fewer-train", "--train-per-task", "100",
-                 "--eval-per-task", "20", "--unseen-tasks", "all", "--unseen-per-task", "20", "--n-pos", "2",
-                 "--max-source-len", "512", "--max-target-len", "64", "--max-new-tokens", "64", "--batch-size", "16",
-                 "--epochs", "2", "--lr", "1e-3", "--mixed-precision", "bf16", "--checkpoint-every", "500",
-                 "--eval-batch-size", "128"],
+        "args": [
+            "--tasks",
+            "100",
+            "--task-seed",
+            "0",
+            "--allow-fewer-train",
+            "--train-per-task",
+            "100",
+            "--eval-per-task",
+            "20",
+            "--unseen-tasks",
+            "all",
+            "--unseen-per-task",
+            "20",
+            "--n-pos",
+            "2",
+            "--max-source-len",
+            "512",
+            "--max-target-len",
+            "64",
+            "--max-new-tokens",
+            "64",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--mixed-precision",
+            "bf16",
+            "--checkpoint-every",
+            "500",
+            "--eval-batch-size",
+            "128",
+        ],
         "seeds": [0, 1, 2],
     },
     # The papers' NI-100 protocol: 100 tasks, 1000 train + 100 eval instances each, all unseen test
@@ -120,19 +205,63 @@ SIZES: dict[str, dict] = {
     # --allow-fewer-train keeps the rest, training on what they have after the 100 held out.
     "ni100": {
         "data": str(SHARED),
-        "args": ["--tasks", "100", "--allow-fewer-train", "--train-per-task", "1000", "--eval-per-task", "100",
-                 "--unseen-tasks", "all", "--unseen-per-task", "100", "--n-pos", "2", "--max-source-len", "1024",
-                 "--max-target-len", "128", "--max-new-tokens", "128", "--batch-size", "16", "--epochs", "2",
-                 "--lr", "1e-3", "--mixed-precision", "bf16", "--checkpoint-every", "1000", "--eval-batch-size", "64"],
+        "args": [
+            "--tasks",
+            "100",
+            "--allow-fewer-train",
+            "--train-per-task",
+            "1000",
+            "--eval-per-task",
+            "100",
+            "--unseen-tasks",
+            "all",
+            "--unseen-per-task",
+            "100",
+            "--n-pos",
+            "2",
+            "--max-source-len",
+            "1024",
+            "--max-target-len",
+            "128",
+            "--max-new-tokens",
+            "128",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--mixed-precision",
+            "bf16",
+            "--checkpoint-every",
+            "1000",
+            "--eval-batch-size",
+            "64",
+        ],
         "seeds": [0],
     },
 }
 
 
-def run_one(method: str, seed: int, size: dict, out: Path, extra: list[str], method_args: list[str] | None = None) -> float:
+def run_one(
+    method: str, seed: int, size: dict, out: Path, extra: list[str], method_args: list[str] | None = None
+) -> float:
     """One `orchmoe train` (+ its evaluation) in a fresh process; an interrupted one resumes."""
-    cmd = [sys.executable, "-m", "orchmoe", "train", *(method_args or ALL_ARGS[method]), "--data", size["data"],
-           *size["args"], "--seed", str(seed), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchmoe",
+        "train",
+        *(method_args or ALL_ARGS[method]),
+        "--data",
+        size["data"],
+        *size["args"],
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        *extra,
+    ]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
@@ -176,30 +305,57 @@ def summarise(root: Path, methods: list[str], seeds: list[int]) -> str:
         lora = finished["lora"]
         paired = [_seen_rougeL(r) - _seen_rougeL(lora[s]) for s, r in finished[method].items() if s in lora]
 
-        def vals(part: str, key: str) -> list[float]:
+        def vals(part: str, key: str, runs: list[dict] = runs) -> list[float]:
             return [r[part]["overall"][key] for r in runs if part in r and r[part].get("overall")]
 
-        def logged(key: str) -> list[float]:
+        def logged(key: str, runs: list[dict] = runs) -> list[float]:
             return [r["_log"][key] for r in runs if r.get("_log", {}).get(key) is not None]
 
         params = runs[0].get("trainable_parameters", "-")
         train_s = [r.get("train_seconds") for r in runs if r.get("train_seconds") is not None]
-        rows.append([method, f"{params:,}" if isinstance(params, int) else params, str(len(runs)),
-                     mean_sd(vals("seen", "rougeL")), "-" if method == "lora" or not paired else mean_sd(paired),
-                     mean_sd(vals("seen", "rougeLsum")), mean_sd(vals("seen", "exact_match")),
-                     mean_sd(vals("unseen", "rougeL")), mean_sd(vals("unseen", "exact_match")),
-                     mean_sd(logged("allocation_spread"), 3), mean_sd(logged("nmi_pi_task"), 2),
-                     f"{statistics.mean(train_s) / 60:.1f} min" if train_s else "-"])
+        rows.append(
+            [
+                method,
+                f"{params:,}" if isinstance(params, int) else params,
+                str(len(runs)),
+                mean_sd(vals("seen", "rougeL")),
+                "-" if method == "lora" or not paired else mean_sd(paired),
+                mean_sd(vals("seen", "rougeLsum")),
+                mean_sd(vals("seen", "exact_match")),
+                mean_sd(vals("unseen", "rougeL")),
+                mean_sd(vals("unseen", "exact_match")),
+                mean_sd(logged("allocation_spread"), 3),
+                mean_sd(logged("nmi_pi_task"), 2),
+                f"{statistics.mean(train_s) / 60:.1f} min" if train_s else "-",
+            ]
+        )
         for r in runs:
             for cat, s in r.get("seen", {}).get("per_category", {}).items():
                 cats.setdefault(cat, {}).setdefault(method, []).append(s["rougeL"])
-    head = ["method", "trainable params", "seeds", "seen ROUGE-L", "seen ROUGE-L − LoRA (paired)", "seen ROUGE-Lsum",
-            "seen EM", "unseen ROUGE-L", "unseen EM", "allocation spread (end)", "NMI π–task (end)", "train time"]
+    head = [
+        "method",
+        "trainable params",
+        "seeds",
+        "seen ROUGE-L",
+        "seen ROUGE-L − LoRA (paired)",
+        "seen ROUGE-Lsum",
+        "seen EM",
+        "unseen ROUGE-L",
+        "unseen EM",
+        "allocation spread (end)",
+        "NMI π–task (end)",
+        "train time",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     done = [r[0] for r in rows]
-    lines += ["", "Seen-task ROUGE-L per category (mean over seeds):", "",
-              "| category | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
+    lines += [
+        "",
+        "Seen-task ROUGE-L per category (mean over seeds):",
+        "",
+        "| category | " + " | ".join(done) + " |",
+        "|---|" + "---|" * len(done),
+    ]
     for cat in sorted(cats):
         lines.append(f"| {cat} | " + " | ".join(mean_sd(cats[cat].get(m, [])) for m in done) + " |")
     return "\n".join(lines)
@@ -208,8 +364,11 @@ def summarise(root: Path, methods: list[str], seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--methods", default=",".join(METHOD_ARGS),
-                   help="comma-separated subset of " + ",".join(ALL_ARGS) + " (default: the six methods)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHOD_ARGS),
+        help="comma-separated subset of " + ",".join(ALL_ARGS) + " (default: the six methods)",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's)")
     p.add_argument("--out", default=None, help="root folder of the runs (default: runs/quality-<size>)")
     p.add_argument("--model", default=None, help="base model dir (default: SmolLM2-135M-Instruct)")

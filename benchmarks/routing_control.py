@@ -13,6 +13,7 @@ Router gets no gradient through uniform allocations, so what it shows is inherit
 
     python benchmarks/routing_control.py runs/main runs/main-frozen
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def prompts_of(cfg, data, tokenizer, decoder_only: bool, per_task: int) -> tuple
     ids, tasks = [], []
     for t, examples in picked.items():
         for ex in examples:
-            ids.append(encode_prompt(tokenizer, data.task_defs[t], ex.input, decoder_only=decoder_only, **prompt_settings(cfg)))
+            ids.append(
+                encode_prompt(tokenizer, data.task_defs[t], ex.input, decoder_only=decoder_only, **prompt_settings(cfg))
+            )
             tasks.append(data.task_to_id[t])
     return ids, tasks
 
@@ -53,10 +56,10 @@ def task_probs(model, prompts: list[list[int]], batch: int = 32, gather_statisti
     its running statistics (as training forwards would), without changing any weight."""
     router = model.task_router
     out = []
-    for stats_pass in ([True, False] if gather_statistics else [False]):
+    for stats_pass in [True, False] if gather_statistics else [False]:
         router.train(stats_pass)
         for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
+            chunk = prompts[i : i + batch]
             n = max(len(p) for p in chunk)
             ids = torch.tensor([p + [0] * (n - len(p)) for p in chunk])
             mask = torch.tensor([[1] * len(p) + [0] * (n - len(p)) for p in chunk])
@@ -70,8 +73,14 @@ def task_probs(model, prompts: list[list[int]], batch: int = 32, gather_statisti
 def describe(label: str, pi: torch.Tensor, tasks: list[int], model) -> list:
     top = pi.argmax(-1).tolist()
     entropy = float(-(pi * pi.clamp_min(1e-12).log()).sum(-1).mean())
-    return [label, round(normalized_mutual_info(top, tasks), 3), round(nmi_chance(top, tasks, 100), 3),
-            f"{len(set(top))} of {pi.shape[1]}", round(entropy, 3), round(allocation_spread(model), 4)]
+    return [
+        label,
+        round(normalized_mutual_info(top, tasks), 3),
+        round(nmi_chance(top, tasks, 100), 3),
+        f"{len(set(top))} of {pi.shape[1]}",
+        round(entropy, 3),
+        round(allocation_spread(model), 4),
+    ]
 
 
 def rows_for(run: Path, per_task: int, with_step0: bool) -> list[list]:
@@ -86,14 +95,26 @@ def rows_for(run: Path, per_task: int, with_step0: bool) -> list[list]:
         set_seed(cfg.seed)  # the adapter initialisation of the run
         fresh = get_model(base, build_adapter_config(cfg, base, data.num_tasks), info["name"]).eval()
         prompts, tasks = prompts_of(cfg, data, tok, not is_encoder_decoder(base), per_task)
-        rows.append(describe(f"{run.name}: step 0 (statistics only)", task_probs(fresh, prompts, gather_statistics=True),
-                             tasks, fresh))
+        rows.append(
+            describe(
+                f"{run.name}: step 0 (statistics only)",
+                task_probs(fresh, prompts, gather_statistics=True),
+                tasks,
+                fresh,
+            )
+        )
     base, tok, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
     trained = load_adapter(base, folder.adapter_dir).eval()
     prompts, tasks = prompts_of(cfg, data, tok, not is_encoder_decoder(base), per_task)
     frozen = cfg.router_lr == 0
-    rows.append(describe(f"{run.name}: trained" + (" (allocation logits frozen)" if frozen else ""),
-                         task_probs(trained, prompts), tasks, trained))
+    rows.append(
+        describe(
+            f"{run.name}: trained" + (" (allocation logits frozen)" if frozen else ""),
+            task_probs(trained, prompts),
+            tasks,
+            trained,
+        )
+    )
     return rows
 
 
@@ -106,8 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, run in enumerate(args.runs):
         rows += rows_for(Path(run), args.per_task, with_step0=i == 0)
-    print(markdown_table(["run / state", "NMI(argmax π, task)", "NMI by chance", "abstract tasks used", "mean entropy of π",
-                          "allocation spread"], rows, ["l", "r", "r", "l", "r", "r"], digits=3))
+    print(
+        markdown_table(
+            [
+                "run / state",
+                "NMI(argmax π, task)",
+                "NMI by chance",
+                "abstract tasks used",
+                "mean entropy of π",
+                "allocation spread",
+            ],
+            rows,
+            ["l", "r", "r", "l", "r", "r"],
+            digits=3,
+        )
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ Target (issue 9): a batch of 64 prompts of 64 tasks >= 5x faster than PEFT's mix
     python benchmarks/serving.py --device cpu --shape tiny --n-tasks 4 --new-tokens 8     # smoke test, seconds
     python benchmarks/serving.py --device cuda --dtype bf16 --autocast --shape smollm2-135m --n-tasks 64 --json s.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models
-from speed import hardware, shared_copy, sync, token_rows
-
 import orchmoe
 from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model
+from speed import hardware, shared_copy, sync, token_rows
 
 ROUTED = ("poly", "mhr", "orchmoe")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +89,7 @@ def time_server(server: Server, args) -> None:
         sync(args.device)
         server.seconds.append(time.perf_counter() - t0)
         assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
-        server.tokens = out[:, args.prompt_len:].cpu()
+        server.tokens = out[:, args.prompt_len :].cpu()
 
 
 def gen_kwargs(args, pad: int, new: int) -> dict:
@@ -112,7 +112,9 @@ def ours(method: str, base, prompts: torch.Tensor, args, pad: int) -> tuple[Serv
         with torch.no_grad(), amp(args):
             return model(input_ids=prompts, attention_mask=mask, **extra).logits[:, -1].float()
 
-    label = {"lora": "ours: LoRA r=8, one adapter for the batch"}.get(method, f"ours: {method}, {n} routings in one batch")
+    label = {"lora": "ours: LoRA r=8, one adapter for the batch"}.get(
+        method, f"ours: {method}, {n} routings in one batch"
+    )
     return Server(method, label, run, logits), model
 
 
@@ -122,7 +124,7 @@ def peft_mixed(model, method: str, base, prompts: torch.Tensor, args, pad: int, 
 
     n = prompts.shape[0]
     for i in range(n):  # Poly/MHR: task i; OrchMoE: the routing of prompt i
-        routing = {"task_id": i} if method in ("poly", "mhr") else {"input_ids": prompts[i:i + 1]}
+        routing = {"task_id": i} if method in ("poly", "mhr") else {"input_ids": prompts[i : i + 1]}
         model.export_peft_lora(folder / f"t{i}", **routing)
     pm = PeftModel.from_pretrained(shared_copy(base), str(folder / "t0"), adapter_name="t0")
     for i in range(1, n):
@@ -133,7 +135,9 @@ def peft_mixed(model, method: str, base, prompts: torch.Tensor, args, pad: int, 
 
     def run(new: int) -> torch.Tensor:
         with torch.no_grad(), amp(args):
-            return pm.generate(input_ids=prompts, attention_mask=mask, adapter_names=names, **gen_kwargs(args, pad, new))
+            return pm.generate(
+                input_ids=prompts, attention_mask=mask, adapter_names=names, **gen_kwargs(args, pad, new)
+            )
 
     def logits() -> torch.Tensor:
         with torch.no_grad(), amp(args):
@@ -145,8 +149,11 @@ def peft_mixed(model, method: str, base, prompts: torch.Tensor, args, pad: int, 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     """How alike two (rows, new tokens) outputs are: whole rows, first tokens, all tokens."""
     same = a == b
-    return {"rows_equal": float(same.all(1).float().mean()), "first_token_equal": float(same[:, 0].float().mean()),
-            "tokens_equal": float(same.float().mean())}
+    return {
+        "rows_equal": float(same.all(1).float().mean()),
+        "first_token_equal": float(same[:, 0].float().mean()),
+        "tokens_equal": float(same.float().mean()),
+    }
 
 
 def base_logits(base, prompts: torch.Tensor, args) -> torch.Tensor:
@@ -183,9 +190,11 @@ def measure(args, base, tok) -> list[dict]:
             same = {**agreement(mine.tokens, peft.tokens), **logit_gap(mine, peft, plain)}
         rows.append(summary(mine, args, statistics.median(peft.seconds) / statistics.median(mine.seconds), same))
         rows.append({**summary(peft, args, None, same), "export_and_load_s": round(setup_s, 2)})
-        print(f"  {method}: ours {rows[-2]['s']:.3f} s, PEFT {rows[-1]['s']:.3f} s, x{rows[-2]['speedup_vs_peft']:.2f}, "
-              f"rows equal {same['rows_equal']:.3f}, logits |ours - PEFT| / |ours - base| {same['gap_over_effect']:.2e}",
-              flush=True)
+        print(
+            f"  {method}: ours {rows[-2]['s']:.3f} s, PEFT {rows[-1]['s']:.3f} s, x{rows[-2]['speedup_vs_peft']:.2f}, "
+            f"rows equal {same['rows_equal']:.3f}, logits |ours - PEFT| / |ours - base| {same['gap_over_effect']:.2e}",
+            flush=True,
+        )
         del model, peft, mine
         gc.collect()
         if torch.device(args.device).type == "cuda":
@@ -195,27 +204,46 @@ def measure(args, base, tok) -> list[dict]:
 
 def summary(server: Server, args, speedup: float | None, same: dict | None) -> dict:
     s = statistics.median(server.seconds)
-    return {"server": server.name, "label": server.label, "s": s, "all_s": server.seconds,
-            "new_tok_s": args.n_tasks * args.new_tokens / s, "speedup_vs_peft": speedup, "agreement": same}
+    return {
+        "server": server.name,
+        "label": server.label,
+        "s": s,
+        "all_s": server.seconds,
+        "new_tok_s": args.n_tasks * args.new_tokens / s,
+        "speedup_vs_peft": speedup,
+        "agreement": same,
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [("| server | batch s (median) | new tok/s | speed-up vs PEFT mixed | rows = PEFT's (first token) "
-            "| logits: mean abs ours-PEFT / ours-base |"), "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        (
+            "| server | batch s (median) | new tok/s | speed-up vs PEFT mixed | rows = PEFT's (first token) "
+            "| logits: mean abs ours-PEFT / ours-base |"
+        ),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         up = "-" if r["speedup_vs_peft"] is None else f"{r['speedup_vs_peft']:.2f}x"
         a = r["agreement"]
         same = "-" if a is None else f"{a['rows_equal']:.3f} ({a['first_token_equal']:.3f})"
-        gap = "-" if a is None or a.get("gap_over_effect") is None else (
-            f"{a['gap_to_peft']:.2e} / {a['adapter_effect']:.2e}")
+        gap = (
+            "-"
+            if a is None or a.get("gap_over_effect") is None
+            else (f"{a['gap_to_peft']:.2e} / {a['adapter_effect']:.2e}")
+        )
         out.append(f"| {r['label']} | {r['s']:.3f} | {r['new_tok_s']:,.0f} | {up} | {same} | {gap} |")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="checkpoint for orchmoe.loading (default SmolLM2-135M-Instruct)")
-    ap.add_argument("--shape", default=None, choices=sorted(bench_models.SHAPES), help="random weights of this shape instead")
+    ap.add_argument(
+        "--shape", default=None, choices=sorted(bench_models.SHAPES), help="random weights of this shape instead"
+    )
     ap.add_argument("--methods", default="poly,orchmoe", help=f"comma-separated subset of {','.join(ROUTED)}")
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--n-tasks", type=int, default=64, help="prompts in the batch, each of its own task")
@@ -241,25 +269,51 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     base, tok, name = bench_models.load_base(args.model, args.shape, DTYPES[args.dtype], args.device)
-    meta = {"command": "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "hardware": hardware(args.device),
-            "device": args.device, "dtype": args.dtype, "autocast": args.autocast, "model": name,
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__, "peft": peft.__version__,
-            "orchmoe": orchmoe.__version__, "batch": f"{args.n_tasks} prompts x {args.prompt_len} tokens, "
-            f"{args.new_tokens} new tokens, greedy, {args.reps} reps"}
-    print(f"# serving  {meta['date']}\n{name} | {meta['hardware']} | {args.device} {args.dtype} | {meta['batch']}\n", flush=True)
+    meta = {
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "hardware": hardware(args.device),
+        "device": args.device,
+        "dtype": args.dtype,
+        "autocast": args.autocast,
+        "model": name,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": peft.__version__,
+        "orchmoe": orchmoe.__version__,
+        "batch": f"{args.n_tasks} prompts x {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy, {args.reps} reps",
+    }
+    print(
+        f"# serving  {meta['date']}\n{name} | {meta['hardware']} | {args.device} {args.dtype} | {meta['batch']}\n",
+        flush=True,
+    )
     rows = measure(args, base, tok)
-    checks = [(f"{r['server']}: {args.n_tasks} prompts of {args.n_tasks} tasks >= {args.target}x faster than PEFT's mixed batch",
-               r["speedup_vs_peft"] >= args.target, r["speedup_vs_peft"]) for r in rows if r["speedup_vs_peft"] is not None]
+    checks = [
+        (
+            f"{r['server']}: {args.n_tasks} prompts of {args.n_tasks} tasks >= {args.target}x faster than PEFT's mixed batch",
+            r["speedup_vs_peft"] >= args.target,
+            r["speedup_vs_peft"],
+        )
+        for r in rows
+        if r["speedup_vs_peft"] is not None
+    ]
     print("\n" + markdown(rows) + "\n\n## targets\n")
     for target, ok, v in checks:
         print(f"- {'PASS' if ok else 'FAIL'}: {target} ({v:.2f}x)")
     meta["total_s"] = round(time.perf_counter() - t0, 1)
     print(f"\ntotal {meta['total_s']} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows,
-                                               "targets": [{"target": t, "pass": ok, "value": v} for t, ok, v in checks]},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "results": rows,
+                    "targets": [{"target": t, "pass": ok, "value": v} for t, ok, v in checks],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.json}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 

@@ -40,6 +40,7 @@ r=8 and PEFT's Poly 4 x r=2 on the same target modules (q_proj, v_proj).
 x LoRA's, decoding step <= ``--limit`` x LoRA's, peak memory <= ``--mem-limit`` x LoRA's, and with
 ``--vs-peft`` training tokens/s >= PEFT LoRA's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models
-
 import orchmoe  # noqa: E402
 from orchmoe import (  # noqa: E402
     LoraConfig,
@@ -103,8 +103,9 @@ def shared_copy(model):
 
 def configs(base, targets) -> dict:
     budget = lora_budget(base, 8, targets)
-    mode = match_budget(MoDEConfig(target_modules=targets, n_skills=4, rank=2, expert_rank=1), base, budget, vary="rank",
-                        tolerance=0.25)  # m=4, p=1: the closest rank (r=2) is ~15% over a q/v LoRA-8 budget on SmolLM2
+    mode = match_budget(
+        MoDEConfig(target_modules=targets, n_skills=4, rank=2, expert_rank=1), base, budget, vary="rank", tolerance=0.25
+    )  # m=4, p=1: the closest rank (r=2) is ~15% over a q/v LoRA-8 budget on SmolLM2
     return {
         "lora": LoraConfig(target_modules=targets, rank=8),
         "molora": MoLoRAConfig(target_modules=targets, n_skills=4, rank=2),
@@ -150,13 +151,17 @@ def build(method: str, base, cfgs: dict, targets) -> Method:
         if method == "peft-lora":
             cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
         else:
-            cfg = peft.PolyConfig(r=2, n_skills=4, n_splits=1, n_tasks=N_TASKS, target_modules=targets, task_type="CAUSAL_LM")
+            cfg = peft.PolyConfig(
+                r=2, n_skills=4, n_splits=1, n_tasks=N_TASKS, target_modules=targets, task_type="CAUSAL_LM"
+            )
         pm = peft.get_peft_model(m, cfg)
         trainable = [p for p in pm.parameters() if p.requires_grad]
         return Method(method, label_of(method, cfgs), pm, trainable, method == "peft-poly")
     rm = get_model(m, cfgs[method])
     groups = rm.parameter_groups(lr=1e-4, router_lr=1e-2)
-    meth = Method(method, label_of(method, cfgs), rm, [p for g in groups for p in g["params"]], cfgs[method].needs_task_ids)
+    meth = Method(
+        method, label_of(method, cfgs), rm, [p for g in groups for p in g["params"]], cfgs[method].needs_task_ids
+    )
     meth.opt = torch.optim.AdamW(groups)
     return meth
 
@@ -170,14 +175,16 @@ def token_rows(tok, n_rows: int, length: int, device, seed: int = 0, vocab: int 
     ids = tok(TEXT * (1 + (n_rows + length) * 2 // 60), add_special_tokens=False)["input_ids"]
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - length, (n_rows,), generator=g).tolist()
-    return torch.tensor([ids[s:s + length] for s in starts], dtype=torch.long, device=device)
+    return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long, device=device)
 
 
 def task_kw(meth: Method, batch: int, device) -> dict:
     return {"task_ids": torch.arange(batch, device=device) % N_TASKS} if meth.needs_tasks else {}
 
 
-AUTOCAST: dict = {"dtype": None}  # --autocast: bf16 autocast around every forward (what `--mixed-precision bf16` trains with)
+AUTOCAST: dict = {
+    "dtype": None
+}  # --autocast: bf16 autocast around every forward (what `--mixed-precision bf16` trains with)
 
 
 def amp(device):
@@ -208,9 +215,15 @@ def train_step(meth: Method, batch: dict, device) -> float:
 def generate(meth: Method, prompts: torch.Tensor, new_tokens: int, pad_id: int, device) -> torch.Tensor:
     meth.model.eval()
     with torch.no_grad(), amp(device):
-        return meth.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
-                                   **task_kw(meth, prompts.shape[0], device))
+        return meth.model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            **task_kw(meth, prompts.shape[0], device),
+        )
 
 
 def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int, timer: str, device) -> None:
@@ -228,8 +241,9 @@ def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int
         for _ in range(reps):
             live = {}
             for m in ms:  # prefill (sets the routing from the prompt, as generate() does)
-                out = m.model(input_ids=prompts, attention_mask=torch.ones_like(prompts), use_cache=True,
-                              **task_kw(m, b, device))
+                out = m.model(
+                    input_ids=prompts, attention_mask=torch.ones_like(prompts), use_cache=True, **task_kw(m, b, device)
+                )
                 live[m.name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
             for t in range(steps):
                 mask = torch.ones(b, n + t + 1, dtype=torch.long, device=device)
@@ -238,8 +252,13 @@ def decode_paired(ms: list[Method], prompts: torch.Tensor, steps: int, reps: int
                     cache, nxt = live[m.name]
                     sync(device)
                     t0 = clock(timer)
-                    out = m.model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                  **task_kw(m, b, device))
+                    out = m.model(
+                        input_ids=nxt,
+                        attention_mask=mask,
+                        past_key_values=cache,
+                        use_cache=True,
+                        **task_kw(m, b, device),
+                    )
                     sync(device)
                     m.decode_s.append(clock(timer) - t0)
                     live[m.name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
@@ -332,29 +351,36 @@ def hardware(device) -> str:
         return torch.cuda.get_device_name()
     name = "cpu"
     try:
-        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
+        name = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| method | trainable params | train step s (median) | train tok/s | train vs LoRA (paired) | train vs PEFT LoRA "
-           "| peak mem MiB | generate s (median) | gen new tok/s | gen vs LoRA (paired) | gen vs PEFT LoRA | = base tokens "
-           "| decode step ms (median) | decode step vs LoRA (paired) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    out = [
+        "| method | trainable params | train step s (median) | train tok/s | train vs LoRA (paired) | train vs PEFT LoRA "
+        "| peak mem MiB | generate s (median) | gen new tok/s | gen vs LoRA (paired) | gen vs PEFT LoRA | = base tokens "
+        "| decode step ms (median) | decode step vs LoRA (paired) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
-        out.append(f"| {r['label']} | {r['params']:,} | {f(r['train_s'], '.2f')} | {f(r['train_tok_s'], ',.0f')} | "
-                   f"{f(r['train_vs_lora'], '.3f')}x ({f(r['train_vs_lora_paired'], '.3f')}x) | {f(r['train_vs_peft_lora'], '.3f')}x | "
-                   f"{f(r['peak_mb'], ',.0f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_tok_s'], ',.1f')} | "
-                   f"{f(r['gen_vs_lora'], '.3f')}x ({f(r['gen_vs_lora_paired'], '.3f')}x) | "
-                   f"{f(r['gen_vs_peft_lora'], '.3f')}x | {'-' if r['same_as_base'] is None else ('yes' if r['same_as_base'] else 'NO')} | "
-                   f"{f(r['decode_ms'], '.1f')} | {f(r['decode_vs_lora_paired'], '.3f')}x |")
+        out.append(
+            f"| {r['label']} | {r['params']:,} | {f(r['train_s'], '.2f')} | {f(r['train_tok_s'], ',.0f')} | "
+            f"{f(r['train_vs_lora'], '.3f')}x ({f(r['train_vs_lora_paired'], '.3f')}x) | {f(r['train_vs_peft_lora'], '.3f')}x | "
+            f"{f(r['peak_mb'], ',.0f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_tok_s'], ',.1f')} | "
+            f"{f(r['gen_vs_lora'], '.3f')}x ({f(r['gen_vs_lora_paired'], '.3f')}x) | "
+            f"{f(r['gen_vs_peft_lora'], '.3f')}x | {'-' if r['same_as_base'] is None else ('yes' if r['same_as_base'] else 'NO')} | "
+            f"{f(r['decode_ms'], '.1f')} | {f(r['decode_vs_lora_paired'], '.3f')}x |"
+        )
     return "\n".join(out).replace("-x", "-").replace("(-)", "")
 
 
@@ -388,11 +414,23 @@ def target_checks(by: dict, by_name: dict, args) -> list[tuple[str, bool, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model for orchmoe.loading.load_model_and_tokenizer (default SmolLM2-135M-Instruct)")
-    ap.add_argument("--shape", default=None, choices=sorted(bench_models.SHAPES),
-                    help="instead of --model: a Llama of this shape with random weights (speed does not depend on them)")
-    ap.add_argument("--autocast", action="store_true", help="bf16 autocast around every forward (CUDA; as --mixed-precision bf16)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model for orchmoe.loading.load_model_and_tokenizer (default SmolLM2-135M-Instruct)",
+    )
+    ap.add_argument(
+        "--shape",
+        default=None,
+        choices=sorted(bench_models.SHAPES),
+        help="instead of --model: a Llama of this shape with random weights (speed does not depend on them)",
+    )
+    ap.add_argument(
+        "--autocast", action="store_true", help="bf16 autocast around every forward (CUDA; as --mixed-precision bf16)"
+    )
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
     ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
     ap.add_argument("--batch", type=int, default=4, help="training batch (rows)")
@@ -403,19 +441,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--gen-reps", type=int, default=2, help="timed generate() calls per method (interleaved)")
-    ap.add_argument("--decode-reps", type=int, default=1,
-                    help="rounds of new-tokens single decoding steps, the methods taking turns step by step (0: skip)")
+    ap.add_argument(
+        "--decode-reps",
+        type=int,
+        default=1,
+        help="rounds of new-tokens single decoding steps, the methods taking turns step by step (0: skip)",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--timer", default="wall", choices=["wall", "cpu"],
-                    help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1)")
+    ap.add_argument(
+        "--timer",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--no-train", action="store_true")
-    ap.add_argument("--limit", type=float, default=1.10, help="target: decoding (and, unless --train-limit, training) time / LoRA's")
-    ap.add_argument("--train-limit", type=float, default=None, help="target: training step time / LoRA's (default --limit)")
-    ap.add_argument("--mem-limit", type=float, default=None, help="target: peak training memory / LoRA's (default: not checked)")
+    ap.add_argument(
+        "--limit", type=float, default=1.10, help="target: decoding (and, unless --train-limit, training) time / LoRA's"
+    )
+    ap.add_argument(
+        "--train-limit", type=float, default=None, help="target: training step time / LoRA's (default --limit)"
+    )
+    ap.add_argument(
+        "--mem-limit", type=float, default=None, help="target: peak training memory / LoRA's (default: not checked)"
+    )
     ap.add_argument("--vs-peft", action="store_true", help="target: training tokens/s >= PEFT LoRA's")
     ap.add_argument("--check", default="orchmoe", help="comma-separated methods the targets apply to")
     ap.add_argument("--json", default=None, metavar="PATH")
@@ -438,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
@@ -450,16 +503,26 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python benchmarks/speed.py " + " ".join(raw),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "hardware": hardware(args.device), "device": args.device, "dtype": args.dtype, "timer": args.timer,
+        "hardware": hardware(args.device),
+        "device": args.device,
+        "dtype": args.dtype,
+        "timer": args.timer,
         "autocast": args.autocast,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "peft": peft_version,
-        "orchmoe": orchmoe.__version__, "model": model_name, "targets": args.targets,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": peft_version,
+        "orchmoe": orchmoe.__version__,
+        "model": model_name,
+        "targets": args.targets,
         "train": f"{args.batch} x {args.seq} tokens, {args.steps} steps (+{args.warmup} warm-up)",
         "generate": f"{args.gen_batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.gen_reps} reps",
         "budget": lora_budget(base, 8, args.targets),
     }
-    print(f"# speed  {meta['date']}\n{meta['model']} | {meta['hardware']} | {args.device} {args.dtype} | torch {meta['torch']} | "
-          f"timer {args.timer}\ntrain {meta['train']} | generate {meta['generate']} | budget (LoRA r=8) {meta['budget']:,}\n", flush=True)
+    print(
+        f"# speed  {meta['date']}\n{meta['model']} | {meta['hardware']} | {args.device} {args.dtype} | torch {meta['torch']} | "
+        f"timer {args.timer}\ntrain {meta['train']} | generate {meta['generate']} | budget (LoRA r=8) {meta['budget']:,}\n",
+        flush=True,
+    )
 
     # Memory first, each method in a fresh process (CPU): RSS high-water marks do not come back down.
     mem_how, peaks = None, {}
@@ -504,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # training: warm-up, then interleaved timed steps
     mid = args.seq // 2  # warm-up on a small batch (16 prompt + 16 answer tokens): optimizer state, lazy init
-    small = {k: v[:1, max(0, mid - 16): mid + 16] for k, v in batch.items()}
+    small = {k: v[:1, max(0, mid - 16) : mid + 16] for k, v in batch.items()}
     for m in trainable:
         for _ in range(args.warmup):
             train_step(m, small, args.device)
@@ -520,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
             m.train_s.append(clock(args.timer) - t0)
         print(f"  train rep {rep + 1}/{args.steps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
-    med = {m.name: (statistics.median(m.train_s) if m.train_s else None, statistics.median(m.gen_s) if m.gen_s else None) for m in ms}
+    med = {
+        m.name: (statistics.median(m.train_s) if m.train_s else None, statistics.median(m.gen_s) if m.gen_s else None)
+        for m in ms
+    }
     lora_t, lora_g = med.get("lora", (None, None))
     peft_t, peft_g = med.get("peft-lora", (None, None))
     ntok_train, ntok_gen = args.batch * args.seq, args.gen_batch * args.new_tokens
@@ -537,21 +603,35 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in ms:
         t, g = med[m.name]
-        rows.append({
-            "method": m.name, "label": m.label, "params": m.params, "train_s": t, "train_tok_s": ntok_train / t if t else None,
-            "train_vs_lora": t / lora_t if t and lora_t else None, "train_vs_peft_lora": t / peft_t if t and peft_t else None,
-            "train_all_s": m.train_s, "peak_mb": m.peak_mb,
-            "gen_s": g, "gen_tok_s": ntok_gen / g if g else None,
-            "gen_vs_lora": g / lora_g if g and lora_g else None, "gen_vs_peft_lora": g / peft_g if g and peft_g else None,
-            "gen_all_s": m.gen_s, "same_as_base": m.same_as_base,
-            "train_vs_lora_paired": paired(m, "train_s"), "gen_vs_lora_paired": paired(m, "gen_s"),
-            "decode_ms": statistics.median(m.decode_s) * 1e3 if m.decode_s else None,
-            "decode_vs_lora_paired": paired(m, "decode_s"),
-        })
+        rows.append(
+            {
+                "method": m.name,
+                "label": m.label,
+                "params": m.params,
+                "train_s": t,
+                "train_tok_s": ntok_train / t if t else None,
+                "train_vs_lora": t / lora_t if t and lora_t else None,
+                "train_vs_peft_lora": t / peft_t if t and peft_t else None,
+                "train_all_s": m.train_s,
+                "peak_mb": m.peak_mb,
+                "gen_s": g,
+                "gen_tok_s": ntok_gen / g if g else None,
+                "gen_vs_lora": g / lora_g if g and lora_g else None,
+                "gen_vs_peft_lora": g / peft_g if g and peft_g else None,
+                "gen_all_s": m.gen_s,
+                "same_as_base": m.same_as_base,
+                "train_vs_lora_paired": paired(m, "train_s"),
+                "gen_vs_lora_paired": paired(m, "gen_s"),
+                "decode_ms": statistics.median(m.decode_s) * 1e3 if m.decode_s else None,
+                "decode_vs_lora_paired": paired(m, "decode_s"),
+            }
+        )
     print()
     print(markdown(rows))
     if mem_how:
-        print(f"\npeak memory: one training step (the first, optimizer state included) over the memory before it, {mem_how}")
+        print(
+            f"\npeak memory: one training step (the first, optimizer state included) over the memory before it, {mem_how}"
+        )
     checks = target_checks({r["method"]: r for r in rows}, by_name, args)
     if checks:
         print("\n## targets\n")
@@ -560,8 +640,17 @@ def main(argv: list[str] | None = None) -> int:
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
     print(f"\ntotal {meta['total_s']} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows, "memory": mem_how,
-                                               "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "results": rows,
+                    "memory": mem_how,
+                    "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.json}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 

@@ -3,6 +3,7 @@
 `tests/` is on the import path (``pythonpath`` in pyproject.toml), so the helper modules
 (`core_helpers`, `tiny_models`, `helpers_tokenizer`, `recipe_helpers`) import by name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

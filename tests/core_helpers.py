@@ -3,13 +3,10 @@
 Import from any test module with ``from core_helpers import ...`` (tests/ is on the import path,
 see ``pythonpath`` in pyproject.toml).
 """
+
 from __future__ import annotations
 
-import torch  # noqa: I001
-
-# Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting
-# makes them several times slower: the core suite runs single-threaded.
-torch.set_num_threads(1)
+import torch
 
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
 
@@ -23,23 +20,59 @@ METHOD_NAMES = ("lora", "molora", "poly", "mhr", "mode", "orchmoe")
 
 def tiny_base(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A 2-layer, width-32 random model in eval mode (dropout 0)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, **ids)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+            **ids,
+        )
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, **ids)
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            initializer_range=0.2,
+            **ids,
+        )
         model = GPT2LMHeadModel(cfg)
     elif arch == "t5":
-        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                       num_heads=4, dropout_rate=0.0, relative_attention_num_buckets=8,
-                       relative_attention_max_distance=32, decoder_start_token_id=PAD, **ids)
+        cfg = T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            decoder_start_token_id=PAD,
+            **ids,
+        )
         model = T5ForConditionalGeneration(cfg)
     else:  # pragma: no cover
         raise ValueError(arch)

@@ -1,4 +1,5 @@
 """What the hostile-input probes share: running the CLI and judging its error line."""
+
 from __future__ import annotations
 
 import re
@@ -6,9 +7,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from recipe_helpers import SEEN, UNSEEN
-
 from orchmoe.recipe.cli import main
+from recipe_helpers import SEEN, UNSEEN
 
 # An error line that starts with an exception class name is an error the CLI did not expect.
 _RAW_TYPE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b:")
@@ -30,18 +30,59 @@ def assert_clear_error(rc: int, err: str, message: str) -> None:
     assert rc == 2, err
     assert "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith(("orchmoe train: error:", "orchmoe eval: error:", "orchmoe report: error:",
-                            "orchmoe analyze: error:", "orchmoe: error:")), err
+    assert line.startswith(
+        (
+            "orchmoe train: error:",
+            "orchmoe eval: error:",
+            "orchmoe report: error:",
+            "orchmoe analyze: error:",
+            "orchmoe: error:",
+        )
+    ), err
     assert not _RAW_TYPE.match(line.split("error:", 1)[1].strip()), line
     assert message in line, f"{message!r} not in {line!r}"
 
 
 def train_args(model: Path, data: Path, out: Path | str, *extra: str) -> list[str]:
     """A tiny run: 3 tasks x 8 instances, 6 steps of 4, checkpoints at steps 2 and 4, no evaluation."""
-    return ["train", "--model", str(model), "--data", str(data), "--tasks", ",".join(SEEN), "--train-per-task", "8",
-            "--eval-per-task", "2", "--unseen-tasks", UNSEEN, "--unseen-per-task", "2", "--max-source-len", "80",
-            "--max-target-len", "6", "--batch-size", "4", "--lr", "1e-2", "--max-steps", "6", "--checkpoint-every", "2",
-            "--keep-checkpoints", "3", "--log-every", "1", "--no-eval", "--no-progress", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--tasks",
+        ",".join(SEEN),
+        "--train-per-task",
+        "8",
+        "--eval-per-task",
+        "2",
+        "--unseen-tasks",
+        UNSEEN,
+        "--unseen-per-task",
+        "2",
+        "--max-source-len",
+        "80",
+        "--max-target-len",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--max-steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "3",
+        "--log-every",
+        "1",
+        "--no-eval",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def adapter_of(run: Path) -> dict:

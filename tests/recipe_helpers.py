@@ -1,4 +1,5 @@
 """What the recipe tests share besides fixtures: the tasks they train on and tiny model folders."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,13 +1,14 @@
 """Small API edges of issue 10 (item 11): a batch of prompts is no single routing to export, and
 `orchmoe report` warns when the runs were scored on different tasks."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from core_helpers import tiny_base
 
+from core_helpers import tiny_base
 from orchmoe import OrchMoEConfig, RoutingError, get_model
 from orchmoe.recipe.cli import main
 
@@ -24,9 +25,14 @@ def test_export_by_a_batch_of_two_prompts_is_an_error(tmp_path):
 def _fake_run(path, seen_tasks):
     path.mkdir(parents=True)
     per_task = {t: {"rougeL": 10.0, "n": 1} for t in seen_tasks}
-    metrics = {"method": "lora", "base_model": "tiny", "trainable_parameters": 10, "train_seconds": 1.0,
-               "seen": {"overall": {"rougeL": 10.0, "n": len(seen_tasks)}, "per_task": per_task, "per_category": {}},
-               "unseen": {"overall": {"rougeL": 5.0, "n": 1}, "per_task": {"u": {"rougeL": 5.0}}, "per_category": {}}}
+    metrics = {
+        "method": "lora",
+        "base_model": "tiny",
+        "trainable_parameters": 10,
+        "train_seconds": 1.0,
+        "seen": {"overall": {"rougeL": 10.0, "n": len(seen_tasks)}, "per_task": per_task, "per_category": {}},
+        "unseen": {"overall": {"rougeL": 5.0, "n": 1}, "per_task": {"u": {"rougeL": 5.0}}, "per_category": {}},
+    }
     (path / "metrics.json").write_text(json.dumps(metrics))
     return path
 

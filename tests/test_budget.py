@@ -1,4 +1,5 @@
 """Parameter accounting (the formulas of docs/methods.md == the real adapter) and budget matching."""
+
 from __future__ import annotations
 
 import ast
@@ -7,10 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from core_helpers import tiny_base
 
-from orchmoe import (METHODS, BudgetError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig,
-                     PolyConfig, count_parameters, get_model, lora_budget, match_budget)
+from core_helpers import tiny_base
+from orchmoe import (
+    METHODS,
+    BudgetError,
+    LoraConfig,
+    MHRConfig,
+    MoDEConfig,
+    MoLoRAConfig,
+    OrchMoEConfig,
+    PolyConfig,
+    count_parameters,
+    get_model,
+    lora_budget,
+    match_budget,
+)
 from orchmoe.budget import model_dims
 
 CONFIGS = {
@@ -46,7 +59,10 @@ def test_formulas_by_hand():
     assert count_parameters(MoLoRAConfig(n_skills=3, rank=2, shared_down=True), shapes, 8) == 2 * 10 + 3 * 2 * 6 + 30
     assert count_parameters(MHRConfig(n_tasks=4, n_skills=3, rank=2, n_splits=2), shapes, 8) == 3 * 2 * 16 + 4 * 2 * 3
     assert count_parameters(MoDEConfig(n_skills=5, rank=4, expert_rank=2), shapes, 8) == 4 * 10 + 5 * 4 * 6 + 2 * 5 * 10
-    assert count_parameters(OrchMoEConfig(n_skills=3, rank=2, n_abstract_tasks=4), shapes, 8) == 3 * 2 * 16 + 12 + 8 * 4 + 4
+    assert (
+        count_parameters(OrchMoEConfig(n_skills=3, rank=2, n_abstract_tasks=4), shapes, 8)
+        == 3 * 2 * 16 + 12 + 8 * 4 + 4
+    )
 
 
 # The tiny Llama (q: 32 -> 32, v: 32 -> 16, two layers) at the LoRA r = 8 budget: which size each method takes.
@@ -121,8 +137,15 @@ def _smollm2_meta():
     """SmolLM2-135M's architecture on the meta device: its real layer shapes, no weights, no download."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         return LlamaForCausalLM(cfg)
 
@@ -140,8 +163,11 @@ def test_worked_example_matches_count_parameters():
     assert len(counts) >= 6 and {type(_doc_config(r[1])).method for r in counts} == set(METHODS)
     for name, cell, q, v, once, total, ratio in counts:
         cfg = _doc_config(cell)
-        assert (cfg.layer_parameters(576, 576), cfg.layer_parameters(576, 192), cfg.model_parameters(576)) == \
-            (_number(q), _number(v), _number(once)), name
+        assert (cfg.layer_parameters(576, 576), cfg.layer_parameters(576, 192), cfg.model_parameters(576)) == (
+            _number(q),
+            _number(v),
+            _number(once),
+        ), name
         assert count_parameters(cfg, shapes, d) == _number(total), name
         assert f"{_number(total) / budget:.3f}" == ratio, name
 

@@ -12,6 +12,7 @@ logits 1.3 %, expert gradients 3.9 %, router gradients 4.1 % (each group's error
 small tensor alone, MoLoRA's layer-1 q_proj gate, rounds to 29 %), smallest gradient cosine 0.990,
 greedy shortfall 0.042 (MoDE). In fp32 the teacher-forced greedy check is exact (shortfall 0 for every method).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,11 @@ from orchmoe import (
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False): "
-                                "run it on a GPU machine, e.g. through scripts/gpu_check.sh stage1")
+pytestmark = pytest.mark.skipif(
+    not CUDA,
+    reason="needs a CUDA device (torch.cuda.is_available() is False): "
+    "run it on a GPU machine, e.g. through scripts/gpu_check.sh stage1",
+)
 
 METHODS = ("lora", "molora", "poly", "mhr", "mode", "orchmoe")
 PRECISIONS = ("autocast", "bf16")  # fp32 weights under bf16 autocast (the recipe's --mixed-precision bf16); all bf16
@@ -59,9 +63,19 @@ def tiny_base(seed: int = 0):
     """A 2-layer Llama (GQA, width 64) with weights large enough that adapters and routing move the logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
@@ -137,21 +151,32 @@ def amp_errors(method: str, precision: str, device) -> dict:
     loss0, logits0, grads0 = forward_backward(ref, method, "fp32", "cpu")
     loss1, logits1, grads1 = forward_backward(other, method, precision, device)
     mask = inputs(method, "cpu")["attention_mask"].bool()
-    assert set(grads1) == set(grads0), f"gradients on CPU only: {set(grads0) - set(grads1)}; on {device} only: {set(grads1) - set(grads0)}"
+    assert set(grads1) == set(grads0), (
+        f"gradients on CPU only: {set(grads0) - set(grads1)}; on {device} only: {set(grads1) - set(grads0)}"
+    )
     experts = [k for k in grads0 if k.endswith(("lora_A", "lora_B"))]
     routers = [k for k in grads0 if k not in experts]
-    cos = [float(torch.nn.functional.cosine_similarity(grads1[k].flatten(), grads0[k].flatten(), dim=0)) for k in grads0]
-    return {"loss": rel(loss1, loss0), "logits": rel(logits1[mask], logits0[mask]), "n_grads": len(grads0),
-            "expert_grad": rel_all(grads1, grads0, experts), "router_grad": rel_all(grads1, grads0, routers),
-            "min_grad_cos": min(cos)}
+    cos = [
+        float(torch.nn.functional.cosine_similarity(grads1[k].flatten(), grads0[k].flatten(), dim=0)) for k in grads0
+    ]
+    return {
+        "loss": rel(loss1, loss0),
+        "logits": rel(logits1[mask], logits0[mask]),
+        "n_grads": len(grads0),
+        "expert_grad": rel_all(grads1, grads0, experts),
+        "router_grad": rel_all(grads1, grads0, routers),
+        "min_grad_cos": min(cos),
+    }
 
 
 def rel_all(a: dict, b: dict, keys: list[str]) -> float:
     """Relative error of a group of gradients taken together: one small tensor's rounding does not dominate."""
     if not keys:
         return 0.0
-    return float(torch.cat([a[k].flatten() for k in keys]).sub(torch.cat([b[k].flatten() for k in keys])).norm()
-                 / torch.cat([b[k].flatten() for k in keys]).norm().clamp_min(1e-12))
+    return float(
+        torch.cat([a[k].flatten() for k in keys]).sub(torch.cat([b[k].flatten() for k in keys])).norm()
+        / torch.cat([b[k].flatten() for k in keys]).norm().clamp_min(1e-12)
+    )
 
 
 # -- every method in bf16 on CUDA against fp32 on the CPU --------------------------------------------------
@@ -180,10 +205,12 @@ def test_generate_is_greedy_under_fp32_logits(method, precision):
 
 
 def greedy_shortfall(method: str, precision: str, device) -> float:
-    """Largest gap between the fp32 CPU model's best logit and the logit of the token generate() picked on ``device``."""
+    """Largest gap between the fp32 CPU model's best logit and the logit of the token generate() picked."""
     ref = routed_model(method)
     other = to_precision(ref, precision, device)
-    prompt = {k: v[:2] for k, v in inputs(method, device).items() if k != "labels"}  # the unpadded rows: positions agree
+    prompt = {
+        k: v[:2] for k, v in inputs(method, device).items() if k != "labels"
+    }  # the unpadded rows: positions agree
     with torch.no_grad(), autocast(precision, device):
         seq = other.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False).cpu()
     n = prompt["input_ids"].shape[1]
@@ -193,7 +220,7 @@ def greedy_shortfall(method: str, precision: str, device) -> float:
     routing_mask[:, :n] = 1
     with torch.no_grad():
         logits = ref(input_ids=seq, attention_mask=torch.ones_like(seq), routing_mask=routing_mask, **extra).logits
-    step = logits[:, n - 1:-1]  # (2, 6, V): the logits that chose each new token
+    step = logits[:, n - 1 : -1]  # (2, 6, V): the logits that chose each new token
     chosen = step.gather(-1, seq[:, n:, None]).squeeze(-1)  # (2, 6)
     return float((step.max(-1).values - chosen).max())
 
@@ -215,7 +242,9 @@ def train_losses(method: str, device, steps: int = 8) -> list[float]:
         with autocast("autocast", device):
             loss = model(**batch).loss
         loss.backward()
-        bad = [k for k, p in model.adapter_state_dict().items() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad = [
+            k for k, p in model.adapter_state_dict().items() if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
         assert not bad, f"{method}: non-finite gradients in {bad}"
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,6 +269,7 @@ def training_forward(model, batch: dict):
     def run():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(**batch).loss.backward()
+
     return run
 
 
@@ -252,7 +282,9 @@ def test_no_host_sync_in_a_training_forward(method):
     base()  # warm-up: one-off initialisations are not per-step syncs
     routed()
     base_syncs, ours = count_syncs(base), count_syncs(routed)
-    assert ours <= base_syncs, f"{method}: {ours} host syncs in a training forward + backward; the base model alone makes {base_syncs}"
+    assert ours <= base_syncs, (
+        f"{method}: {ours} host syncs in a training forward + backward; the base model alone makes {base_syncs}"
+    )
 
 
 # -- the recipe on CUDA --------------------------------------------------------------------------------------
@@ -266,10 +298,17 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ["Definition: answer the question about the sentence.", "Positive Example 1 - Input: 12 + 30 Output: 42",
-              "Now complete the following example - Input: the quick brown fox Output: fox"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "</s>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "Definition: answer the question about the sentence.",
+        "Positive Example 1 - Input: 12 + 30 Output: 42",
+        "Now complete the following example - Input: the quick brown fox Output: fox",
+    ]
     tok.train_from_iterator(corpus * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
 
@@ -284,23 +323,62 @@ def save_tiny_llama(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-RECIPE = ["--data", "builtin", "--tasks", "3", "--train-per-task", "16", "--eval-per-task", "2", "--unseen-tasks", "1",
-          "--unseen-per-task", "2", "--max-source-len", "96", "--max-target-len", "12", "--batch-size", "2", "--grad-accum", "2",
-          "--lr", "1e-2", "--log-every", "1", "--no-progress", "--seed", "0"]
+RECIPE = [
+    "--data",
+    "builtin",
+    "--tasks",
+    "3",
+    "--train-per-task",
+    "16",
+    "--eval-per-task",
+    "2",
+    "--unseen-tasks",
+    "1",
+    "--unseen-per-task",
+    "2",
+    "--max-source-len",
+    "96",
+    "--max-target-len",
+    "12",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "1e-2",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--seed",
+    "0",
+]
 
 
 def train_cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python -m orchmoe train`` in a fresh process (the recipe's module layout may change; its CLI stays)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+    }
     cmd = [sys.executable, "-m", "orchmoe", "train", "--model", str(model), *RECIPE, "--out", str(out), *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
@@ -323,7 +401,9 @@ def test_recipe_end_to_end_on_cuda(tiny_dir, tmp_path):
     run = tmp_path / "run"
     train_cli(tiny_dir, run, "--method", "orchmoe", "--epochs", "1", "--mixed-precision", "auto")
     resolved = yaml.safe_load((run / "config.yaml").read_text()).get("_resolved", {})
-    assert resolved.get("mixed_precision", "bf16") in ("bf16", "fp16"), f"--mixed-precision auto did not see the GPU: {resolved}"
+    assert resolved.get("mixed_precision", "bf16") in ("bf16", "fp16"), (
+        f"--mixed-precision auto did not see the GPU: {resolved}"
+    )
     log = log_records(run)
     assert log and all(math.isfinite(r["loss"]) for r in log)
     assert any(t.abs().sum() > 0 for k, t in adapter_tensors(run).items() if k.endswith("lora_B"))
@@ -343,8 +423,21 @@ def first_checkpoint(run: Path) -> Path:
 def test_resume_matches_unbroken_run_on_cuda(tiny_dir, tmp_path, mixed_precision, tol):
     """What a kill after the first checkpoint leaves (that checkpoint, config.yaml, the log), resumed, ends where
     the unbroken run ends. CUDA's attention backward is not deterministic, so within ``tol`` (relative), not bitwise."""
-    opts = ("--method", "orchmoe", "--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "100", "--no-eval",
-            "--mixed-precision", mixed_precision, "--adapter-arg", "balance_coef=0.01")
+    opts = (
+        "--method",
+        "orchmoe",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--keep-checkpoints",
+        "100",
+        "--no-eval",
+        "--mixed-precision",
+        mixed_precision,
+        "--adapter-arg",
+        "balance_coef=0.01",
+    )
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_cli(tiny_dir, full, *opts)
     ckpt = first_checkpoint(full)
@@ -356,7 +449,9 @@ def test_resume_matches_unbroken_run_on_cuda(tiny_dir, tmp_path, mixed_precision
     a, b = adapter_tensors(full), adapter_tensors(killed)
     assert set(a) == set(b)
     worst = max(a, key=lambda k: rel(b[k].float(), a[k].float()) if a[k].float().norm() > 0 else 0.0)
-    assert rel(b[worst].float(), a[worst].float()) <= tol, f"{worst}: resumed adapter differs by {rel(b[worst].float(), a[worst].float()):.2e}"
+    assert rel(b[worst].float(), a[worst].float()) <= tol, (
+        f"{worst}: resumed adapter differs by {rel(b[worst].float(), a[worst].float()):.2e}"
+    )
     la, lb = log_records(full), log_records(killed)
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for ra, rb in zip(la, lb):

@@ -1,14 +1,15 @@
 """PEFT parity and export: our Poly/MHR/LoRA equal PEFT's given the same weights; an exported
 adapter loaded by `peft.PeftModel.from_pretrained` reproduces the routed model for that task;
 `merge_and_unload` folds one routing into the base weights."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
-from core_helpers import N_TASKS, randomize_adapter, tiny_base
 
+from core_helpers import N_TASKS, randomize_adapter, tiny_base
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, RoutingError, get_model
 
 peft = pytest.importorskip("peft")
@@ -34,11 +35,16 @@ def _logits(model, ids, **kw):
 def test_poly_and_mhr_equal_peft_poly(n_splits):
     cls = PolyConfig if n_splits == 1 else MHRConfig
     # PEFT's Poly scales by 1/r: alpha=1 in our shared alpha/r convention
-    ours = get_model(tiny_base("llama"), cls(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=n_splits, alpha=1,
-                                             target_modules=TARGETS))
+    ours = get_model(
+        tiny_base("llama"), cls(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=n_splits, alpha=1, target_modules=TARGETS)
+    )
     randomize_adapter(ours)
-    pm = peft.get_peft_model(tiny_base("llama"), peft.PolyConfig(
-        task_type="CAUSAL_LM", r=2, n_tasks=N_TASKS, n_skills=4, n_splits=n_splits, target_modules=TARGETS))
+    pm = peft.get_peft_model(
+        tiny_base("llama"),
+        peft.PolyConfig(
+            task_type="CAUSAL_LM", r=2, n_tasks=N_TASKS, n_skills=4, n_splits=n_splits, target_modules=TARGETS
+        ),
+    )
     h = n_splits
     with torch.no_grad():
         for i, (path, layer) in enumerate(ours.routed_layers.items()):
@@ -94,12 +100,37 @@ def _load_peft(arch, folder):
 
 EXPORT_CASES = {
     "lora": ("llama", LoraConfig(rank=4, alpha=8, target_modules=TARGETS), {}, {}),
-    "poly_task": ("llama", PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=TARGETS), {"task_id": 1}, {"task_ids": [1, 1, 1]}),
-    "mhr_task": ("llama", MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4, target_modules=TARGETS), {"task_id": 2}, {"task_ids": [2, 2, 2]}),
-    "orchmoe_abstract": ("llama", OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=3, target_modules=TARGETS), {"abstract_task": 2}, "onehot"),
+    "poly_task": (
+        "llama",
+        PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=TARGETS),
+        {"task_id": 1},
+        {"task_ids": [1, 1, 1]},
+    ),
+    "mhr_task": (
+        "llama",
+        MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4, target_modules=TARGETS),
+        {"task_id": 2},
+        {"task_ids": [2, 2, 2]},
+    ),
+    "orchmoe_abstract": (
+        "llama",
+        OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=3, target_modules=TARGETS),
+        {"abstract_task": 2},
+        "onehot",
+    ),
     "gpt2_conv1d_lora": ("gpt2", LoraConfig(rank=4, target_modules=["c_attn", "c_fc"]), {}, {}),
-    "gpt2_conv1d_mhr": ("gpt2", MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=2, target_modules=["c_attn"]), {"task_id": 0}, {"task_ids": [0, 0, 0]}),
-    "t5_poly": ("t5", PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=["q", "v", "wo"]), {"task_id": 1}, {"task_ids": [1, 1, 1]}),
+    "gpt2_conv1d_mhr": (
+        "gpt2",
+        MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=2, target_modules=["c_attn"]),
+        {"task_id": 0},
+        {"task_ids": [0, 0, 0]},
+    ),
+    "t5_poly": (
+        "t5",
+        PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=["q", "v", "wo"]),
+        {"task_id": 1},
+        {"task_ids": [1, 1, 1]},
+    ),
 }
 
 
@@ -151,9 +182,24 @@ def test_export_errors(tmp_path):
 # ----------------------------------------------------------------------------- merge
 MERGE_CASES = {
     "lora_llama": ("llama", LoraConfig(rank=4, target_modules=TARGETS), {}, {}),
-    "mhr_llama": ("llama", MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4, target_modules=TARGETS), {"task_id": 1}, {"task_ids": [1, 1, 1]}),
-    "poly_gpt2_conv1d": ("gpt2", PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=["c_attn", "c_proj"]), {"task_id": 2}, {"task_ids": [2, 2, 2]}),
-    "orchmoe_t5": ("t5", OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=3, target_modules=["q", "v"]), {"abstract_task": 0}, "onehot"),
+    "mhr_llama": (
+        "llama",
+        MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4, target_modules=TARGETS),
+        {"task_id": 1},
+        {"task_ids": [1, 1, 1]},
+    ),
+    "poly_gpt2_conv1d": (
+        "gpt2",
+        PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, target_modules=["c_attn", "c_proj"]),
+        {"task_id": 2},
+        {"task_ids": [2, 2, 2]},
+    ),
+    "orchmoe_t5": (
+        "t5",
+        OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=3, target_modules=["q", "v"]),
+        {"abstract_task": 0},
+        "onehot",
+    ),
 }
 
 
@@ -168,5 +214,6 @@ def test_merge_and_unload_equals_routed_output(case):
     expected = _logits(model, ids, **{k: torch.tensor(v) for k, v in fwd.items()})
     merged = model.merge_and_unload(**routing)
     from orchmoe import RoutedLoraLayer
+
     assert not any(isinstance(m, RoutedLoraLayer) for m in merged.modules())
     torch.testing.assert_close(_logits(merged, ids), expected, atol=ATOL, rtol=0)

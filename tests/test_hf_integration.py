@@ -1,6 +1,7 @@
 """A RoutedModel as the Hugging Face tools see it: outputs with an aux_loss field (DDP's pytree),
 adapter-only save_pretrained / from_pretrained / push_to_hub, get_base_model / unload, the HF
 ``base_model`` (backbone) convention and a forward replaced by a library (TRL's fused LM head)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import json
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from core_helpers import method_config, randomize_adapter, task_kwargs, tiny_base, toy_batch
 
+from core_helpers import method_config, randomize_adapter, task_kwargs, tiny_base, toy_batch
 from orchmoe import HubError, RoutedModel, get_model, load_adapter
 from orchmoe.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -111,9 +112,13 @@ def test_push_to_hub_uploads_the_adapter_folder(monkeypatch):
     def fake_upload(self, *, repo_id, folder_path, **kw):
         from pathlib import Path
 
-        calls["upload"] = (repo_id, kw, sorted(p.name for p in Path(folder_path).iterdir()),
-                           json.loads((Path(folder_path) / ADAPTER_CONFIG).read_text())["method"],
-                           (Path(folder_path) / "README.md").read_text())
+        calls["upload"] = (
+            repo_id,
+            kw,
+            sorted(p.name for p in Path(folder_path).iterdir()),
+            json.loads((Path(folder_path) / ADAPTER_CONFIG).read_text())["method"],
+            (Path(folder_path) / "README.md").read_text(),
+        )
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)

@@ -11,10 +11,12 @@ documented and excluded by name: ``RoutedModel._task_ids`` validates *CPU* task 
 (where a DataLoader delivers them: free on a GPU machine, the ids are not on the device yet) and
 device task ids with ``torch._assert_async``; a CPU-only test has no device tensor to pass.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 from core_helpers import (
     METHOD_NAMES,
     method_config,
@@ -23,7 +25,6 @@ from core_helpers import (
     tiny_base,
     toy_batch,
 )
-
 from orchmoe import get_model
 from orchmoe.opcount import OpCounter
 
@@ -64,9 +65,13 @@ def _base_syncs(arch, batch) -> OpCounter:
 
 def _assert_only_base_syncs(counter: OpCounter, base: OpCounter, where: str) -> None:
     assert counter.syncs_from("/orchmoe/") == 0, f"{where}: orchmoe syncs: {counter.sync_sites}"
-    assert all(any(s in site for s in BASE_SYNC_SITES) for _, site in counter.sync_sites), f"{where}: {counter.sync_sites}"
+    assert all(any(s in site for s in BASE_SYNC_SITES) for _, site in counter.sync_sites), (
+        f"{where}: {counter.sync_sites}"
+    )
     assert counter.syncs == base.syncs, f"{where}: {counter.syncs} vs the base model's {base.syncs}"
-    assert counter.tensors_from_data == base.tensors_from_data, f"{where}: torch.tensor(...) from Python data in a forward"
+    assert counter.tensors_from_data == base.tensors_from_data, (
+        f"{where}: torch.tensor(...) from Python data in a forward"
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
@@ -109,8 +114,11 @@ def test_no_host_sync_in_a_decoding_step(method, cache):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=past, use_cache=True, **kw)
         nxt = out.logits[:, -1:].argmax(-1)
-        step = {"input_ids": nxt, "attention_mask": torch.ones(2, 7, dtype=torch.long),
-                "past_key_values": out.past_key_values}
+        step = {
+            "input_ids": nxt,
+            "attention_mask": torch.ones(2, 7, dtype=torch.long),
+            "past_key_values": out.past_key_values,
+        }
         with OpCounter(exclude=HOST_CHECKS) as counter:
             logits = model(**step, use_cache=True).logits[:, -1]
         model.set_routing(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # the prompt's routing...

@@ -1,17 +1,18 @@
 """RoutedLoraLayer: the one mixture layer, checked against a per-expert reference loop."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
+from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from orchmoe import RoutedLoraLayer
 from orchmoe.routers import LayerRouter, TokenRouter
 from orchmoe.routing import RoutingError, RoutingState
@@ -34,8 +35,15 @@ def _layer(base, routing, mixing, *, S, r, h=1, shared_down=False, scale=0.5, se
     """A layer routed by given allocation weights (b, h, S) (parameter mixing, through a RoutingState as the
     model fills it) or given token gates (output mixing)."""
     torch.manual_seed(seed)
-    layer = RoutedLoraLayer(base, n_experts=S, rank=r, scale=scale, router=FixedGates(routing) if mixing == "tokens" else None,
-                            shared_down=shared_down, n_splits=h)
+    layer = RoutedLoraLayer(
+        base,
+        n_experts=S,
+        rank=r,
+        scale=scale,
+        router=FixedGates(routing) if mixing == "tokens" else None,
+        shared_down=shared_down,
+        n_splits=h,
+    )
     if mixing == "params" and routing is not None:
         layer.state = RoutingState()
         layer.state.set(weights=routing.unsqueeze(0))  # (L=1, b, h, S)
@@ -76,11 +84,19 @@ def _reference_tokens(x, A, B, g, scale):
     return scale * out
 
 
-dims = st.fixed_dictionaries({
-    "b": st.integers(1, 3), "n": st.integers(1, 4), "h": st.sampled_from([1, 2, 4]), "P_per": st.integers(1, 4),
-    "Q_per": st.integers(1, 4), "S": st.integers(1, 4), "p": st.integers(1, 3), "k": st.integers(1, 3),
-    "seed": st.integers(0, 1000),
-})
+dims = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 3),
+        "n": st.integers(1, 4),
+        "h": st.sampled_from([1, 2, 4]),
+        "P_per": st.integers(1, 4),
+        "Q_per": st.integers(1, 4),
+        "S": st.integers(1, 4),
+        "p": st.integers(1, 3),
+        "k": st.integers(1, 3),
+        "seed": st.integers(0, 1000),
+    }
+)
 
 
 @SETTINGS
@@ -121,7 +137,7 @@ def test_lora_path_two_dim_input_and_zero_init():
     layer = RoutedLoraLayer(base, n_experts=1, rank=2, scale=2.0)
     x = torch.randn(5, 8)
     assert torch.equal(layer(x), base(x))  # B = 0: the adapted layer starts equal to the base
-    assert layer.lora_A.abs().max() <= 1 / 8 ** 0.5  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(P), as LoRA
+    assert layer.lora_A.abs().max() <= 1 / 8**0.5  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(P), as LoRA
     with torch.no_grad():
         layer.lora_B.normal_()
     torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ layer.lora_A[0] @ layer.lora_B[0])

@@ -1,4 +1,5 @@
-"""Base-model loading (`orchmoe.loading`) and the GGUF cache (`orchmoe.gguf_cache`): checkpoints, atomic cache, SmolLM2 GGUF."""
+"""Base-model loading (`orchmoe.loading`) and the GGUF cache (`orchmoe.gguf_cache`): checkpoints, the
+atomic cache, SmolLM2's GGUF."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import pytest
 import torch
 
 import tiny_models
-from tiny_models import tiny_model, tiny_tokenizer
-
 from orchmoe import gguf_cache
 from orchmoe.gguf_cache import DEFAULT_MODEL, atomic_materialize
 from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer, resolve_dtype
+from tiny_models import tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "gpt2", "t5"]
 EXPECTED_MODULES = {
@@ -29,7 +29,8 @@ EXPECTED_MODULES = {
 
 def _wordlevel_tokenizer_without_pad():
     """A tokenizer with eos but no pad token: the loader must fall back to eos."""
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = ["<unk>", "</s>", "<s>", "hello", "world", "the", "capital", "of", "france"]
@@ -250,6 +251,6 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=20, do_sample=False)
-    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     print("SmolLM2 says:", repr(text))
     assert "Paris" in text

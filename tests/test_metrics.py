@@ -52,7 +52,13 @@ def test_aggregate_overall_task_category_and_seen_unseen():
     records = [
         {"task": "t1", "category": "A", "pred": "yes", "refs": ["yes"], "seen": True},
         {"task": "t1", "category": "A", "pred": "no", "refs": ["yes"], "seen": True},
-        {"task": "t2", "category": "A", "pred": "the quick brown fox", "refs": ["the brown quick dog fox"], "seen": True},
+        {
+            "task": "t2",
+            "category": "A",
+            "pred": "the quick brown fox",
+            "refs": ["the brown quick dog fox"],
+            "seen": True,
+        },
         {"task": "t3", "category": "B", "pred": "running", "refs": ["run", "walk"], "seen": False},
     ]
     rl_t2 = f1(3 / 4, 3 / 5)
@@ -66,7 +72,13 @@ def test_aggregate_overall_task_category_and_seen_unseen():
     assert res["per_category"]["A"]["n"] == 3
     assert res["per_category"]["A"]["rougeL"] == pytest.approx((100 + 0 + rl_t2) / 3)
     assert res["seen"]["overall"]["n"] == 3 and set(res["seen"]["per_task"]) == {"t1", "t2"}
-    assert res["unseen"]["overall"] == {"rougeL": 100.0, "rougeLsum": 100.0, "rouge1": 100.0, "exact_match": 0.0, "n": 1}
+    assert res["unseen"]["overall"] == {
+        "rougeL": 100.0,
+        "rougeLsum": 100.0,
+        "rouge1": 100.0,
+        "exact_match": 0.0,
+        "n": 1,
+    }
     assert set(res["unseen"]["per_category"]) == {"B"}
 
 

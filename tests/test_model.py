@@ -1,4 +1,5 @@
 """RoutedModel: injection, training, generation, routing context, aux losses, save/load, dtype/device."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,31 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import (ARCHS, METHOD_NAMES, N_TASKS, PAD, method_config, randomize_adapter, task_kwargs,
-                          tiny_base, toy_batch)
 
-from orchmoe import (AdapterMismatchError, ConfigError, LoraConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig,
-                     PolyConfig, RoutedLoraLayer, RoutingError, get_model, load_adapter)
+from core_helpers import (
+    ARCHS,
+    METHOD_NAMES,
+    N_TASKS,
+    PAD,
+    method_config,
+    randomize_adapter,
+    task_kwargs,
+    tiny_base,
+    toy_batch,
+)
+from orchmoe import (
+    AdapterMismatchError,
+    ConfigError,
+    LoraConfig,
+    MoDEConfig,
+    MoLoRAConfig,
+    OrchMoEConfig,
+    PolyConfig,
+    RoutedLoraLayer,
+    RoutingError,
+    get_model,
+    load_adapter,
+)
 from orchmoe.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
@@ -40,7 +61,9 @@ def _dec(model, batch):
 # ----------------------------------------------------------------------------- injection
 def test_injection_by_names_and_regex_freezes_everything_else():
     model = get_model(tiny_base("llama"), LoraConfig(rank=2, target_modules=["q_proj", "down_proj"]))
-    assert sorted(model.routed_layers) == sorted(f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj"))
+    assert sorted(model.routed_layers) == sorted(
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
     adapter = {id(p) for p in model.adapter_state_dict().values()}
     for name, p in model.named_parameters():
         assert p.requires_grad == (id(p) in adapter), name
@@ -97,7 +120,11 @@ def _copy_adapter(src, dst, extra_ok=()):
     """Copy adapter weights across models; keys only `dst` has must end with one of `extra_ok`."""
     with torch.no_grad():
         s, d = src.adapter_state_dict(), dst.adapter_state_dict()
-        assert set(s) <= set(d) and all(k.endswith(tuple(extra_ok)) for k in set(d) - set(s)) if extra_ok else set(s) == set(d)
+        assert (
+            set(s) <= set(d) and all(k.endswith(tuple(extra_ok)) for k in set(d) - set(s))
+            if extra_ok
+            else set(s) == set(d)
+        )
         for k in s:
             d[k].copy_(s[k])
 
@@ -132,7 +159,9 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
         weights = orch.router.skill_router(F.one_hot(tasks, N_TASKS).float())
     orch.routing_state.set(weights=weights, token_mask=batch["attention_mask"])
     with torch.no_grad():
-        got = orch.get_base_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)).logits
+        got = orch.get_base_model()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)
+        ).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -223,7 +252,7 @@ def test_gradient_checkpointing_same_gradients(method):
         model.train()
         calls = []
         first = next(iter(model.routed_layers.values()))
-        handle = first.register_forward_hook(lambda *a: calls.append(1))
+        handle = first.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         torch.manual_seed(123)  # the same Gumbel samples in both runs
         model(**batch, **task_kwargs(method, tasks)).loss.backward()
         handle.remove()
@@ -266,8 +295,9 @@ def _prompts(arch):
 
 def _gen(model, ids, method, tasks, **kw):
     kw = {"max_new_tokens": 4, **kw}
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          **task_kwargs(method, tasks), **kw)
+    return model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **task_kwargs(method, tasks), **kw
+    )
 
 
 def _same_up_to_padding(a, b):
@@ -286,15 +316,17 @@ def test_generate_cache_and_beams_match_per_example_routing(arch, method):
         model = _routed(arch, method)
     _sharpen(model)
     ids, tasks = _prompts(arch), torch.tensor([0, 2])
-    base_out = tiny_base(arch).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    base_out = tiny_base(arch).generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+    )
     cached = _gen(model, ids, method, tasks)
     assert not torch.equal(cached, base_out)  # the adapter changes what is generated
     _same_up_to_padding(_gen(model, ids, method, tasks, use_cache=False), cached)
     beams = _gen(model, ids, method, tasks, num_beams=3, num_return_sequences=2)
     assert beams.shape[0] == 4
     for i in range(2):  # beam search over the batch == beam search of each example alone
-        alone = _gen(model, ids[i:i + 1], method, tasks[i:i + 1], num_beams=3, num_return_sequences=2)
-        _same_up_to_padding(beams[2 * i:2 * i + 2], alone)
+        alone = _gen(model, ids[i : i + 1], method, tasks[i : i + 1], num_beams=3, num_return_sequences=2)
+        _same_up_to_padding(beams[2 * i : 2 * i + 2], alone)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -310,8 +342,9 @@ def test_generate_padded_batch_equals_each_prompt_alone(arch, method):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0 if left else 1
     mask[0, 4:] = 1 if left else 0
-    together = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                              **task_kwargs(method, [0, 2]))
+    together = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **task_kwargs(method, [0, 2])
+    )
     for row, (prompt, task) in enumerate([(short, 0), (long_, 2)]):
         alone = _gen(model, prompt, method, torch.tensor([task]), max_new_tokens=5)
         got = together[row, 3:] if (left and row == 0) else together[row]
@@ -334,7 +367,9 @@ def test_padding_does_not_change_orchmoe_routing(side):
     short, long_ = torch.randint(3, 60, (1, 4)), torch.randint(3, 60, (1, 7))
     pad = torch.full((1, 3), PAD)
     short_p = torch.cat([pad, short] if side == "left" else [short, pad], 1)
-    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 4)] if side == "left" else [torch.ones(1, 4), torch.zeros(1, 3)], 1).long()
+    mask = torch.cat(
+        [torch.zeros(1, 3), torch.ones(1, 4)] if side == "left" else [torch.ones(1, 4), torch.zeros(1, 3)], 1
+    ).long()
     batch_ids, batch_mask = torch.cat([short_p, long_]), torch.cat([mask, torch.ones(1, 7, dtype=torch.long)])
     pi_batch = model.task_probabilities(batch_ids, batch_mask)
     torch.testing.assert_close(pi_batch[0], model.task_probabilities(short, torch.ones_like(short))[0])
@@ -348,8 +383,9 @@ def test_padding_does_not_change_orchmoe_routing(side):
     labels = torch.full_like(batch_ids, -100)
     labels[1, 5:] = batch_ids[1, 5:]
     model.set_routing(input_ids=batch_ids, attention_mask=batch_mask, labels=labels)
-    torch.testing.assert_close(model.routing_state.task_probs[1],
-                               model.task_probabilities(long_[:, :5], torch.ones(1, 5, dtype=torch.long))[0])
+    torch.testing.assert_close(
+        model.routing_state.task_probs[1], model.task_probabilities(long_[:, :5], torch.ones(1, 5, dtype=torch.long))[0]
+    )
 
 
 # ----------------------------------------------------------------------------- dtype and device
@@ -375,7 +411,10 @@ def test_task_router_statistics_stay_fp32_and_keep_updating_after_a_bf16_cast():
 
     model = _routed("llama", "orchmoe").to(torch.bfloat16)
     tr = model.task_router
-    assert tr.net.weight.dtype == torch.bfloat16 and next(iter(model.adapter_state_dict().values())).dtype == torch.bfloat16
+    assert (
+        tr.net.weight.dtype == torch.bfloat16
+        and next(iter(model.adapter_state_dict().values())).dtype == torch.bfloat16
+    )
     assert tr.summary_mean.dtype == tr.summary_var.dtype == torch.float32 and tr.summary_count.dtype == torch.long
     model.train()
     summaries = []
@@ -445,13 +484,20 @@ def test_task_router_statistics_travel_with_the_adapter(tmp_path):
     batch, _ = toy_batch("llama")
     model.train()(**batch)  # a training forward gathers statistics
     stats = {k: v.clone() for k, v in model.adapter_buffers().items()}
-    assert sorted(stats) == ["router.task_router.summary_count", "router.task_router.summary_mean",
-                             "router.task_router.summary_var"]
+    assert sorted(stats) == [
+        "router.task_router.summary_count",
+        "router.task_router.summary_mean",
+        "router.task_router.summary_var",
+    ]
     assert int(stats["router.task_router.summary_count"]) == batch["input_ids"].shape[0]
     model.eval()
     expected = _lm_logits(model, batch)
-    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False)
-    model.train().generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False)
+    model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False
+    )
+    model.train().generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False
+    )
     assert all(torch.equal(v, stats[k]) for k, v in model.adapter_buffers().items())  # generation never updates them
     model.save_adapter(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
@@ -461,7 +507,11 @@ def test_task_router_statistics_travel_with_the_adapter(tmp_path):
     assert torch.equal(_lm_logits(loaded, batch), expected)
     fresh = load_adapter(tiny_base("llama"), tmp_path / "a")
     with torch.no_grad():  # without them (the initial values) the same weights route differently
-        fresh.task_router.summary_mean.zero_(), fresh.task_router.summary_var.fill_(1.0), fresh.task_router.summary_count.zero_()
+        (
+            fresh.task_router.summary_mean.zero_(),
+            fresh.task_router.summary_var.fill_(1.0),
+            fresh.task_router.summary_count.zero_(),
+        )
     assert not torch.allclose(_lm_logits(fresh, batch), expected)
     grouped = {id(p) for g in model.parameter_groups(1e-3, 1e-2) for p in g["params"]}
     assert not any(id(b) in grouped for b in model.adapter_buffers().values())
@@ -476,8 +526,16 @@ def saved(tmp_path):
 def test_load_onto_another_model_shape_names_the_difference(saved):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(AdapterMismatchError, match="hidden_size: adapter 32 vs model 48"):
         load_adapter(other, saved)
     with pytest.raises(AdapterMismatchError, match="model_type: adapter 'llama' vs model 'gpt2'"):
@@ -650,7 +708,7 @@ def test_adapters_written_by_orchmoe_0_1_load_with_their_scale_and_layout(method
     if stacked is not None:
         for i, path in enumerate(model.routed_layers):
             tensors[f"{path}.router.logits"] = stacked[i].clone()
-    tensors = {(k[len("router."):] if k.startswith("router.task_router.") else k): v for k, v in tensors.items()}
+    tensors = {(k[len("router.") :] if k.startswith("router.task_router.") else k): v for k, v in tensors.items()}
     save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
     loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
     assert loaded.adapter_config.scale == model.adapter_config.scale
@@ -710,8 +768,15 @@ def test_compiled_static_cache_decoding_does_not_recompile_per_prompt_batch(meth
     outs = []
     for tasks in ([0, 2], [1, 0], [2, 1]):
         ids = torch.randint(3, 60, (2, 6), generator=g)
-        compiled = _gen(model, ids, method, torch.tensor(tasks), max_new_tokens=5, cache_implementation="static",
-                        compile_config=config)
+        compiled = _gen(
+            model,
+            ids,
+            method,
+            torch.tensor(tasks),
+            max_new_tokens=5,
+            cache_implementation="static",
+            compile_config=config,
+        )
         assert len(graphs) == 1, f"recompiled for prompt batch {len(outs) + 1}: {len(graphs)} graphs"
         _same_up_to_padding(compiled, _gen(model, ids, method, torch.tensor(tasks), max_new_tokens=5))
         outs.append(compiled)

@@ -1,6 +1,7 @@
 """PEFT both ways: a peft.LoraConfig where orchmoe expects its config; every mixture started from a
 PEFT LoRA folder equals that LoRA; exported folders name a base that AutoPeftModelForCausalLM loads
 and say when its weights were dequantised from GGUF."""
+
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,20 @@ import shutil
 
 import pytest
 import torch
-from core_helpers import N_TASKS, task_kwargs, tiny_base
 
-from orchmoe import (AdapterMismatchError, ConfigError, LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig,
-                     PolyConfig, get_model, load_adapter)
+from core_helpers import N_TASKS, task_kwargs, tiny_base
+from orchmoe import (
+    AdapterMismatchError,
+    ConfigError,
+    LoraConfig,
+    MHRConfig,
+    MoDEConfig,
+    MoLoRAConfig,
+    OrchMoEConfig,
+    PolyConfig,
+    get_model,
+    load_adapter,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -26,19 +37,32 @@ def test_peft_lora_config_is_converted():
     assert isinstance(cfg, LoraConfig) and (cfg.rank, cfg.alpha, cfg.dropout, cfg.scale) == (4, 8.0, 0.1, 2.0)
     assert sorted(model.routed_layers) == sorted(f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in TARGETS)
     rs = get_model(tiny_base("llama"), peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=TARGETS))
-    assert rs.adapter_config.scale == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    assert rs.adapter_config.scale == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
     every = get_model(tiny_base("llama"), peft.LoraConfig(r=2, target_modules="all-linear"))
-    assert {p.rsplit(".", 1)[-1] for p in every.routed_layers} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                     "up_proj", "down_proj"}  # not lm_head
+    assert {p.rsplit(".", 1)[-1] for p in every.routed_layers} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }  # not lm_head
     default = get_model(tiny_base("llama"), peft.LoraConfig(r=2))  # PEFT's default targets for llama
     assert {p.rsplit(".", 1)[-1] for p in default.routed_layers} == set(TARGETS)
 
 
-@pytest.mark.parametrize("setting, name", [
-    (dict(use_dora=True), "use_dora=True"), (dict(bias="all"), "bias='all'"),
-    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"), (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(init_lora_weights="gaussian"), "init_lora_weights='gaussian'"), (dict(layers_to_transform=[0]), "layers_to_transform"),
-])
+@pytest.mark.parametrize(
+    "setting, name",
+    [
+        (dict(use_dora=True), "use_dora=True"),
+        (dict(bias="all"), "bias='all'"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(init_lora_weights="gaussian"), "init_lora_weights='gaussian'"),
+        (dict(layers_to_transform=[0]), "layers_to_transform"),
+    ],
+)
 def test_unsupported_peft_settings_are_named(setting, name):
     with pytest.raises(ConfigError, match=f"peft.LoraConfig sets .*{name}.*orchmoe does not support"):
         get_model(tiny_base("llama"), peft.LoraConfig(r=4, target_modules=TARGETS, **setting))
@@ -49,7 +73,9 @@ def test_other_peft_methods_and_objects_are_clear_errors():
         get_model(tiny_base("llama"), peft.IA3Config(target_modules=TARGETS, feedforward_modules=[]))
     with pytest.raises(TypeError, match="orchmoe config .* or a peft.LoraConfig, got dict"):
         get_model(tiny_base("llama"), {"rank": 4})
-    poly = get_model(tiny_base("llama"), peft.PolyConfig(r=2, n_tasks=3, n_skills=4, n_splits=4, target_modules=TARGETS))
+    poly = get_model(
+        tiny_base("llama"), peft.PolyConfig(r=2, n_tasks=3, n_skills=4, n_splits=4, target_modules=TARGETS)
+    )
     assert isinstance(poly.adapter_config, MHRConfig) and poly.adapter_config.scale == 0.5  # PEFT's Poly: 1/r
 
 
@@ -100,7 +126,9 @@ def test_init_from_lora_checks_rank_and_layers(peft_lora, tmp_path):
     with pytest.raises(AdapterMismatchError, match="rank r=4, this poly adapter rank 2: build it with rank=4"):
         get_model(tiny_base("llama"), PolyConfig(n_tasks=2, rank=2, target_modules=TARGETS), init_lora=peft_lora)
     with pytest.raises(AdapterMismatchError, match=r"other layers.*only here \['model.layers.0.self_attn.k_proj'"):
-        get_model(tiny_base("llama"), LoraConfig(rank=4, target_modules=["q_proj", "k_proj", "v_proj"]), init_lora=peft_lora)
+        get_model(
+            tiny_base("llama"), LoraConfig(rank=4, target_modules=["q_proj", "k_proj", "v_proj"]), init_lora=peft_lora
+        )
     dora = tmp_path / "dora"
     shutil.copytree(peft_lora, dora)
     cfg = json.loads((dora / "adapter_config.json").read_text())
@@ -118,13 +146,16 @@ def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
     from orchmoe.loading import load_model_and_tokenizer
 
     base, _, info = load_model_and_tokenizer(tiny_llama)
-    model = get_model(base, PolyConfig(n_tasks=N_TASKS, n_skills=3, rank=2, target_modules=TARGETS),
-                      base_model_name=info["name"])
+    model = get_model(
+        base, PolyConfig(n_tasks=N_TASKS, n_skills=3, rank=2, target_modules=TARGETS), base_model_name=info["name"]
+    )
     with torch.no_grad():
         for p in model.adapter_state_dict().values():
             p.normal_(0, 0.3)
     model.eval()
-    assert model.base_model_name == "tiny-llama" and model.base_model_source == info["source"] == str(tiny_llama.resolve())
+    assert model.base_model_name == "tiny-llama" and model.base_model_source == info["source"] == str(
+        tiny_llama.resolve()
+    )
     model.save_adapter(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model"]
     assert saved["name"] == "tiny-llama" and saved["source"] == info["source"]
@@ -133,13 +164,18 @@ def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
     assert "dequantized_from_gguf" not in json.loads((folder / "orchmoe_export.json").read_text())
     auto = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()  # finds the base by itself
     ids = torch.randint(3, 60, (2, 7))
-    torch.testing.assert_close(_logits(auto, ids), _logits(model, ids, task_ids=torch.tensor([1, 1])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _logits(auto, ids), _logits(model, ids, task_ids=torch.tensor([1, 1])), atol=1e-5, rtol=0
+    )
     # the source travels with the adapter: a base built from a config has no path, the adapter's is kept
     config = copy.deepcopy(base.config)
     config._name_or_path = ""
     reloaded = load_adapter(type(base)(config), tmp_path / "adapter")
     assert reloaded.base_model_source == info["source"]
-    assert load_adapter(type(base)(config), tmp_path / "adapter", base_model_source="org/tiny").base_model_source == "org/tiny"
+    assert (
+        load_adapter(type(base)(config), tmp_path / "adapter", base_model_source="org/tiny").base_model_source
+        == "org/tiny"
+    )
 
 
 def test_export_says_when_the_base_was_dequantised_from_gguf(tiny_llama, tmp_path):

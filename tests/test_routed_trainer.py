@@ -1,6 +1,7 @@
 """`orchmoe.RoutedTrainer` with the real `transformers.Trainer`: adapter-only checkpoints on a
 tied-embedding base, bit-exact resume, reload with `load_adapter`, the two-speed optimiser, the
 auxiliary loss scaled like the LM loss, routing diagnostics in the logs, and 2-process DDP (gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from core_helpers import method_config
 from safetensors.torch import load_file
-from tiny_models import tiny_model
 
+from core_helpers import method_config
 from orchmoe import RoutedTrainer, get_model, load_adapter
+from tiny_models import tiny_model
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 128
@@ -52,9 +53,20 @@ def routed(method: str, seed: int = 0, **overrides):
 def args(out: Path, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6,
-                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                dataloader_num_workers=0, lr_scheduler_type="linear")
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="linear",
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -66,7 +78,9 @@ def adapter_of(model) -> dict[str, torch.Tensor]:
 def test_checkpoints_are_adapter_only_and_resume_bit_exactly(tmp_path):
     data = toy_dataset()
     full = routed("orchmoe")
-    trainer = RoutedTrainer(model=full, args=args(tmp_path / "a", save_strategy="steps", save_steps=3), train_dataset=data)
+    trainer = RoutedTrainer(
+        model=full, args=args(tmp_path / "a", save_strategy="steps", save_steps=3), train_dataset=data
+    )
     trainer.train()
     ckpt = tmp_path / "a" / "checkpoint-3"
     names = {p.name for p in ckpt.iterdir()}
@@ -100,8 +114,11 @@ def test_checkpoints_are_adapter_only_and_resume_bit_exactly(tmp_path):
 
 def test_resume_rejects_a_checkpoint_of_another_adapter(tmp_path):
     data = toy_dataset()
-    RoutedTrainer(model=routed("lora"), args=args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2),
-                  train_dataset=data).train()
+    RoutedTrainer(
+        model=routed("lora"),
+        args=args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=data,
+    ).train()
     other = RoutedTrainer(model=routed("lora", rank=2), args=args(tmp_path / "b", max_steps=2), train_dataset=data)
     with pytest.raises(ValueError, match="other settings.*rank"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
@@ -109,8 +126,13 @@ def test_resume_rejects_a_checkpoint_of_another_adapter(tmp_path):
 
 def test_two_speed_optimiser_and_routing_logs(tmp_path):
     data = toy_dataset(with_task_ids=True)
-    trainer = RoutedTrainer(model=routed("poly", n_tasks=3), args=args(tmp_path, max_steps=4, weight_decay=0.01),
-                            train_dataset=data, eval_dataset=data.select(range(0, 24, 4)), router_lr=0.05)
+    trainer = RoutedTrainer(
+        model=routed("poly", n_tasks=3),
+        args=args(tmp_path, max_steps=4, weight_decay=0.01),
+        train_dataset=data,
+        eval_dataset=data.select(range(0, 24, 4)),
+        router_lr=0.05,
+    )
     trainer.train()
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and "allocation_spread" not in metrics  # routing logs are for training logs
@@ -122,8 +144,9 @@ def test_two_speed_optimiser_and_routing_logs(tmp_path):
     for r in logs:  # the router's rate follows the same schedule at its own scale
         assert r["router_learning_rate"] == pytest.approx(r["learning_rate"] * 5)
         assert r["allocation_spread"] >= 0
-    orch = RoutedTrainer(model=routed("orchmoe"), args=args(tmp_path / "o", max_steps=2),
-                         train_dataset=toy_dataset(with_task_ids=True))
+    orch = RoutedTrainer(
+        model=routed("orchmoe"), args=args(tmp_path / "o", max_steps=2), train_dataset=toy_dataset(with_task_ids=True)
+    )
     orch.train()
     rec = [r for r in orch.state.log_history if "loss" in r][-1]
     assert 0 <= rec["pi_entropy"] <= rec["pi_entropy_max"] and 0 < rec["abstract_tasks_used"] <= 1
@@ -136,7 +159,9 @@ def test_aux_loss_is_added_once_scaled_like_the_lm_loss(tmp_path, accumulation):
     accumulation steps: the balance loss is divided here instead, so each optimiser step sees its mean once."""
     model = routed("molora", aux_loss_coef=0.5)
     data = toy_dataset()
-    trainer = RoutedTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=accumulation), train_dataset=data)
+    trainer = RoutedTrainer(
+        model=model, args=args(tmp_path, gradient_accumulation_steps=accumulation), train_dataset=data
+    )
     batch = {k: torch.tensor(data[k][:6]) for k in ("input_ids", "attention_mask", "labels")}
     model.train()
     reference = model(**batch)  # our forward: LM mean loss + aux
@@ -182,9 +207,27 @@ def test_two_process_ddp_with_molora_aux_loss(tmp_path):
     same adapter, the averaged aux loss is logged, and one adapter-only checkpoint is written."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path / "out")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), str(script)], env=env, capture_output=True, text=True, timeout=240)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["world"] == 2 and result["same"]

@@ -1,4 +1,5 @@
 """Routers and the routing context: allocation / gate invariants (Hypothesis), losses, batch expansion."""
+
 from __future__ import annotations
 
 import math
@@ -6,13 +7,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from orchmoe import OrchMoEConfig
-from orchmoe.routers import (ConstantRouter, OrchMoERouter, PolyRouter, RoutingInputs, SkillRouter, TaskRouter,
-                             TokenRouter, relaxed_allocation)
+from orchmoe.routers import (
+    ConstantRouter,
+    OrchMoERouter,
+    PolyRouter,
+    RoutingInputs,
+    SkillRouter,
+    TaskRouter,
+    TokenRouter,
+    relaxed_allocation,
+)
 from orchmoe.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -26,7 +35,13 @@ def _state(**kw):
 
 # ----------------------------------------------------------------------------- allocations (Poly, MHR, OrchMoE)
 @SETTINGS
-@given(rows=st.integers(1, 5), S=st.integers(1, 6), scale=st.floats(0.0, 8.0), training=st.booleans(), seed=st.integers(0, 999))
+@given(
+    rows=st.integers(1, 5),
+    S=st.integers(1, 6),
+    scale=st.floats(0.0, 8.0),
+    training=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_allocation_rows_are_distributions(rows, S, scale, training, seed):
     # Logits within +-8: the 1e-12 stabiliser of Poly/PEFT (w = z / (sum z + 1e-12)) only shows when every
     # sigmoid of a row is below ~1e-7, i.e. all logits below about -16.
@@ -41,8 +56,15 @@ def _inputs(b, **kw):
 
 
 @SETTINGS
-@given(L=st.integers(1, 3), T=st.integers(1, 4), S=st.integers(1, 5), h=st.integers(1, 4), b=st.integers(1, 5),
-       training=st.booleans(), seed=st.integers(0, 999))
+@given(
+    L=st.integers(1, 3),
+    T=st.integers(1, 4),
+    S=st.integers(1, 5),
+    h=st.integers(1, 4),
+    b=st.integers(1, 5),
+    training=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_poly_router_allocations(L, T, S, h, b, training, seed):
     torch.manual_seed(seed)
     router = PolyRouter(L, T, S, h).train(training)
@@ -86,8 +108,14 @@ def test_relaxed_allocation_draws_what_torch_relaxed_bernoulli_draws():
 
 
 @SETTINGS
-@given(L=st.integers(1, 3), K=st.integers(1, 5), S=st.integers(1, 5), b=st.integers(1, 4), training=st.booleans(),
-       seed=st.integers(0, 999))
+@given(
+    L=st.integers(1, 3),
+    K=st.integers(1, 5),
+    S=st.integers(1, 5),
+    b=st.integers(1, 4),
+    training=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_skill_router_is_a_convex_mix_of_rows(L, K, S, b, training, seed):
     torch.manual_seed(seed)
     router = SkillRouter(L, K, S).train(training)
@@ -115,8 +143,11 @@ def test_skill_router_with_onehot_pi_equals_poly_router_with_the_same_noise(trai
     tasks = torch.tensor([3, 0, 2, 2, 1])
     b = len(tasks)
     noise = torch.randn(L, b, T, S)  # OrchMoE's noise: every abstract-task row of every example
-    monkeypatch.setattr(allocation, "logistic_noise",
-                        lambda shape, like: noise if tuple(shape) == (L, b, T, S) else noise[:, torch.arange(b), tasks].unsqueeze(2))
+    monkeypatch.setattr(
+        allocation,
+        "logistic_noise",
+        lambda shape, like: noise if tuple(shape) == (L, b, T, S) else noise[:, torch.arange(b), tasks].unsqueeze(2),
+    )
     w_poly = poly(_inputs(b, task_ids=tasks)).weights
     w_orch = skill(F.one_hot(tasks, T).float())
     torch.testing.assert_close(w_orch, w_poly)
@@ -132,8 +163,15 @@ def test_routers_need_their_context():
 
 # ----------------------------------------------------------------------------- token gates (MoLoRA, MoDE)
 @SETTINGS
-@given(b=st.integers(1, 3), n=st.integers(1, 5), P=st.integers(1, 8), S=st.integers(1, 6), blocks=st.integers(1, 3),
-       top_k=st.one_of(st.none(), st.integers(1, 6)), seed=st.integers(0, 999))
+@given(
+    b=st.integers(1, 3),
+    n=st.integers(1, 5),
+    P=st.integers(1, 8),
+    S=st.integers(1, 6),
+    blocks=st.integers(1, 3),
+    top_k=st.one_of(st.none(), st.integers(1, 6)),
+    seed=st.integers(0, 999),
+)
 def test_token_gates_sum_to_one_and_keep_exactly_top_k(b, n, P, S, blocks, top_k, seed):
     top_k = None if top_k is None else min(top_k, S)
     torch.manual_seed(seed)
@@ -180,8 +218,14 @@ def test_token_router_adds_aux_loss_only_in_training_with_grad():
 
 # ----------------------------------------------------------------------------- task router (OrchMoE)
 @SETTINGS
-@given(b=st.integers(1, 4), d=st.integers(2, 16), K=st.integers(1, 6), hidden=st.sampled_from([0, 5]),
-       tau=st.floats(0.1, 5.0), seed=st.integers(0, 999))
+@given(
+    b=st.integers(1, 4),
+    d=st.integers(2, 16),
+    K=st.integers(1, 6),
+    hidden=st.sampled_from([0, 5]),
+    tau=st.floats(0.1, 5.0),
+    seed=st.integers(0, 999),
+)
 def test_task_router_outputs_distributions(b, d, K, hidden, tau, seed):
     torch.manual_seed(seed)
     router = TaskRouter(d, K, temperature=tau, hidden=hidden)
@@ -287,9 +331,13 @@ def test_task_router_statistics_are_global_under_torch_distributed(tmp_path):
     import torch.multiprocessing as mp
 
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(3, 6, generator=g) + 2, torch.randn(5, 6, generator=g) * 4),
-               (torch.randn(0, 6), torch.randn(2, 6, generator=g) - 1)]
-    mp.spawn(_statistics_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path / "stats")), nprocs=2, join=True)
+    batches = [
+        (torch.randn(3, 6, generator=g) + 2, torch.randn(5, 6, generator=g) * 4),
+        (torch.randn(0, 6), torch.randn(2, 6, generator=g) - 1),
+    ]
+    mp.spawn(
+        _statistics_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path / "stats")), nprocs=2, join=True
+    )
     every = torch.cat([u for step in batches for u in step])
     got = [torch.load(tmp_path / f"stats.{r}") for r in (0, 1)]
     for stats in got:

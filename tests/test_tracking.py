@@ -1,10 +1,11 @@
 """`orchmoe train --report-to tensorboard`: the event file holds the losses, learning rates and routing."""
+
 from __future__ import annotations
 
 import pytest
-from recipe_helpers import SEEN
 
 from orchmoe.recipe.cli import main
+from recipe_helpers import SEEN
 
 pytest.importorskip("tensorboard")
 
@@ -13,10 +14,41 @@ def test_tensorboard_event_file_has_loss_lr_and_routing_scalars(tiny_llama, supe
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_llama), "--data", str(superni), "--tasks", ",".join(SEEN),
-                 "--train-per-task", "8", "--eval-per-task", "1", "--unseen-per-task", "1", "--max-source-len", "64",
-                 "--max-target-len", "8", "--batch-size", "4", "--lr", "1e-2", "--log-every", "2", "--no-progress",
-                 "--out", str(run), "--report-to", "tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_llama),
+                "--data",
+                str(superni),
+                "--tasks",
+                ",".join(SEEN),
+                "--train-per-task",
+                "8",
+                "--eval-per-task",
+                "1",
+                "--unseen-per-task",
+                "1",
+                "--max-source-len",
+                "64",
+                "--max-target-len",
+                "8",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--log-every",
+                "2",
+                "--no-progress",
+                "--out",
+                str(run),
+                "--report-to",
+                "tensorboard",
+            ]
+        )
+        == 0
+    )
     events = sorted(run.rglob("events.out.tfevents.*"))  # accelerate: the scalars, and the hparams in a subfolder
     assert events, f"no TensorBoard event file under {run}"
     accs = [EventAccumulator(str(e)) for e in events]

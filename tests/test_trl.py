@@ -1,5 +1,6 @@
 """TRL's SFTTrainer trains a RoutedModel: as is (OrchMoE), and as `RoutedSFTTrainer` (adapter-only
 checkpoints, two-speed optimiser, MoLoRA's balance loss added to the fused-head loss, Poly's task ids)."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+
 from core_helpers import method_config
 from helpers_tokenizer import make_tiny_tokenizer
-from tiny_models import tiny_model
-
 from orchmoe import get_model, load_adapter
+from tiny_models import tiny_model
 
 trl = pytest.importorskip("trl")
 
@@ -44,9 +45,21 @@ def tied_llama(tok, method: str, seed: int = 0, **overrides):
 
 
 def sft_config(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=6, learning_rate=5e-2, max_steps=10, logging_steps=1,
-                save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-                max_length=64, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=6,
+        learning_rate=5e-2,
+        max_steps=10,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        max_length=64,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return trl.SFTConfig(**base)
 
@@ -94,8 +107,12 @@ def test_routed_sft_trainer_molora_adds_the_balance_loss_and_saves_adapters(tmp_
 
 def test_plain_sft_trainer_warns_that_molora_balance_loss_is_dropped(tmp_path):
     tok = make_tiny_tokenizer()
-    trainer = trl.SFTTrainer(model=tied_llama(tok, "molora"), args=sft_config(tmp_path, max_steps=1),
-                             train_dataset=sft_dataset(), processing_class=tok)
+    trainer = trl.SFTTrainer(
+        model=tied_llama(tok, "molora"),
+        args=sft_config(tmp_path, max_steps=1),
+        train_dataset=sft_dataset(),
+        processing_class=tok,
+    )
     with pytest.warns(UserWarning, match="drops it: train with orchmoe.integrations.RoutedSFTTrainer"):
         trainer.train()
 
@@ -115,9 +132,13 @@ def test_routed_sft_trainer_poly_with_task_ids(tmp_path):
         return batch
 
     model = tied_llama(tok, "poly", n_tasks=len(TASKS))
-    trainer = RoutedSFTTrainer(model=model, args=sft_config(tmp_path, remove_unused_columns=False),
-                               train_dataset=sft_dataset(with_task_ids=True), processing_class=tok,
-                               data_collator=collate)
+    trainer = RoutedSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, remove_unused_columns=False),
+        train_dataset=sft_dataset(with_task_ids=True),
+        processing_class=tok,
+        data_collator=collate,
+    )
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.3

@@ -1,4 +1,5 @@
 """Tiny random models and a word-level tokenizer for the tests (CPU, milliseconds)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,23 +34,45 @@ def tiny_model(arch: str = "llama", vocab_size: int = 128, seed: int = 0) -> Any
     arch = arch.lower()
     if arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, tie_word_embeddings=True, **ids,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **ids,
         )
         cls = LlamaForCausalLM
     elif arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **ids,
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            **ids,
         )
         cls = GPT2LMHeadModel
     elif arch == "t5":
         cfg = T5Config(
-            vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-            num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32,
-            decoder_start_token_id=TINY_PAD_ID, **ids,
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            decoder_start_token_id=TINY_PAD_ID,
+            **ids,
         )
         cls = T5ForConditionalGeneration
     else:
@@ -97,7 +120,10 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
         model_max_length=512,
     )
     return tok

@@ -1,4 +1,5 @@
 """orchmoe: multi-task parameter-efficient fine-tuning with routed mixtures of LoRA experts."""
+
 __version__ = "0.2.0"
 
 from . import routers  # noqa: E402,F401  (registers every method)
@@ -23,10 +24,31 @@ from .registry import register_method  # noqa: E402
 from .routing import RoutingError  # noqa: E402
 
 __all__ = [
-    "AdapterConfig", "AdapterMismatchError", "BudgetError", "ConfigError", "HubError", "LoraConfig", "METHODS",
-    "MHRConfig", "MoDEConfig", "MoLoRAConfig", "OrchMoEConfig", "PolyConfig", "RoutedLoraLayer", "RoutedModel",
-    "RoutedTrainer", "RoutingError", "config_from_dict", "count_parameters", "from_peft_config", "get_model",
-    "init_from_peft_lora", "load_adapter", "lora_budget", "match_budget", "register_method",
+    "AdapterConfig",
+    "AdapterMismatchError",
+    "BudgetError",
+    "ConfigError",
+    "HubError",
+    "LoraConfig",
+    "METHODS",
+    "MHRConfig",
+    "MoDEConfig",
+    "MoLoRAConfig",
+    "OrchMoEConfig",
+    "PolyConfig",
+    "RoutedLoraLayer",
+    "RoutedModel",
+    "RoutedTrainer",
+    "RoutingError",
+    "config_from_dict",
+    "count_parameters",
+    "from_peft_config",
+    "get_model",
+    "init_from_peft_lora",
+    "load_adapter",
+    "lora_budget",
+    "match_budget",
+    "register_method",
 ]
 
 

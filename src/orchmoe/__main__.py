@@ -1,4 +1,5 @@
 """``python -m orchmoe`` (and ``accelerate launch -m orchmoe``): the command line."""
+
 import sys
 
 from .recipe.cli import main

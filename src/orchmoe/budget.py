@@ -4,6 +4,7 @@ Methods are compared at equal trainable budgets (the papers match a LoRA of
 rank 8). `count_parameters` is the METHODS.md formula for a config on a set of
 layer shapes; tests check it against the parameters a built model really has.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,15 @@ def lora_budget(model: nn.Module, rank: int = 8, target_modules=None) -> int:
     return count_parameters(LoraConfig(rank=rank, target_modules=target_modules), shapes, d)
 
 
-def match_budget(config: AdapterConfig, model: nn.Module, budget: int, *, vary: str = "rank",
-                 tolerance: float = 0.1, max_value: int = 256) -> AdapterConfig:
+def match_budget(
+    config: AdapterConfig,
+    model: nn.Module,
+    budget: int,
+    *,
+    vary: str = "rank",
+    tolerance: float = 0.1,
+    max_value: int = 256,
+) -> AdapterConfig:
     """The config with `vary` (``rank`` or ``n_skills``) set so its count is closest to `budget`.
 
     Raises BudgetError when even the closest size is more than `tolerance`
@@ -65,7 +73,11 @@ def match_budget(config: AdapterConfig, model: nn.Module, budget: int, *, vary: 
         if n > budget * (1 + tolerance) and best[0] <= tolerance:
             break
     if best is None or best[0] > tolerance:
-        closest = "" if best is None else f"; the closest is {vary}={getattr(best[1], vary)} with {best[2]:,} parameters ({best[0]:.0%} off)"
+        closest = (
+            ""
+            if best is None
+            else f"; the closest is {vary}={getattr(best[1], vary)} with {best[2]:,} parameters ({best[0]:.0%} off)"
+        )
         raise BudgetError(
             f"cannot meet a budget of {budget:,} trainable parameters with {config.method} within {tolerance:.0%} "
             f"by varying {vary}{closest}"
@@ -94,5 +106,7 @@ def _check_varies(config: AdapterConfig, vary: str, shapes: dict, d: int, max_va
             continue
         if len(counts) > 1:
             return
-    raise BudgetError(f"varying {vary!r} does not change the trainable parameter count of {config.method}; vary a "
-                      "size such as 'rank' or 'n_skills'")
+    raise BudgetError(
+        f"varying {vary!r} does not change the trainable parameter count of {config.method}; vary a "
+        "size such as 'rank' or 'n_skills'"
+    )

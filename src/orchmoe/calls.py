@@ -8,6 +8,7 @@ tokens only) and takes orchmoe's own arguments (``task_ids``, ``routing_mask``) 
 forward hook attaches the auxiliary losses (`orchmoe.outputs.with_aux_loss`). Our forward, when
 the replacement calls it, sees that the call was routed and leaves both to the hooks.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -33,19 +34,31 @@ def route_call(model: Any, kwargs: dict) -> None:
     the decode when it passes the very cache object its routing was set with. To reuse that object for a
     new prompt batch after ``cache.reset()``, call `set_routing` first (or pass a new cache)."""
     if model._unloaded:
-        raise RuntimeError("this RoutedModel was unloaded (unload() / merge_and_unload()): call the base model it "
-                           "returned, or wrap a fresh one with get_model()")
+        raise RuntimeError(
+            "this RoutedModel was unloaded (unload() / merge_and_unload()): call the base model it "
+            "returned, or wrap a fresh one with get_model()"
+        )
     task_ids, routing_mask = kwargs.pop("task_ids", None), kwargs.pop("routing_mask", None)
     input_ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
     reuse = (
         _continues_decode(cache, model.routing_state.cache)  # a continued decode keeps its prompt's routing
-        or (input_ids is None and kwargs.get("inputs_embeds") is None and kwargs.get("encoder_outputs") is not None
-            and task_ids is None)  # a decoder step over an already encoded prompt
+        or (
+            input_ids is None
+            and kwargs.get("inputs_embeds") is None
+            and kwargs.get("encoder_outputs") is not None
+            and task_ids is None
+        )  # a decoder step over an already encoded prompt
     ) and model.routing_state.ready  # read last: a compiled training forward then never guards on it
     if not reuse:
-        model.set_routing(input_ids=input_ids, attention_mask=kwargs.get("attention_mask"),
-                         inputs_embeds=kwargs.get("inputs_embeds"), labels=kwargs.get("labels"), task_ids=task_ids,
-                         routing_mask=routing_mask, decoder_attention_mask=kwargs.get("decoder_attention_mask"))
+        model.set_routing(
+            input_ids=input_ids,
+            attention_mask=kwargs.get("attention_mask"),
+            inputs_embeds=kwargs.get("inputs_embeds"),
+            labels=kwargs.get("labels"),
+            task_ids=task_ids,
+            routing_mask=routing_mask,
+            decoder_attention_mask=kwargs.get("decoder_attention_mask"),
+        )
         model.routing_state.cache = _weak(cache)
 
 
@@ -60,10 +73,12 @@ def attach_aux(model: Any, out: Any, labels=None) -> Any:
         if model._aux_sink is not None:
             model._aux_sink.append(total)
         elif model.aux_loss_in_loss and isinstance(out, dict) and out.get("log_probs") is not None:
-            warnings.warn(f"{model.adapter_config.method}'s auxiliary loss is added to outputs.loss, but this forward "
-                          "was replaced by one returning per-token log_probs (TRL's fused LM head), whose trainer "
-                          "computes its own loss and drops it: train with orchmoe.integrations.RoutedSFTTrainer",
-                          stacklevel=3)
+            warnings.warn(
+                f"{model.adapter_config.method}'s auxiliary loss is added to outputs.loss, but this forward "
+                "was replaced by one returning per-token log_probs (TRL's fused LM head), whose trainer "
+                "computes its own loss and drops it: train with orchmoe.integrations.RoutedSFTTrainer",
+                stacklevel=3,
+            )
     return with_aux_loss(out, total, add_to_loss=model.aux_loss_in_loss and model._aux_sink is None, labels=labels)
 
 
@@ -77,7 +92,9 @@ def route_before_call(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, di
     if not _forward_replaced(module):
         return None  # RoutedModel.forward routes
     if len(args) > len(CALL_ORDER):
-        raise TypeError(f"RoutedModel takes at most {len(CALL_ORDER)} positional arguments {CALL_ORDER}, got {len(args)}")
+        raise TypeError(
+            f"RoutedModel takes at most {len(CALL_ORDER)} positional arguments {CALL_ORDER}, got {len(args)}"
+        )
     kwargs = dict(kwargs)
     for name, value in zip(CALL_ORDER, args):
         if name in kwargs:
@@ -97,7 +114,7 @@ def finish_call(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
 
 
 def _weak(cache):
-    """A weak reference to a cache object (None for none, or for a legacy tuple cache, which has no identity to keep)."""
+    """A weak reference to a cache object (None for none, or for a legacy tuple cache: no identity to keep)."""
     try:
         return None if cache is None else weakref.ref(cache)
     except TypeError:
@@ -117,5 +134,3 @@ def _continues_decode(cache, routed_cache) -> bool:
     if isinstance(n, torch.Tensor):  # a static cache: its length lives on the device, `n > 0` would sync
         return routed_cache is not None and routed_cache() is cache
     return n > 0
-
-

@@ -9,6 +9,7 @@ Scale convention, shared by every method: the update is ``(alpha / rank) * delta
 ``alpha = rank`` unless set, so LoRA, the mixtures and PEFT's LoRA defaults all start from scale 1
 (the Poly references use ``1/r``: ``alpha=1``; see docs/methods.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,17 @@ from typing import Any, ClassVar
 from .registry import METHODS, config_class
 
 __all__ = [
-    "AdapterConfig", "LoraConfig", "MoLoRAConfig", "PolyConfig", "MHRConfig", "MoDEConfig", "OrchMoEConfig",
-    "METHODS", "ROUTING_KINDS", "config_from_dict", "ConfigError",
+    "AdapterConfig",
+    "LoraConfig",
+    "MoLoRAConfig",
+    "PolyConfig",
+    "MHRConfig",
+    "MoDEConfig",
+    "OrchMoEConfig",
+    "METHODS",
+    "ROUTING_KINDS",
+    "config_from_dict",
+    "ConfigError",
 ]
 
 #: what a method's router reads: nothing, the task id, the whole prompt, or each token
@@ -40,8 +50,12 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
-          "str": ((str,), "a string")}
+_TYPES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
 
 
 def _check_type(owner: str, name: str, annotation: str, value: Any) -> None:
@@ -116,7 +130,7 @@ class AdapterConfig:
         """Trainable parameters on layers of these (P, Q) shapes."""
         return sum(self.layer_parameters(P, Q) for P, Q in shapes.values()) + self.model_parameters(d_model)
 
-    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
         """This config fitted to a training run of ``n_tasks`` tasks (``explicit``: fields the user set)."""
         return self
 
@@ -132,7 +146,9 @@ class AdapterConfig:
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(f"{owner}: alpha must be > 0, got {self.alpha!r}")
         tm = self.target_modules
-        if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        if tm is not None and not (
+            isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
+        ):
             raise ConfigError(f"{owner}: target_modules must be a list of names or a regex string, got {tm!r}")
         if isinstance(tm, (str, list)) and not tm:
             raise ConfigError(f"{owner}: target_modules is empty")
@@ -156,7 +172,7 @@ class AdapterConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "AdapterConfig":
+    def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)  # __post_init__ validates
 
     def __post_init__(self) -> None:
@@ -231,7 +247,7 @@ class PolyConfig(AdapterConfig):
     def layer_parameters(self, P: int, Q: int) -> int:
         return self.n_skills * self.rank * (P + Q) + self.n_tasks * self.n_splits * self.n_skills
 
-    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
         if "n_tasks" in explicit and self.n_tasks != n_tasks:
             raise ConfigError(f"{self.method}: n_tasks is the number of training tasks ({n_tasks}); do not set it")
         return self.replace(n_tasks=n_tasks)
@@ -315,7 +331,7 @@ class OrchMoEConfig(AdapterConfig):
         K, H = self.n_abstract_tasks, self.task_router_hidden
         return d_model * H + H + H * K + K if H > 0 else d_model * K + K
 
-    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> "AdapterConfig":
+    def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
         """K = T unless set: the paper's setting (its Figure 3 uses K = 100 on NI-100)."""
         return self if "n_abstract_tasks" in explicit else self.replace(n_abstract_tasks=n_tasks)
 
@@ -325,7 +341,9 @@ class OrchMoEConfig(AdapterConfig):
         if self.task_temperature <= 0:
             raise ConfigError(f"OrchMoEConfig: task_temperature must be > 0, got {self.task_temperature}")
         if self.task_router_hidden < 0:
-            raise ConfigError(f"OrchMoEConfig: task_router_hidden must be >= 0 (0: linear router), got {self.task_router_hidden}")
+            raise ConfigError(
+                f"OrchMoEConfig: task_router_hidden must be >= 0 (0: linear router), got {self.task_router_hidden}"
+            )
         if self.balance_coef < 0:
             raise ConfigError(f"OrchMoEConfig: balance_coef must be >= 0, got {self.balance_coef}")
         if self.prompt_norm not in PROMPT_NORMS:

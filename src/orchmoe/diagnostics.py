@@ -9,6 +9,7 @@
 
 Also the agreement measures the analysis reports (NMI, purity, their chance level).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["allocation_spread", "task_router_summary", "routing_record", "normalized_mutual_info", "purity",
-           "nmi_chance", "UNIFORM_SPREAD"]
+__all__ = [
+    "allocation_spread",
+    "task_router_summary",
+    "routing_record",
+    "normalized_mutual_info",
+    "purity",
+    "nmi_chance",
+    "UNIFORM_SPREAD",
+]
 
 #: below this mean |w - 1/S| the allocations are indistinguishable from uniform (the initial logits
 #: U(-1e-3, 1e-3) give ~1e-4; one skill 0.01 above the others in every row gives ~0.005 for S = 4)
@@ -46,14 +54,19 @@ def task_router_summary(task_probs: torch.Tensor, task_ids: torch.Tensor | None 
     K = pi.shape[-1]
     entropy = -(pi * pi.clamp_min(1e-12).log()).sum(-1).mean()
     top = pi.argmax(-1).cpu()
-    out = {"pi_entropy": float(entropy), "pi_entropy_max": math.log(K),
-           "abstract_tasks_used": float(top.unique().numel()) / K}
+    out = {
+        "pi_entropy": float(entropy),
+        "pi_entropy_max": math.log(K),
+        "abstract_tasks_used": float(top.unique().numel()) / K,
+    }
     if task_ids is not None:
         out["nmi_pi_task"] = normalized_mutual_info(top.tolist(), task_ids.detach().cpu().tolist())
     return out
 
 
-def routing_record(model, task_probs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None) -> dict[str, float]:
+def routing_record(
+    model, task_probs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None
+) -> dict[str, float]:
     """The diagnostics of one logging window, as flat record fields (only those that apply)."""
     rec: dict[str, float] = {}
     spread = allocation_spread(model)
@@ -120,5 +133,3 @@ def nmi_chance(labels_a: Sequence[Any], labels_b: Sequence[Any], n_permutations:
     rng = np.random.default_rng(seed)
     b = np.asarray(list(labels_b), dtype=object)
     return float(np.mean([normalized_mutual_info(labels_a, rng.permutation(b)) for _ in range(n_permutations)]))
-
-

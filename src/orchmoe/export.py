@@ -5,6 +5,7 @@ collapses every layer to one rank-r LoRA pair (A_t, B_t), so the adapter runs an
 Per-token routing (MoLoRA, MoDE) has no such form. The model answers which routing is fixed
 (`RoutedModel.fixed_weights`); this module only writes or folds the result.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,12 @@ def export_peft_lora(model, path, **routing) -> Path:
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    provenance = {"orchmoe_method": cfg.method, "routing": {k: _plain(v) for k, v in routing.items()},
-                  "base_model_name": model.base_model_name, **base_model_provenance(source)}
+    provenance = {
+        "orchmoe_method": cfg.method,
+        "routing": {k: _plain(v) for k, v in routing.items()},
+        "base_model_name": model.base_model_name,
+        **base_model_provenance(source),
+    }
     atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
     atomic_write_text(path / "adapter_config.json", json.dumps(peft_config, indent=2))
     atomic_write_text(path / EXPORT_NOTE, json.dumps(provenance, indent=2))
@@ -81,14 +86,24 @@ def _plain(value):
 
 def _export_card(peft_config: dict, provenance: dict) -> str:
     """README.md of an exported folder: which base it needs, and when that base was dequantised from GGUF."""
-    lines = [f"# LoRA exported from an orchmoe {provenance['orchmoe_method']} adapter", "",
-             (f"One fixed routing ({provenance['routing'] or 'the single expert'}) written as a standard PEFT LoRA "
-             f"for the base model `{peft_config['base_model_name_or_path']}` ({provenance['base_model_name']}):"),
-             "`peft.AutoPeftModelForCausalLM.from_pretrained(<this folder>)` loads both."]
+    lines = [
+        f"# LoRA exported from an orchmoe {provenance['orchmoe_method']} adapter",
+        "",
+        (
+            f"One fixed routing ({provenance['routing'] or 'the single expert'}) written as a standard PEFT LoRA "
+            f"for the base model `{peft_config['base_model_name_or_path']}` ({provenance['base_model_name']}):"
+        ),
+        "`peft.AutoPeftModelForCausalLM.from_pretrained(<this folder>)` loads both.",
+    ]
     if "dequantized_from_gguf" in provenance:
-        lines += ["", (f"The base weights were dequantised from the GGUF file `{provenance['dequantized_from_gguf']}` "
-                      f"into the cached checkpoint `{provenance['converted_checkpoint']}`: they are not the original "
-                      "full-precision weights, and this adapter was trained against the dequantised ones.")]
+        lines += [
+            "",
+            (
+                f"The base weights were dequantised from the GGUF file `{provenance['dequantized_from_gguf']}` "
+                f"into the cached checkpoint `{provenance['converted_checkpoint']}`: they are not the original "
+                "full-precision weights, and this adapter was trained against the dequantised ones."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -111,8 +126,9 @@ class ExportMixin:
         """Evaluation-mode allocation (1, h, S) of every layer for one fixed routing (a Poly/MHR task_id, an
         OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none."""
         if self.router is None:
-            raise RoutingError(f"{self.adapter_config.method} routes every token separately: it cannot be written as "
-                               "one LoRA adapter")
+            raise RoutingError(
+                f"{self.adapter_config.method} routes every token separately: it cannot be written as one LoRA adapter"
+            )
         if input_ids is not None:
             ids = torch.as_tensor(input_ids)
             if ids.dim() == 2 and ids.shape[0] != 1:
@@ -149,4 +165,3 @@ class ExportMixin:
         self.routing_state.clear()
         self._unloaded = True
         return base
-

@@ -5,6 +5,7 @@ to disk, then rename it over the target. A failure leaves the previous file unto
 the temporary; a full disk is reported as such, naming the file. Also here: the checksummed
 manifest that marks a folder complete, and the exclusive lock of a folder.
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,14 +15,28 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_tree", "fsync_dir", "DiskFullError",
-           "reporting_disk_full", "is_disk_full", "sha256_file", "write_manifest", "verify_manifest", "FolderLock",
-           "FolderLockedError", "cache_root", "CACHE_ENV"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "fsync_tree",
+    "fsync_dir",
+    "DiskFullError",
+    "reporting_disk_full",
+    "is_disk_full",
+    "sha256_file",
+    "write_manifest",
+    "verify_manifest",
+    "FolderLock",
+    "FolderLockedError",
+    "cache_root",
+    "CACHE_ENV",
+]
 
 CACHE_ENV = "ORCHMOE_CACHE"
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -128,6 +143,7 @@ def fsync_tree(path: Path) -> None:
 
 # -- manifests: what a complete folder holds ---------------------------------------------------
 
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -140,8 +156,11 @@ def write_manifest(folder: str | os.PathLike, name: str = "manifest.json") -> di
     """List every file under ``folder`` with its size and sha256 in ``folder/name`` (written last: its
     presence says the folder is complete, its checksums say it is intact)."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != name}
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != name
+    }
     atomic_write_text(folder / name, json.dumps({"format": "orchmoe-manifest", "files": files}, indent=1))
     return files
 
@@ -170,6 +189,7 @@ def verify_manifest(folder: str | os.PathLike, name: str = "manifest.json") -> s
 
 
 # -- an exclusive lock on a folder -------------------------------------------------------------
+
 
 class FolderLockedError(RuntimeError):
     """Another process holds the folder's lock."""
@@ -205,8 +225,9 @@ class FolderLock:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise FolderLockedError(f"{what} is in use by another orchmoe run ({holder}); wait for it to finish, "
-                                    "or use another --out") from None
+            raise FolderLockedError(
+                f"{what} is in use by another orchmoe run ({holder}); wait for it to finish, or use another --out"
+            ) from None
         except OSError as e:  # pragma: no cover - e.g. a network filesystem without flock
             os.close(fd)
             warnings.warn(f"cannot lock {what} ({e}): do not run two trainings into it", stacklevel=2)

@@ -19,8 +19,8 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -97,7 +97,7 @@ def _clean_stale_tmp(parent: Path, name: str) -> None:
     prefix = f"{_TMP_PREFIX}{name}-"
     for d in parent.glob(f"{prefix}*"):
         try:
-            parts = d.name[len(prefix):].rsplit("-", 2)  # host, pid, rand
+            parts = d.name[len(prefix) :].rsplit("-", 2)  # host, pid, rand
             dead = len(parts) == 3 and parts[0] == host and not _pid_alive(int(parts[1]))
             old = time.time() - d.stat().st_mtime > _STALE_TMP_SECONDS
             if dead or old:

@@ -10,6 +10,7 @@ Provenance: an adapter and its PEFT export record the base model's *source*, the
 that loads it (``config._name_or_path`` of a model loaded with ``from_pretrained``), beside its
 portable *name*; a base dequantised from a GGUF file into orchmoe's cache says so.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ from typing import Any
 
 from .serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-__all__ = ["AdapterHubMixin", "HubError", "base_model_provenance", "model_card", "model_source", "push_adapter",
-           "resolve_adapter_folder"]
+__all__ = [
+    "AdapterHubMixin",
+    "HubError",
+    "base_model_provenance",
+    "model_card",
+    "model_source",
+    "push_adapter",
+    "resolve_adapter_folder",
+]
 
 
 class HubError(RuntimeError):
@@ -55,11 +63,14 @@ def base_model_provenance(source: str | None) -> dict[str, Any]:
 
 def _looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and os.sep not in text.replace("/", "")
+    return (
+        1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and os.sep not in text.replace("/", "")
+    )
 
 
-def resolve_adapter_folder(path_or_repo: str | os.PathLike, *, revision: str | None = None,
-                           token: str | bool | None = None) -> Path:
+def resolve_adapter_folder(
+    path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> Path:
     """A local adapter folder, or the adapter files of a Hub repository downloaded to the HF cache.
 
     Raises:
@@ -73,11 +84,16 @@ def resolve_adapter_folder(path_or_repo: str | os.PathLike, *, revision: str | N
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_repo), revision=revision, token=token,
-                                      allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+        return Path(
+            snapshot_download(
+                str(path_or_repo), revision=revision, token=token, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+            )
+        )
     except Exception as e:  # offline, unknown repo, auth: one clear error with the cause chained
-        raise FileNotFoundError(f"{str(path_or_repo)!r} is not a local adapter folder and could not be fetched from "
-                                f"the Hugging Face Hub ({type(e).__name__}: {e})") from e
+        raise FileNotFoundError(
+            f"{str(path_or_repo)!r} is not a local adapter folder and could not be fetched from "
+            f"the Hugging Face Hub ({type(e).__name__}: {e})"
+        ) from e
 
 
 def model_card(model: Any) -> str:
@@ -88,16 +104,33 @@ def model_card(model: Any) -> str:
     if source and _looks_like_repo_id(source) and not Path(source).exists():
         meta.append(f"base_model: {source}")
     meta.append("---")
-    body = [f"# {cfg.method} adapter for {model.base_model_name}", "",
-            (f"A routed mixture of LoRA experts ({cfg.method}, {len(model.layer_shapes)} adapted layers) trained "
-             "with orchmoe. Load it onto the base model with:"), "", "```python",
-            "from orchmoe import RoutedModel", "model = RoutedModel.from_pretrained(base_model, \"<this repo>\")", "```"]
+    body = [
+        f"# {cfg.method} adapter for {model.base_model_name}",
+        "",
+        (
+            f"A routed mixture of LoRA experts ({cfg.method}, {len(model.layer_shapes)} adapted layers) trained "
+            "with orchmoe. Load it onto the base model with:"
+        ),
+        "",
+        "```python",
+        "from orchmoe import RoutedModel",
+        'model = RoutedModel.from_pretrained(base_model, "<this repo>")',
+        "```",
+    ]
     return "\n".join(meta + [""] + body) + "\n"
 
 
-def push_adapter(model: Any, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                 revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                 metadata: dict | None = None) -> Any:
+def push_adapter(
+    model: Any,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    metadata: dict | None = None,
+) -> Any:
     """Save the adapter (and a model card) to a temporary folder and upload it to ``repo_id``.
 
     Returns:
@@ -108,17 +141,24 @@ def push_adapter(model: Any, repo_id: str, *, private: bool | None = None, token
     from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set (no network). Save the adapter with "
-                       "save_pretrained(folder) and upload that folder when online")
+        raise HubError(
+            f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set (no network). Save the adapter with "
+            "save_pretrained(folder) and upload that folder when online"
+        )
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="orchmoe-push-") as tmp:
         model.save_pretrained(tmp, metadata=metadata)
         (Path(tmp) / "README.md").write_text(model_card(model), encoding="utf-8")
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
-                                     create_pr=create_pr,
-                                     commit_message=commit_message or f"Upload {model.adapter_config.method} adapter")
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                repo_type="model",
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload {model.adapter_config.method} adapter",
+            )
         except Exception as e:  # network, auth, permissions: one clear error with the cause chained
             raise HubError(f"pushing the adapter to {repo_id!r} failed: {type(e).__name__}: {e}") from e
 
@@ -126,8 +166,14 @@ def push_adapter(model: Any, repo_id: str, *, private: bool | None = None, token
 class AdapterHubMixin:
     """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` of a `RoutedModel`: the adapter only."""
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,
-                        safe_serialization: bool = True, metadata: dict | None = None) -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        metadata: dict | None = None,
+    ) -> Path:
         """Write the adapter folder (as `save_adapter`): what `from_pretrained` and `orchmoe.load_adapter` read.
 
         Args:
@@ -139,14 +185,24 @@ class AdapterHubMixin:
             The folder.
         """
         if not safe_serialization:
-            raise ValueError("orchmoe adapters are always written as safetensors (safe_serialization=False is not supported)")
+            raise ValueError(
+                "orchmoe adapters are always written as safetensors (safe_serialization=False is not supported)"
+            )
         if not is_main_process:
             return Path(save_directory)
         return self.save_adapter(save_directory, metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, base_model: Any, path_or_repo: str | os.PathLike, *, is_trainable: bool = False,
-                        revision: str | None = None, token: str | bool | None = None, **kwargs: Any) -> Any:
+    def from_pretrained(
+        cls,
+        base_model: Any,
+        path_or_repo: str | os.PathLike,
+        *,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """`orchmoe.load_adapter` from a local adapter folder or a Hub repository (as ``PeftModel.from_pretrained``).
 
         Args:
@@ -161,9 +217,25 @@ class AdapterHubMixin:
         folder = resolve_adapter_folder(path_or_repo, revision=revision, token=token)
         return cls.load_folder(base_model, folder, is_trainable=is_trainable, **kwargs)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                    revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                    metadata: dict | None = None) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        metadata: dict | None = None,
+    ) -> Any:
         """Upload the adapter (with a model card) to a Hub repository, created if needed; see `push_adapter`."""
-        return push_adapter(self, repo_id, private=private, token=token, revision=revision,
-                            commit_message=commit_message, create_pr=create_pr, metadata=metadata)
+        return push_adapter(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            metadata=metadata,
+        )

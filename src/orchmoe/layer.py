@@ -22,6 +22,7 @@ autocast runs the products in its own dtype. Without gradients (generation) the 
 ``(A_t, B_t)`` of a routing are built once and then read from the `RoutingState`, so a
 compiled decoding step does not recompile for a new prompt batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,12 +56,25 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 class RoutedLoraLayer(nn.Module):
     """Wraps a frozen ``nn.Linear`` / ``Conv1D``; expert weights are parameters of this leaf module."""
 
-    def __init__(self, base_layer: nn.Module, *, n_experts: int, rank: int, scale: float, router: nn.Module | None = None,
-                 shared_down: bool = False, n_splits: int = 1, dropout: float = 0.0, index: int = 0) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        n_experts: int,
+        rank: int,
+        scale: float,
+        router: nn.Module | None = None,
+        shared_down: bool = False,
+        n_splits: int = 1,
+        dropout: float = 0.0,
+        index: int = 0,
+    ) -> None:
         super().__init__()
         P, Q = layer_shape(base_layer)
         if P % n_splits or Q % n_splits:
-            raise ValueError(f"n_splits={n_splits} must divide both the input ({P}) and output ({Q}) width of the layer")
+            raise ValueError(
+                f"n_splits={n_splits} must divide both the input ({P}) and output ({Q}) width of the layer"
+            )
         self.base_layer = base_layer
         self.in_features, self.out_features = P, Q
         self.n_experts, self.rank, self.scale, self.n_splits = n_experts, rank, scale, n_splits
@@ -86,8 +100,10 @@ class RoutedLoraLayer(nn.Module):
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, experts={self.n_experts}, rank={self.rank}, "
-                f"shared_down={self.shared_down}, splits={self.n_splits}, scale={self.scale:g}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.n_experts}, rank={self.rank}, "
+            f"shared_down={self.shared_down}, splits={self.n_splits}, scale={self.scale:g}"
+        )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -106,7 +122,9 @@ class RoutedLoraLayer(nn.Module):
         return self.mix_parameters(h, result, A_t, B_t)
 
     def mixed_weights(self, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example (A_t, B_t), (b, P, r) and (b, r, Q), from allocation weights w (b, h, S); None: the single expert."""
+        """Per-example (A_t, B_t), (b, P, r) and (b, r, Q), from allocation weights w (b, h, S).
+
+        ``w=None``: the single expert."""
         A, B = self.lora_A, self.lora_B  # (S, P, r), (S, r, Q)
         if w is None:
             return A, B  # (1, P, r), (1, r, Q): broadcast over the batch
@@ -115,7 +133,9 @@ class RoutedLoraLayer(nn.Module):
         w = w.to(A.dtype)
         if h == 1:  # one GEMM per factor
             w = w.reshape(b, S)
-            return (w @ A.view(S, P * r)).view(b, P, r), (w @ B.view(S, r * Q)).view(b, r, Q)  # (b,S)@(S,P*r), (b,S)@(S,r*Q)
+            return (w @ A.view(S, P * r)).view(b, P, r), (w @ B.view(S, r * Q)).view(
+                b, r, Q
+            )  # (b,S)@(S,P*r), (b,S)@(S,r*Q)
         # MHR: block j of A's rows and of B's columns mixed by w[:, j]. A broadcast product and one sum each, laid
         # out so that the results are already (b, P, r) and (b, r, Q) and the experts' gradients need no copy
         w = w.transpose(1, 2).unsqueeze(-1)  # (b,S,h,1)
@@ -127,8 +147,10 @@ class RoutedLoraLayer(nn.Module):
         """This layer's allocation weights (b, h, S) from the model's routing; None for a single expert."""
         w = self.state.layer_weights(self.index, batch) if self.state is not None else None
         if w is None and (self.n_experts > 1 or self.n_splits > 1):
-            raise RoutingError("this layer mixes several experts but no routing was set for this forward: "
-                               "call the RoutedModel, not its base model")
+            raise RoutingError(
+                "this layer mixes several experts but no routing was set for this forward: "
+                "call the RoutedModel, not its base model"
+            )
         return w
 
     def routed_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +163,11 @@ class RoutedLoraLayer(nn.Module):
         if torch.is_grad_enabled():
             return self.mixed_weights(self.allocation(batch))
         cached = state.mixed.get(self.index)
-        if cached is None or cached[0].shape[0] != batch or (
-                not torch.compiler.is_compiling() and state.mixed_versions.get(self.index) != self._versions()):
+        if (
+            cached is None
+            or cached[0].shape[0] != batch
+            or (not torch.compiler.is_compiling() and state.mixed_versions.get(self.index) != self._versions())
+        ):
             cached = self.mixed_weights(self.allocation(batch))
             state.mixed[self.index] = cached
             state.mixed_versions[self.index] = self._versions()
@@ -151,14 +176,18 @@ class RoutedLoraLayer(nn.Module):
     def _versions(self) -> tuple[int, int]:
         return self.lora_A._version, self.lora_B._version
 
-    def mix_parameters(self, h: torch.Tensor, result: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    def mix_parameters(
+        self, h: torch.Tensor, result: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor
+    ) -> torch.Tensor:
         """result + scale * (h @ A_t) @ B_t, one (A_t, B_t) per example: two batched GEMMs, the second also
         adding the scaled update to the base output."""
         b, P, _ = A_t.shape
         if A_t.shape[0] == 1:  # one pair for every row (export's single routing)
             return _add_product(result, h.reshape(-1, P) @ A_t[0], B_t[0], self.scale)
         if h.dim() != 3:
-            return self.mix_parameters(h.reshape(b, -1, P), result.reshape(b, -1, self.out_features), A_t, B_t).view(result.shape)
+            return self.mix_parameters(h.reshape(b, -1, P), result.reshape(b, -1, self.out_features), A_t, B_t).view(
+                result.shape
+            )
         return _add_product(result, torch.bmm(h, A_t), B_t, self.scale)  # (b,n,P)@(b,P,r) -> (b,n,r); @(b,r,Q)
 
     def mix_outputs(self, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -179,7 +208,9 @@ class RoutedLoraLayer(nn.Module):
             z, logits = (x @ W).split([D * r, router_weight.shape[1]], -1)  # (N,P)@(P,D*r+k*S) -> (N,D*r), (N,k*S)
             gates = self.router.gates_from_logits(logits.view(*shape, -1), self.state)
         k = gates.shape[-2]  # rank blocks, each of p = r // k columns
-        u = z.view(-1, D, k, r // k) * gates.reshape(-1, k, S).transpose(1, 2).unsqueeze(-1)  # (N,D,k,p)*(N,S,k,1) -> (N,S,k,p)
+        u = z.view(-1, D, k, r // k) * gates.reshape(-1, k, S).transpose(1, 2).unsqueeze(
+            -1
+        )  # (N,D,k,p)*(N,S,k,1) -> (N,S,k,p)
         return _add_product(result, u.reshape(-1, S * r), B.view(S * r, Q), self.scale)  # (N,S*r)@(S*r,Q)
 
     def delta_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:

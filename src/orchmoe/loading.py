@@ -4,6 +4,7 @@ or a hub id already in the local Hugging Face cache.
 ``dtype="auto"`` (the default) loads the frozen base weights in bfloat16 on a GPU and float32 on CPU;
 the adapters are always created in float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,14 @@ __all__ = ["DEFAULT_MODEL", "load_model_and_tokenizer", "is_encoder_decoder", "r
 
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -34,7 +40,9 @@ def resolve_dtype(dtype: Any, device: str | torch.device | None = None) -> torch
         return dtype
     if str(dtype).lower() == "auto":
         on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
@@ -130,8 +138,10 @@ def load_model_and_tokenizer(
         else:
             # Hub ids are "name" or "org/name"; anything else is a (missing) path.
             looks_like_path = (
-                spec.startswith((".", "/", "~")) or spec.count("/") > 1
-                or (os.sep != "/" and os.sep in spec) or spec.lower().endswith(".gguf")
+                spec.startswith((".", "/", "~"))
+                or spec.count("/") > 1
+                or (os.sep != "/" and os.sep in spec)
+                or spec.lower().endswith(".gguf")
             )
             err = FileNotFoundError(
                 f"model {spec!r} not found: no such file or directory, and it is not in the "
@@ -167,8 +177,8 @@ def is_encoder_decoder(model: Any) -> bool:
     for _ in range(4):
         if obj is None:
             break
-        if hasattr(obj, "is_encoder_decoder") and not callable(getattr(obj, "is_encoder_decoder")):
-            val = getattr(obj, "is_encoder_decoder")
+        if hasattr(obj, "is_encoder_decoder") and not callable(obj.is_encoder_decoder):
+            val = obj.is_encoder_decoder
             if isinstance(val, bool):
                 return val
         cfg = getattr(obj, "config", None)

@@ -28,6 +28,7 @@ How it fits the Hugging Face tools (a design PEFT's tuner shares):
   ``add_adapter``, ...), which would inject a second kind of adapter. Other attributes
   (``config``, ``generation_config``, ``device``, ...) are the base model's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,30 @@ from .layer import RoutedLoraLayer
 from .registry import router_class
 from .routers import LayerRouter, RoutingInputs
 from .routing import RoutingError, RoutingState, prompt_token_mask
-from .serialization import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_config_from_meta,
-                            model_fingerprint, read_adapter_config, read_adapter_tensors, upgrade_legacy_tensors,
-                            write_adapter)
+from .serialization import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterMismatchError,
+    adapter_config_from_meta,
+    model_fingerprint,
+    read_adapter_config,
+    read_adapter_tensors,
+    upgrade_legacy_tensors,
+    write_adapter,
+)
 from .sharding import copy_into, generation_context
 from .targets import find_target_layers
 
-__all__ = ["RoutedModel", "get_model", "load_adapter", "AdapterMismatchError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
-           "DEFAULT_ROUTER_LR", "read_adapter_config"]
+__all__ = [
+    "RoutedModel",
+    "get_model",
+    "load_adapter",
+    "AdapterMismatchError",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "DEFAULT_ROUTER_LR",
+    "read_adapter_config",
+]
 
 #: learning rate of the allocation logits, as in every Poly/MHR reference config (adapters at 1e-3)
 DEFAULT_ROUTER_LR = 0.1
@@ -62,11 +79,14 @@ DEFAULT_ROUTER_LR = 0.1
 #: adapter's own, defined on RoutedModel): transformers' PEFT integration would add a second adapter
 _NOT_FORWARDED = {
     "load_adapter": "use orchmoe.load_adapter(base_model, path) or RoutedModel.from_pretrained(base_model, path)",
-    "add_adapter": "a RoutedModel already carries its adapter", "set_adapter": "a RoutedModel has one adapter",
+    "add_adapter": "a RoutedModel already carries its adapter",
+    "set_adapter": "a RoutedModel has one adapter",
     "delete_adapter": "a RoutedModel has one adapter; unload() restores the base model",
-    "enable_adapters": "use set_adapters_enabled(True)", "disable_adapters": "use set_adapters_enabled(False) or "
-    "the disable_adapter() context", "active_adapters": "a RoutedModel has one adapter",
-    "active_adapter": "a RoutedModel has one adapter", "get_adapter_state_dict": "use adapter_state_dict()",
+    "enable_adapters": "use set_adapters_enabled(True)",
+    "disable_adapters": "use set_adapters_enabled(False) or the disable_adapter() context",
+    "active_adapters": "a RoutedModel has one adapter",
+    "active_adapter": "a RoutedModel has one adapter",
+    "get_adapter_state_dict": "use adapter_state_dict()",
 }
 
 
@@ -84,13 +104,20 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         aux_loss_in_loss: whether a forward adds the auxiliary losses to ``loss`` (default True).
     """
 
-    def __init__(self, base_model: nn.Module, config: AdapterConfig, base_model_name: str | None = None,
-                 base_model_source: str | None = None) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: AdapterConfig,
+        base_model_name: str | None = None,
+        base_model_source: str | None = None,
+    ) -> None:
         super().__init__()
         config.validate()
         if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
-            raise ValueError(f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh "
-                             "base model (or call unload() on the RoutedModel first)")
+            raise ValueError(
+                f"{type(base_model).__name__} already carries routed adapters: build a RoutedModel on a fresh "
+                "base model (or call unload() on the RoutedModel first)"
+            )
         self.model = base_model
         self.adapter_config = config
         self.base_model_name = base_model_name or _model_name(base_model)
@@ -110,10 +137,17 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         for index, (path, (P, _)) in enumerate(self.layer_shapes.items()):
             parent_path, _, leaf = path.rpartition(".")
             parent = base_model.get_submodule(parent_path) if parent_path else base_model
-            layer = RoutedLoraLayer(getattr(parent, leaf), n_experts=config.n_experts, rank=config.rank,
-                                    scale=config.scale, shared_down=config.shares_down_projection,
-                                    n_splits=config.n_splits, dropout=config.dropout, index=index,
-                                    router=router_cls.from_config(config, P) if per_layer else None)
+            layer = RoutedLoraLayer(
+                getattr(parent, leaf),
+                n_experts=config.n_experts,
+                rank=config.rank,
+                scale=config.scale,
+                shared_down=config.shares_down_projection,
+                n_splits=config.n_splits,
+                dropout=config.dropout,
+                index=index,
+                router=router_cls.from_config(config, P) if per_layer else None,
+            )
             layer.state = self.routing_state
             setattr(parent, leaf, layer)
         if self.is_encoder_decoder:  # decoder tokens are not the input's: their routers read the decoder mask
@@ -126,7 +160,9 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         self.router: nn.Module | None = None
         if not per_layer:
             emb = base_model.get_input_embeddings()
-            self.router = router_cls.from_config(config, len(self.layer_shapes), emb.embedding_dim).to(emb.weight.device)
+            self.router = router_cls.from_config(config, len(self.layer_shapes), emb.embedding_dim).to(
+                emb.weight.device
+            )
         self.register_forward_pre_hook(route_before_call, with_kwargs=True)
         self.register_forward_hook(finish_call, with_kwargs=True)
 
@@ -152,7 +188,9 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         except AttributeError:
             if name == "model" or name in _NOT_FORWARDED:
                 why = _NOT_FORWARDED.get(name)
-                raise AttributeError(f"{type(self).__name__} has no attribute {name!r}" + (f": {why}" if why else "")) from None
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute {name!r}" + (f": {why}" if why else "")
+                ) from None
             return getattr(self.model, name)
 
     @property
@@ -193,11 +231,14 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.num_parameters_split()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-              f" || method: {self.adapter_config.method}")
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+            f" || method: {self.adapter_config.method}"
+        )
 
-    def parameter_groups(self, lr: float = 1e-3, router_lr: float | None = DEFAULT_ROUTER_LR,
-                         weight_decay: float = 0.0) -> list[dict]:
+    def parameter_groups(
+        self, lr: float = 1e-3, router_lr: float | None = DEFAULT_ROUTER_LR, weight_decay: float = 0.0
+    ) -> list[dict]:
         """Two-speed optimiser groups, as Poly's references train: the task-skill allocation logits
         (Poly/MHR Z, OrchMoE W_skill) at ``router_lr`` (0.1, 100x the adapters' 1e-3, as in every
         reference config; ``None``: same as ``lr``); experts and the dense routers (OrchMoE's Task
@@ -215,11 +256,16 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         groups: dict[str, list] = {"experts": [], "allocation": [], "routers": []}
         for name, p in self.adapter_state_dict().items():
             if p.requires_grad:
-                kind = ("experts" if name.endswith((".lora_A", ".lora_B")) else "allocation" if id(p) in fast else "routers")
+                kind = (
+                    "experts" if name.endswith((".lora_A", ".lora_B")) else "allocation" if id(p) in fast else "routers"
+                )
                 groups[kind].append(p)
         rates = {"experts": lr, "allocation": lr if router_lr is None else router_lr, "routers": lr}
-        return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay if k == "experts" else 0.0, "name": k}
-                for k, ps in groups.items() if ps or k == "experts"]
+        return [
+            {"params": ps, "lr": rates[k], "weight_decay": weight_decay if k == "experts" else 0.0, "name": k}
+            for k, ps in groups.items()
+            if ps or k == "experts"
+        ]
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for layer in self.routed_layers.values():
@@ -242,15 +288,20 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
 
         Also reachable as `activation_checkpointing_enable` (the transformers >= 5 name, used when the base has it).
         """
-        ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or kwargs.pop("activation_checkpointing_kwargs", None) or {})}
+        ckpt = {
+            "use_reentrant": False,
+            **(gradient_checkpointing_kwargs or kwargs.pop("activation_checkpointing_kwargs", None) or {}),
+        }
         cfg = self.adapter_config
         trainable_router = self.router is not None and any(p.requires_grad for p in self.router.parameters())
         if ckpt["use_reentrant"] and (trainable_router or getattr(cfg, "aux_loss_coef", 0) > 0):
             # A reentrant checkpoint runs its forward without autograd and backpropagates only to its explicit
             # inputs: the routing computed once per forward outside the layers cannot get its gradient back, and
             # a balance loss computed inside the checkpoint would be silently dropped.
-            raise ConfigError(f"{cfg.method} needs non-reentrant checkpointing (use_reentrant=False, the default): "
-                              "reentrant checkpointing loses the routers' gradients / the load-balancing loss")
+            raise ConfigError(
+                f"{cfg.method} needs non-reentrant checkpointing (use_reentrant=False, the default): "
+                "reentrant checkpointing loses the routers' gradients / the load-balancing loss"
+            )
         if hasattr(self.model, "activation_checkpointing_enable"):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:  # transformers 4
@@ -264,14 +315,18 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
     def prompt_summary(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
         """u(x): masked mean of the frozen input embeddings over the prompt tokens, (b, d)."""
         with torch.no_grad():
-            emb = inputs_embeds if inputs_embeds is not None else self.model.get_input_embeddings()(input_ids)  # (b,n,d)
+            emb = (
+                inputs_embeds if inputs_embeds is not None else self.model.get_input_embeddings()(input_ids)
+            )  # (b,n,d)
         mask = prompt_mask if prompt_mask is not None else attention_mask
         if mask is None:
             mask = torch.ones(emb.shape[:2], device=emb.device)
         m = mask.to(device=emb.device, dtype=torch.float32).unsqueeze(-1)  # (b,n,1)
         return (emb.detach().float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b,d), fp32 whatever the base dtype
 
-    def task_probabilities(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
+    def task_probabilities(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None
+    ) -> torch.Tensor:
         """pi(x) over abstract tasks for a batch of prompts (OrchMoE only), (b, K)."""
         if self.task_router is None:
             raise ConfigError(f"{self.adapter_config.method} has no task router")
@@ -291,14 +346,25 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
             if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # on the host for free; else no sync
                 bad = ids[(ids < -1) | (ids >= n_tasks)]
                 if bad.numel():
-                    raise RoutingError(f"task id {int(bad[0])} out of range: this {self.adapter_config.method} adapter has "
-                                       f"n_tasks={n_tasks} (ids 0..{n_tasks - 1}, or -1 for an unseen task)")
+                    raise RoutingError(
+                        f"task id {int(bad[0])} out of range: this {self.adapter_config.method} adapter has "
+                        f"n_tasks={n_tasks} (ids 0..{n_tasks - 1}, or -1 for an unseen task)"
+                    )
             else:
                 torch._assert_async(((ids >= -1) & (ids < n_tasks)).all(), "task id out of range")
         return ids.to(device, non_blocking=True)
 
-    def set_routing(self, *, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                    task_ids=None, routing_mask=None, decoder_attention_mask=None) -> None:
+    def set_routing(
+        self,
+        *,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        task_ids=None,
+        routing_mask=None,
+        decoder_attention_mask=None,
+    ) -> None:
         """Fill the routing context for the next forward(s): once per prompt batch."""
         cfg = self.adapter_config
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -307,19 +373,33 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         batch = ref.shape[0]
         inputs = RoutingInputs(batch=batch, task_ids=self._task_ids(task_ids, batch, ref.device))
         if cfg.needs_task_ids and inputs.task_ids is None:
-            raise RoutingError(f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate()")
+            raise RoutingError(
+                f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate()"
+            )
         if cfg.routing == "prompt":
-            mask = routing_mask if routing_mask is not None else prompt_token_mask(
-                attention_mask, None if self.is_encoder_decoder else labels, ref.shape[:2], ref.device)
+            mask = (
+                routing_mask
+                if routing_mask is not None
+                else prompt_token_mask(
+                    attention_mask, None if self.is_encoder_decoder else labels, ref.shape[:2], ref.device
+                )
+            )
             inputs.prompt_summary = self.prompt_summary(input_ids, attention_mask, inputs_embeds, mask)
         route = self.router(inputs) if self.router is not None else None
         decoder_mask = None
         if self.is_encoder_decoder:
-            decoder_mask = decoder_attention_mask if decoder_attention_mask is not None else (
-                labels != -100 if labels is not None else None)
-        self.routing_state.set(task_ids=inputs.task_ids, task_probs=route.task_probs if route else None,
-                               weights=route.weights if route else None, token_mask=attention_mask,
-                               decoder_token_mask=decoder_mask)
+            decoder_mask = (
+                decoder_attention_mask
+                if decoder_attention_mask is not None
+                else (labels != -100 if labels is not None else None)
+            )
+        self.routing_state.set(
+            task_ids=inputs.task_ids,
+            task_probs=route.task_probs if route else None,
+            weights=route.weights if route else None,
+            token_mask=attention_mask,
+            decoder_token_mask=decoder_mask,
+        )
         if route is not None and route.aux_loss is not None:
             self.routing_state.add_aux_loss(route.aux_loss)
 
@@ -337,8 +417,14 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         """
         direct, self._routed_call = not self._routed_call, False
         if direct:  # not a replacement forward calling ours after the pre-hook routed (orchmoe.calls)
-            call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, task_ids=task_ids,
-                        routing_mask=routing_mask, **kwargs)
+            call = dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                task_ids=task_ids,
+                routing_mask=routing_mask,
+                **kwargs,
+            )
             route_call(self, call)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         return attach_aux(self, out, labels) if direct else out  # else the forward hook attaches them
@@ -378,8 +464,13 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
             r.eval()
         try:
             with generation_context(self) as sharded:  # FSDP: the root unit whole, synced decoding steps
-                self.set_routing(input_ids=input_ids, attention_mask=attention_mask,
-                                 inputs_embeds=kwargs.get("inputs_embeds"), task_ids=task_ids, routing_mask=routing_mask)
+                self.set_routing(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    inputs_embeds=kwargs.get("inputs_embeds"),
+                    task_ids=task_ids,
+                    routing_mask=routing_mask,
+                )
                 if input_ids is not None:
                     kwargs["input_ids"] = input_ids
                 return self.model.generate(attention_mask=attention_mask, **{**sharded, **kwargs})
@@ -389,7 +480,7 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
 
     # -- persistence -------------------------------------------------------
     @classmethod
-    def load_folder(cls, base_model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> "RoutedModel":
+    def load_folder(cls, base_model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> RoutedModel:
         """`load_adapter` (what `from_pretrained` calls once the folder is local)."""
         return load_adapter(base_model, path, **kwargs)
 
@@ -399,8 +490,11 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         meta = {
             "method": self.adapter_config.method,
             "config": self.adapter_config.to_dict(),
-            "base_model": {"name": self.base_model_name, **base_model_provenance(self.base_model_source),
-                           **model_fingerprint(self.model)},
+            "base_model": {
+                "name": self.base_model_name,
+                **base_model_provenance(self.base_model_source),
+                **model_fingerprint(self.model),
+            },
             "layers": {k: list(v) for k, v in self.layer_shapes.items()},
             "trainable_parameters": sum(p.numel() for p in params.values()),
             "metadata": metadata or {},
@@ -416,11 +510,15 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         own = {**self.adapter_state_dict(), **self.adapter_buffers()}
         missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
         if missing or unexpected:
-            raise AdapterMismatchError(f"{weights_file}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+            raise AdapterMismatchError(
+                f"{weights_file}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+            )
         with torch.no_grad():
             for k, p in own.items():
                 if tuple(loaded[k].shape) != tuple(p.shape):
-                    raise AdapterMismatchError(f"{weights_file}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(p.shape)}")
+                    raise AdapterMismatchError(
+                        f"{weights_file}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(p.shape)}"
+                    )
                 copy_into(p, loaded[k])  # a sharded (FSDP) parameter takes its own slice
 
     def init_from_peft_lora(self, path: str | os.PathLike) -> None:
@@ -431,8 +529,14 @@ class RoutedModel(AdapterHubMixin, ExportMixin, nn.Module):
         init_from_peft_lora(self, path)
 
 
-def get_model(base_model: nn.Module, config: Any, base_model_name: str | None = None, *,
-              base_model_source: str | None = None, init_lora: str | os.PathLike | None = None) -> RoutedModel:
+def get_model(
+    base_model: nn.Module,
+    config: Any,
+    base_model_name: str | None = None,
+    *,
+    base_model_source: str | None = None,
+    init_lora: str | os.PathLike | None = None,
+) -> RoutedModel:
     """Inject `config`'s routed experts into `base_model` (in place) and freeze the rest.
 
     Args:
@@ -455,8 +559,14 @@ def get_model(base_model: nn.Module, config: Any, base_model_name: str | None = 
     return model
 
 
-def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
-                 base_model_name: str | None = None, base_model_source: str | None = None) -> RoutedModel:
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    base_model_name: str | None = None,
+    base_model_source: str | None = None,
+) -> RoutedModel:
     """Rebuild a saved adapter onto `base_model`; a model of another shape is a clear error.
 
     Args:
@@ -470,8 +580,10 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable
         The `RoutedModel` with the saved weights.
     """
     if isinstance(base_model, RoutedModel) or any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
-        raise ValueError(f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
-                         "(or the result of RoutedModel.unload())")
+        raise ValueError(
+            f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
+            "(or the result of RoutedModel.unload())"
+        )
     meta = read_adapter_config(path)
     saved = meta.get("base_model") or {}
     ours = model_fingerprint(base_model)
@@ -484,7 +596,9 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, is_trainable
     want = {k: tuple(v) for k, v in meta["layers"].items()}
     if shapes != want:
         off = sorted(set(shapes.items()) ^ set(want.items()))[:3]
-        raise AdapterMismatchError(f"adapter in {path} was saved for other layers than this model has (first differences: {off})")
+        raise AdapterMismatchError(
+            f"adapter in {path} was saved for other layers than this model has (first differences: {off})"
+        )
     source = base_model_source or model_source(base_model) or saved.get("source")
     model = get_model(base_model, config, base_model_name or saved.get("name"), base_model_source=source)
     legacy = str(meta.get("orchmoe_version", "0")).startswith("0.1")

@@ -1,4 +1,5 @@
 """Deprecated location: base-model loading now lives in `orchmoe.loading`, the GGUF cache in
 `orchmoe.gguf_cache`. Kept importable for code written against orchmoe 0.1."""
+
 from .gguf_cache import DEFAULT_MODEL, cache_root, convert_gguf, smollm2_gguf_path  # noqa: F401
 from .loading import is_encoder_decoder, load_model_and_tokenizer  # noqa: F401

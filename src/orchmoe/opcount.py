@@ -15,6 +15,7 @@ counted on a CPU with a dispatch hook below autograd, so regressions show withou
 accelerator each is a blocking host-to-device copy. Used by ``benchmarks/ops_count.py`` and
 ``tests/test_host_sync.py``.
 """
+
 from __future__ import annotations
 
 import traceback
@@ -28,18 +29,21 @@ __all__ = ["HOST_SYNC_OPS", "OpCounter"]
 _aten = torch.ops.aten
 
 #: operators whose result the host must read (or whose output size depends on the data)
-HOST_SYNC_OPS = frozenset({
-    _aten._local_scalar_dense.default,  # .item(), int()/float()/bool() of a tensor
-    _aten.is_nonzero.default,  # `if tensor:`
-    _aten.equal.default,  # torch.equal
-    _aten.nonzero.default,  # nonzero, torch.where(cond), boolean-mask indexing
-    _aten.masked_select.default,
-    _aten._unique2.default,
-    _aten.unique_consecutive.default,
-    _aten.unique_dim.default,
-})
-_INDEX_OPS = frozenset({_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
-                        _aten._index_put_impl_.default})
+HOST_SYNC_OPS = frozenset(
+    {
+        _aten._local_scalar_dense.default,  # .item(), int()/float()/bool() of a tensor
+        _aten.is_nonzero.default,  # `if tensor:`
+        _aten.equal.default,  # torch.equal
+        _aten.nonzero.default,  # nonzero, torch.where(cond), boolean-mask indexing
+        _aten.masked_select.default,
+        _aten._unique2.default,
+        _aten.unique_consecutive.default,
+        _aten.unique_dim.default,
+    }
+)
+_INDEX_OPS = frozenset(
+    {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+)
 
 
 def _is_sync(func, args, kwargs) -> bool:
@@ -122,8 +126,12 @@ class OpCounter(TorchDispatchMode):
 
 def _caller(depth: int = 4) -> str:
     """The innermost frames outside torch (full path of the first, file names after): who asked for the sync."""
-    frames = [f for f in traceback.extract_stack()
-              if "/torch/" not in f.filename.replace("\\", "/") and f.filename != __file__]
+    frames = [
+        f
+        for f in traceback.extract_stack()
+        if "/torch/" not in f.filename.replace("\\", "/") and f.filename != __file__
+    ]
     inner = list(reversed(frames[-depth:]))
-    return " <- ".join(f"{f.filename if i == 0 else f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
-                       for i, f in enumerate(inner))
+    return " <- ".join(
+        f"{f.filename if i == 0 else f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for i, f in enumerate(inner)
+    )

@@ -8,6 +8,7 @@ rebuilds outputs from their fields: DDP's output pytree, ``torch.compile``, ``ac
 `dataclasses.make_dataclass` (transformers registers every `ModelOutput` subclass as a pytree
 node, so DDP rebuilds it with the new field).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,10 +33,15 @@ def routed_output_class(cls: type) -> type:
         while name in globals():  # two base classes of one name (from different modules)
             name += "_"
         new = dataclasses.make_dataclass(
-            name, [("aux_loss", "torch.FloatTensor | None", dataclasses.field(default=None))], bases=(cls,),
-            namespace={"__module__": __name__,
-                       "__doc__": f"`{cls.__name__}` plus ``aux_loss``: the routed adapter's auxiliary training loss "
-                                  "(already included in ``loss`` unless a trainer adds it itself), or None."})
+            name,
+            [("aux_loss", "torch.FloatTensor | None", dataclasses.field(default=None))],
+            bases=(cls,),
+            namespace={
+                "__module__": __name__,
+                "__doc__": f"`{cls.__name__}` plus ``aux_loss``: the routed adapter's auxiliary training loss "
+                "(already included in ``loss`` unless a trainer adds it itself), or None.",
+            },
+        )
         globals()[name] = new  # importable by name, so outputs pickle
     _CLASSES[cls] = new
     return new
@@ -63,6 +69,8 @@ def with_aux_loss(out: Any, aux: torch.Tensor | None, add_to_loss: bool, labels:
     if isinstance(out, dict) and out.get("loss") is not None:
         out["loss"] = out["loss"] + aux.to(out["loss"].dtype)
         out["aux_loss"] = aux
-    elif isinstance(out, tuple) and labels is not None and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
+    elif (
+        isinstance(out, tuple) and labels is not None and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0
+    ):
         out = (out[0] + aux.to(out[0].dtype),) + tuple(out[1:])
     return out

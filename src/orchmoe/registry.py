@@ -10,9 +10,11 @@ and everything else (the model, budgets, export, analysis, the recipe) asks the 
 router instead of testing which class a config is. Adding a method is a config, a router and
 one decorator line.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["METHODS", "ROUTERS", "register_method", "config_class", "router_class", "UnknownMethodError"]
 

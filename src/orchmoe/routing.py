@@ -12,6 +12,7 @@ from the first forward of a routing (the prefill) to the next `set`, so decoding
 tensors: nothing in a layer's forward depends on a Python value that changes from one routing to
 the next, and ``torch.compile`` does not recompile per prompt batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,7 +88,9 @@ class RoutingState:
             return None
         return self._for_batch(name, m, shape[0])
 
-    def token_weights_for(self, shape: torch.Size, decoder: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    def token_weights_for(
+        self, shape: torch.Size, decoder: bool = False, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor | None:
         """The padding mask of these (b, n) tokens as weights summing to one over the real tokens, (b, n, 1, 1);
         computed once per forward and shared by every layer's balance loss. None without a matching mask."""
         m = self.token_mask_for(shape, decoder)

@@ -5,6 +5,7 @@ orchmoe version that wrote it, the tensor file's integrity and that every value 
 Adapters written by orchmoe 0.1 (per-layer router logits, method-specific default scales) are
 upgraded on the fly.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,34 @@ from . import __version__
 from .config import ConfigError, config_from_dict
 from .fileio import atomic_write, atomic_write_text
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterMismatchError", "write_adapter", "read_adapter_config",
-           "read_adapter_tensors", "adapter_config_from_meta", "upgrade_legacy_tensors", "model_fingerprint"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterMismatchError",
+    "write_adapter",
+    "read_adapter_config",
+    "read_adapter_tensors",
+    "adapter_config_from_meta",
+    "upgrade_legacy_tensors",
+    "model_fingerprint",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "orchmoe-adapter"
-_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "d_model", "n_embd", "num_hidden_layers",
-                     "num_layers", "n_layer", "num_decoder_layers", "intermediate_size", "d_ff")
+_FINGERPRINT_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "d_model",
+    "n_embd",
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "num_decoder_layers",
+    "intermediate_size",
+    "d_ff",
+)
 
 
 class AdapterMismatchError(ValueError):
@@ -76,17 +97,24 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise AdapterMismatchError(f"{file}: {' and '.join(repr(k) for k in bad)} must be a mapping")
     for key, shape in meta["layers"].items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
-            raise AdapterMismatchError(f"{file}: layer {key!r} must have a shape [in, out] of two positive integers, got {shape!r}")
+            raise AdapterMismatchError(
+                f"{file}: layer {key!r} must have a shape [in, out] of two positive integers, got {shape!r}"
+            )
     for key in ("base_model", "metadata"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise AdapterMismatchError(f"{file}: {key!r} must be a mapping, got {type(meta[key]).__name__}")
     saved, ours = _version(meta.get("orchmoe_version")), _version(__version__)
     if saved[:1] > ours[:1]:
-        raise AdapterMismatchError(f"{file} was written by orchmoe {meta.get('orchmoe_version')}, a newer major "
-                                   f"version than this orchmoe {__version__}: upgrade orchmoe to load it")
+        raise AdapterMismatchError(
+            f"{file} was written by orchmoe {meta.get('orchmoe_version')}, a newer major "
+            f"version than this orchmoe {__version__}: upgrade orchmoe to load it"
+        )
     if saved > ours:
-        warnings.warn(f"{file} was written by orchmoe {meta.get('orchmoe_version')}, newer than this orchmoe "
-                      f"{__version__}; loading it anyway", stacklevel=2)
+        warnings.warn(
+            f"{file} was written by orchmoe {meta.get('orchmoe_version')}, newer than this orchmoe "
+            f"{__version__}; loading it anyway",
+            stacklevel=2,
+        )
     return meta
 
 
@@ -98,8 +126,10 @@ def adapter_config_from_meta(meta: dict, where: str | os.PathLike = "adapter"):
         if cfg.get("method") in ("poly", "mhr", "orchmoe"):
             cfg["alpha"] = 1.0
     elif "alpha" not in cfg or cfg.get("alpha") is None:
-        raise AdapterMismatchError(f"{Path(where) / ADAPTER_CONFIG}: the config has no 'alpha' (the update scale); "
-                                   "an adapter written by orchmoe always records it")
+        raise AdapterMismatchError(
+            f"{Path(where) / ADAPTER_CONFIG}: the config has no 'alpha' (the update scale); "
+            "an adapter written by orchmoe always records it"
+        )
     try:
         return config_from_dict(cfg)
     except (ConfigError, TypeError) as e:
@@ -114,14 +144,18 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterMismatchError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+        raise AdapterMismatchError(
+            f"{file} is not a readable safetensors file (truncated or corrupted?): {e}"
+        ) from None
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise AdapterMismatchError(f"{file}: tensor {name!r} holds NaN or infinite values")
     return tensors
 
 
-def upgrade_legacy_tensors(tensors: dict[str, torch.Tensor], layer_paths: list[str], method: str) -> dict[str, torch.Tensor]:
+def upgrade_legacy_tensors(
+    tensors: dict[str, torch.Tensor], layer_paths: list[str], method: str
+) -> dict[str, torch.Tensor]:
     """orchmoe 0.1 kept one allocation matrix per layer (``<layer>.router.logits``) and the Task Router
     at ``task_router.*``; 0.2 keeps all layers' logits in one (L, rows, h*S) tensor of the model router."""
     per_layer = [f"{p}.router.logits" for p in layer_paths]

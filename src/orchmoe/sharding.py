@@ -18,6 +18,7 @@ What sharding changes for the caller, and the helpers here that handle it:
 * the optimizer state is gathered and restored by `torch.distributed.checkpoint.state_dict`
   (`full_optimizer_state`, `load_full_optimizer_state`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["block_modules", "copy_into", "full_optimizer_state", "full_tensor", "generation_context", "is_sharded",
-           "load_full_optimizer_state", "local_parameter_count", "set_gradient_sync", "shard_model", "unsharded"]
+__all__ = [
+    "block_modules",
+    "copy_into",
+    "full_optimizer_state",
+    "full_tensor",
+    "generation_context",
+    "is_sharded",
+    "load_full_optimizer_state",
+    "local_parameter_count",
+    "set_gradient_sync",
+    "shard_model",
+    "unsharded",
+]
 
 
 def _fsdp_module_class() -> type | None:
@@ -72,8 +84,10 @@ def shard_model(routed: nn.Module, mesh: Any = None, **fully_shard_kwargs: Any) 
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("FSDP sharding needs an initialised process group: launch with torchrun (or accelerate "
-                           "launch) with several processes")
+        raise RuntimeError(
+            "FSDP sharding needs an initialised process group: launch with torchrun (or accelerate "
+            "launch) with several processes"
+        )
     if _units(routed):
         raise ValueError("this model is already sharded (fully_shard was applied to it or to one of its modules)")
     if mesh is None:
@@ -131,8 +145,9 @@ def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     if _is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
-        value = distribute_tensor(value.to(device=param.device, dtype=param.dtype), param.device_mesh,
-                                  param.placements, src_data_rank=None)
+        value = distribute_tensor(
+            value.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
     param.copy_(value)
 
 
@@ -151,8 +166,9 @@ def full_optimizer_state(model: nn.Module, optimizer: Any) -> dict:
     A collective: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, _inner(optimizer),
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        model, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: Any, state: dict) -> None:

@@ -1,4 +1,5 @@
 """Finding the layers to adapt in a transformers model."""
+
 from __future__ import annotations
 
 import re

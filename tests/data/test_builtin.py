@@ -46,8 +46,17 @@ def test_every_task_is_valid_superni(builtin_dir):
     categories = set()
     for name in builtin_task_names():
         raw = json.loads((builtin_dir / "tasks" / f"{name}.json").read_text())
-        for key in ("Definition", "Positive Examples", "Negative Examples", "Categories", "Input_language",
-                    "Output_language", "Instance License", "Source", "Instances"):
+        for key in (
+            "Definition",
+            "Positive Examples",
+            "Negative Examples",
+            "Categories",
+            "Input_language",
+            "Output_language",
+            "Instance License",
+            "Source",
+            "Instances",
+        ):
             assert key in raw, (name, key)
         assert raw["Input_language"] == raw["Output_language"] == ["English"]
         assert raw["Instance License"] == ["Apache 2.0"] and raw["Source"] == ["orchmoe builtin"]
@@ -63,8 +72,15 @@ def test_every_task_is_valid_superni(builtin_dir):
         # short sequences for a small model on CPU
         assert max(len(i.split()) for i in inputs) <= 25, name
         assert max(len(i["output"][0].split()) for i in task.instances) <= 6, name
-    assert {"Text Manipulation", "Arithmetic", "Sorting", "Counting", "Information Extraction",
-            "Sentiment Analysis", "Classification"} <= categories
+    assert {
+        "Text Manipulation",
+        "Arithmetic",
+        "Sorting",
+        "Counting",
+        "Information Extraction",
+        "Sentiment Analysis",
+        "Classification",
+    } <= categories
 
 
 # Independent re-implementations of every task's answer, from the input text alone.

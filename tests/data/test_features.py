@@ -14,7 +14,6 @@ import pytest
 import transformers
 
 from helpers_tokenizer import make_tiny_tokenizer
-
 from orchmoe.data import (
     default_features_dir,
     encode_example,
@@ -32,16 +31,26 @@ def write_data(path: Path) -> Path:
     rows = []
     for t, word in (("reverse", "Reverse the word."), ("upper", "Write the word in capitals.")):
         demos = [{"input": "hello world", "output": "dlrow olleh", "explanation": "reversed"}]
-        rows += [{"task_name": t, "id": f"{t}-{i}", "definition": word, "inputs": f"the quick brown fox {i}",
-                  "targets": f"answer {i}", "positive_examples": demos} for i in range(12)]
+        rows += [
+            {
+                "task_name": t,
+                "id": f"{t}-{i}",
+                "definition": word,
+                "inputs": f"the quick brown fox {i}",
+                "targets": f"answer {i}",
+                "positive_examples": demos,
+            }
+            for i in range(12)
+        ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return load_multitask(write_data(tmp_path_factory.mktemp("d") / "ni.jsonl"), 2, n_train=8, n_eval=3,
-                          n_unseen_tasks=0)
+    return load_multitask(
+        write_data(tmp_path_factory.mktemp("d") / "ni.jsonl"), 2, n_train=8, n_eval=3, n_unseen_tasks=0
+    )
 
 
 @pytest.fixture()
@@ -89,8 +98,14 @@ def test_second_call_reads_the_cache_and_any_setting_invalidates_it(data, tmp_pa
     second = tokenized_features(data, tok, cache_dir=tmp_path, **SETTINGS)
     assert counted == [] and second.to_list() == first.to_list()
     assert sorted(p.name for p in tmp_path.glob("*.arrow")) == files
-    changes = {"n_pos": 0, "max_source_len": 40, "max_target_len": 4, "decoder_only": False,
-               "chat_template": True, "definition": False}
+    changes = {
+        "n_pos": 0,
+        "max_source_len": 40,
+        "max_target_len": 4,
+        "decoder_only": False,
+        "chat_template": True,
+        "definition": False,
+    }
     for key, value in changes.items():
         counted.clear()
         tokenized_features(data, tok, cache_dir=tmp_path, **dict(SETTINGS, **{key: value}))
@@ -145,7 +160,9 @@ def test_another_process_reuses_the_cache(data, tmp_path):
         print(json.dumps({{"calls": len(calls), "rows": len(feats)}}))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"calls": 0, "rows": len(data.train)}
 

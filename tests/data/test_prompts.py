@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +9,6 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from helpers_tokenizer import make_tiny_tokenizer
-
 from orchmoe.data import (
     IGNORE_INDEX,
     SuperNITask,
@@ -27,8 +25,13 @@ def make_task(definition="Reverse the word.", n_pos=3, pos_len=1):
         {"input": f" word{i} " + "filler " * (pos_len - 1), "output": f" out{i} ", "explanation": "because"}
         for i in range(1, n_pos + 1)
     ]
-    return SuperNITask(name="t", definition=definition, positive_examples=examples, categories=["Misc."],
-                       instances=[{"id": "t-0", "input": "abc", "output": ["cba"]}])
+    return SuperNITask(
+        name="t",
+        definition=definition,
+        positive_examples=examples,
+        categories=["Misc."],
+        instances=[{"id": "t-0", "input": "abc", "output": ["cba"]}],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +96,9 @@ def _prompt_text(tok, task, inp, max_len):
 
 
 def test_truncation_drops_examples_one_by_one_then_cuts_definition_left(tok):
-    task = make_task(definition="alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omega",
-                     n_pos=2, pos_len=8)
+    task = make_task(
+        definition="alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omega", n_pos=2, pos_len=8
+    )
     inp, ans = "the quick brown fox", "xof"
     full = len(enc(tok, format_prompt(task, inp, n_pos=2)))
     one = len(enc(tok, format_prompt(task, inp, n_pos=1)))
@@ -112,7 +116,7 @@ def test_truncation_drops_examples_one_by_one_then_cuts_definition_left(tok):
 
     feat = encode_example(tok, task, inp, ans, max_source_len=zero - 4)
     answer_ids = enc(tok, " " + ans) + [tok.eos_token_id]
-    assert feat["input_ids"][-len(answer_ids):] == answer_ids  # the answer is never cut
+    assert feat["input_ids"][-len(answer_ids) :] == answer_ids  # the answer is never cut
     n_prompt = sum(1 for x in feat["labels"] if x == IGNORE_INDEX)
     assert n_prompt <= zero - 4
 
@@ -154,7 +158,7 @@ def test_chat_template_wraps_prompt_without_double_specials():
     feat = encode_example(tok, task, "hello", "olleh", chat_template=True)
     prompt_ids = enc(tok, chat)
     assert feat["input_ids"][: len(prompt_ids)] == prompt_ids
-    assert feat["input_ids"][len(prompt_ids):] == enc(tok, "olleh") + [tok.eos_token_id]
+    assert feat["input_ids"][len(prompt_ids) :] == enc(tok, "olleh") + [tok.eos_token_id]
     assert feat["input_ids"][:2].count(tok.bos_token_id) == 1  # template BOS only, none added on top
     assert encode_prompt(tok, task, "hello", chat_template=True) == prompt_ids
     # truncation also works inside the template and keeps the assistant cue
@@ -188,7 +192,7 @@ def test_pad_batch_left_for_generation(tok):
     batch = pad_batch([{"input_ids": p, "index": i} for i, p in enumerate(prompts)], tok.pad_token_id, "left")
     width = max(map(len, prompts))
     for row, p in enumerate(prompts):
-        assert batch["input_ids"][row, width - len(p):].tolist() == p  # every prompt ends at the last column
+        assert batch["input_ids"][row, width - len(p) :].tolist() == p  # every prompt ends at the last column
         assert batch["attention_mask"][row].tolist() == [0] * (width - len(p)) + [1] * len(p)
     assert batch["index"].tolist() == [0, 1]
     assert "labels" not in batch
@@ -196,11 +200,15 @@ def test_pad_batch_left_for_generation(tok):
 
 def test_pad_batch_encoder_decoder_labels_padded_separately(tok):
     task = make_task()
-    feats = [encode_example(tok, task, "hi", "a b c d e f", decoder_only=False),
-             encode_example(tok, task, "a much longer input", "x", decoder_only=False)]
+    feats = [
+        encode_example(tok, task, "hi", "a b c d e f", decoder_only=False),
+        encode_example(tok, task, "a much longer input", "x", decoder_only=False),
+    ]
     batch = pad_batch(feats, tok.pad_token_id, "right", decoder_only=False)
     assert batch["labels"].shape == (2, len(feats[0]["labels"]))
-    assert batch["labels"][1].tolist() == feats[1]["labels"] + [IGNORE_INDEX] * (len(feats[0]["labels"]) - len(feats[1]["labels"]))
+    assert batch["labels"][1].tolist() == feats[1]["labels"] + [IGNORE_INDEX] * (
+        len(feats[0]["labels"]) - len(feats[1]["labels"])
+    )
     with pytest.raises(ValueError, match="labels of another length"):
         pad_batch(feats, tok.pad_token_id, "right", decoder_only=True)
 
@@ -226,13 +234,16 @@ def test_length_grouped_covers_every_index_once(lengths, batch_size, seed, mult)
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(1, 1000), min_size=2, max_size=200), batch_size=st.integers(1, 8),
-       seed=st.integers(0, 1000))
+@given(
+    lengths=st.lists(st.integers(1, 1000), min_size=2, max_size=200),
+    batch_size=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
 def test_length_grouped_batches_do_not_interleave_within_a_mega_batch(lengths, batch_size, seed):
     # one mega-batch holds everything: batches are then disjoint intervals of the sorted lengths
     batches = length_grouped_batches(lengths, batch_size, seed, mega_batch_mult=10_000)
     spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
-    for (lo1, hi1), (lo2, hi2) in zip(spans, spans[1:]):
+    for (_lo1, hi1), (lo2, _hi2) in zip(spans, spans[1:]):
         assert hi1 <= lo2
 
 
@@ -245,7 +256,7 @@ def test_length_grouping_reduces_padding_and_depends_on_seed():
     grouped = length_grouped_batches(lengths, bs, seed=0)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    plain = [order[i:i + bs] for i in range(0, len(order), bs)]
+    plain = [order[i : i + bs] for i in range(0, len(order), bs)]
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)

@@ -54,8 +54,11 @@ def test_load_real_task_matches_raw_json(shared):
     assert task.categories == raw["Categories"] and task.category == raw["Categories"][0]
     assert len(task.instances) == len(raw["Instances"]) == 100
     first = task.instances[0]
-    assert first == {"id": raw["Instances"][0]["id"], "input": raw["Instances"][0]["input"],
-                     "output": raw["Instances"][0]["output"]}
+    assert first == {
+        "id": raw["Instances"][0]["id"],
+        "input": raw["Instances"][0]["input"],
+        "output": raw["Instances"][0]["output"],
+    }
     assert all(isinstance(i["output"], list) and i["output"] for i in task.instances)
     assert len(task.positive_examples) == len(raw["Positive Examples"])
     assert set(task.positive_examples[0]) == {"input", "output", "explanation"}

@@ -32,8 +32,12 @@ def ni_rows(task: str, n: int, *, extra_refs: int = 0, with_task: bool = True) -
     rows = []
     for i in range(n):
         for r in range(1 + (extra_refs if i % 2 == 0 else 0)):
-            row = {"id": f"{task}-{i}", "definition": f"Solve {task}.", "inputs": f"{task} input {i}",
-                   "targets": f"answer {i}" + (f" v{r}" if r else "")}
+            row = {
+                "id": f"{task}-{i}",
+                "definition": f"Solve {task}.",
+                "inputs": f"{task} input {i}",
+                "targets": f"answer {i}" + (f" v{r}" if r else ""),
+            }
             rows.append({"task_name": task, **row} if with_task else row)
     return rows
 
@@ -47,8 +51,11 @@ def test_ni_jsonl_file_groups_references_and_samples_disjoint_sets(tmp_path):
     task = load_task(path, "task1_a")
     assert task.definition == "Solve task1_a." and task.positive_examples == [] and task.category == "Unknown"
     assert len(task.instances) == 20
-    assert task.instances[0] == {"id": "task1_a-0", "input": "task1_a input 0",
-                                 "output": ["answer 0", "answer 0 v1", "answer 0 v2"]}
+    assert task.instances[0] == {
+        "id": "task1_a-0",
+        "input": "task1_a input 0",
+        "output": ["answer 0", "answer 0 v1", "answer 0 v2"],
+    }
     assert task.instances[1]["output"] == ["answer 1"]
     assert task.source_path == path
 
@@ -84,8 +91,10 @@ def test_hub_folder_train_is_seen_test_is_unseen(tmp_path):
     assert [e.id for e in data.unseen if e.task == "task901_old"] == [f"task901_old-{i}" for i in range(4)]
     assert set(data.task_defs) == set(data.seen_tasks) | set(data.unseen_tasks)
     assert all(t.instances == [] for t in data.task_defs.values())
-    assert load_multitask(root, 2, n_train=10, n_eval=3, n_unseen_tasks=1).unseen_tasks in (["task900_held"],
-                                                                                            ["task901_old"])
+    assert load_multitask(root, 2, n_train=10, n_eval=3, n_unseen_tasks=1).unseen_tasks in (
+        ["task900_held"],
+        ["task901_old"],
+    )
     assert load_multitask(root, "all", n_train=10, n_eval=3).seen_tasks == ["task001_x", "task002_y", "task003_z"]
     with pytest.raises(DataError, match=r"has no split 'nosplit'"):
         load_multitask(root, 1, split="nosplit", n_train=10, n_eval=3)
@@ -93,8 +102,18 @@ def test_hub_folder_train_is_seen_test_is_unseen(tmp_path):
 
 def test_parquet_with_list_targets_and_demonstrations(tmp_path):
     demos = [{"input": "demo in", "output": "demo out", "explanation": "because"}]
-    rows = [{"task_name": "task7_p", "id": f"p-{i}", "definition": "Echo.", "inputs": f"q{i}",
-             "targets": [f"a{i}", f"b{i}"], "positive_examples": demos, "categories": ["Echoing"]} for i in range(9)]
+    rows = [
+        {
+            "task_name": "task7_p",
+            "id": f"p-{i}",
+            "definition": "Echo.",
+            "inputs": f"q{i}",
+            "targets": [f"a{i}", f"b{i}"],
+            "positive_examples": demos,
+            "categories": ["Echoing"],
+        }
+        for i in range(9)
+    ]
     path = tmp_path / "ni.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     task = load_task(path, "task7_p")
@@ -117,10 +136,19 @@ def test_demonstrations_as_a_json_string(tmp_path):
 
 
 def test_instruction_data_with_task_column(tmp_path):
-    rows = [{"task": "translate", "instruction": "Translate to French.", "input": f"word{i}", "output": f"mot{i}"}
-            for i in range(8)]
-    rows += [{"task": "mixed", "instruction": f"Question {i}?", "input": "" if i % 2 else f"context {i}",
-              "output": [f"r{i}", f"s{i}"]} for i in range(8)]
+    rows = [
+        {"task": "translate", "instruction": "Translate to French.", "input": f"word{i}", "output": f"mot{i}"}
+        for i in range(8)
+    ]
+    rows += [
+        {
+            "task": "mixed",
+            "instruction": f"Question {i}?",
+            "input": "" if i % 2 else f"context {i}",
+            "output": [f"r{i}", f"s{i}"],
+        }
+        for i in range(8)
+    ]
     path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     shared = load_task(path, "translate")
     assert shared.definition == "Translate to French."  # one instruction for the whole task: the definition
@@ -147,8 +175,10 @@ def test_caller_named_task_column_and_one_task_per_file(tmp_path):
 
 def test_prompt_completion_folder_one_task_per_file(tmp_path):
     for name in ("arith", "capitals", "colours"):
-        write_jsonl(tmp_path / "pc" / f"{name}.jsonl",
-                    [{"prompt": f"{name} prompt {i}", "completion": f"{name} {i}"} for i in range(10)])
+        write_jsonl(
+            tmp_path / "pc" / f"{name}.jsonl",
+            [{"prompt": f"{name} prompt {i}", "completion": f"{name} {i}"} for i in range(10)],
+        )
     root = tmp_path / "pc"
     data = load_multitask(root, 2, n_train=6, n_eval=2, n_unseen_tasks=["colours"], n_unseen_eval=3, seed=0)
     assert data.seen_tasks == ["arith", "capitals"]  # the named unseen task is never drawn as seen
@@ -164,10 +194,12 @@ def test_prompt_completion_folder_one_task_per_file(tmp_path):
 
 
 def test_saved_dataset_dict_folder(tmp_path):
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(ni_rows("tA", 6) + ni_rows("tB", 6)),
-        "test": datasets.Dataset.from_list(ni_rows("tC", 4)),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(ni_rows("tA", 6) + ni_rows("tB", 6)),
+            "test": datasets.Dataset.from_list(ni_rows("tC", 4)),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     data = load_multitask(tmp_path / "saved", "all", n_train=4, n_eval=2)
     assert data.seen_tasks == ["tA", "tB"] and data.unseen_tasks == ["tC"] and len(data.unseen) == 4
@@ -175,8 +207,9 @@ def test_saved_dataset_dict_folder(tmp_path):
 
 def test_hub_id_goes_through_load_dataset(monkeypatch):
     calls = []
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ni_rows("tA", 6)),
-                               "test": datasets.Dataset.from_list(ni_rows("tZ", 3))})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ni_rows("tA", 6)), "test": datasets.Dataset.from_list(ni_rows("tZ", 3))}
+    )
 
     def fake_load_dataset(path, *args, **kwargs):
         calls.append(path)
@@ -193,8 +226,11 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match=r"'nobody-here/no-such-data' is no local file or folder, and loading it from "
-                                        r"the Hugging Face Hub failed: .*Offline\?.*HF_DATASETS_OFFLINE"):
+    with pytest.raises(
+        DataError,
+        match=r"'nobody-here/no-such-data' is no local file or folder, and loading it from "
+        r"the Hugging Face Hub failed: .*Offline\?.*HF_DATASETS_OFFLINE",
+    ):
         load_multitask("nobody-here/no-such-data", 1)
 
 
@@ -219,8 +255,11 @@ def test_broken_file_is_named(tmp_path):
 
 def test_missing_column_names_file_column_and_columns_found(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"task_name": "t", "id": "1", "inputs": "x", "answer": "y"}])
-    with pytest.raises(DataError, match=r"m\.jsonl: missing column 'targets' for the natural-instructions layout"
-                                        r".*columns found: \['task_name', 'id', 'inputs', 'answer'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"m\.jsonl: missing column 'targets' for the natural-instructions layout"
+        r".*columns found: \['task_name', 'id', 'inputs', 'answer'\]",
+    ):
         load_multitask(path, 1)
     other = write_jsonl(tmp_path / "o.jsonl", [{"question": "x", "answer": "y"}])
     with pytest.raises(DataError, match=r"o\.jsonl: no known column set.*columns found: \['question', 'answer'\]"):
@@ -229,8 +268,16 @@ def test_missing_column_names_file_column_and_columns_found(tmp_path):
 
 def test_official_task_file_gets_a_hint(tmp_path):
     path = tmp_path / "task001.json"
-    path.write_text(json.dumps({"Definition": ["d"], "Positive Examples": [], "Categories": ["c"],
-                                "Instances": [{"id": "1", "input": "x", "output": ["y"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "Definition": ["d"],
+                "Positive Examples": [],
+                "Categories": ["c"],
+                "Instances": [{"id": "1", "input": "x", "output": ["y"]}],
+            }
+        )
+    )
     with pytest.raises(DataError, match="official SuperNI task file: pass the folder"):
         load_task(path, "task001")
 
@@ -308,8 +355,11 @@ def test_folder_mixing_layouts_and_a_file_missing_a_column(tmp_path):
     assert load_task(folder, "b_pc").instances[1] == {"id": "b_pc-1", "input": "p1", "output": ["c1"]}
     # same columns as the first file except one: named as a missing column of that file, not as nulls
     write_jsonl(folder / "c_ni.jsonl", [{k: v for k, v in r.items() if k != "targets"} for r in ni_rows("other", 3)])
-    with pytest.raises(DataError, match=r"c_ni\.jsonl: missing column 'targets'.*columns found: "
-                                        r"\['task_name', 'id', 'definition', 'inputs'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"c_ni\.jsonl: missing column 'targets'.*columns found: "
+        r"\['task_name', 'id', 'definition', 'inputs'\]",
+    ):
         load_multitask(folder, 1, n_train=2, n_eval=1)
 
 

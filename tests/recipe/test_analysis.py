@@ -1,21 +1,21 @@
 """Tests for orchmoe.analysis: NMI/purity, allocation matrices, task assignment, plots, run analysis."""
+
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers_tokenizer import make_tiny_tokenizer
 from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model
 from orchmoe.recipe import RunFolder, TrainConfig
 from orchmoe.recipe.analysis import (
@@ -36,15 +36,22 @@ from orchmoe.recipe.analysis import (
     task_skill_profile,
 )
 
-from helpers_tokenizer import make_tiny_tokenizer
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -159,8 +166,10 @@ def _prompts(n_tasks: int = 3, seed: int = 0) -> dict[str, list[tuple[list[int],
     rng = np.random.default_rng(seed)
     out = {}
     for t in range(n_tasks):
-        out[f"task{t}"] = [(rng.integers(4 + 20 * t, 24 + 20 * t, size=int(n)).tolist(), [1] * int(n))
-                           for n in rng.integers(3, 12, size=5)]
+        out[f"task{t}"] = [
+            (rng.integers(4 + 20 * t, 24 + 20 * t, size=int(n)).tolist(), [1] * int(n))
+            for n in rng.integers(3, 12, size=5)
+        ]
     return out
 
 
@@ -186,11 +195,13 @@ def test_abstract_task_assignment_shapes_probabilities_and_batching():
         ids = torch.zeros(len(pairs), L, dtype=torch.long)
         mask = torch.zeros(len(pairs), L, dtype=torch.long)
         for i, (x, _) in enumerate(pairs):
-            ids[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
         padded[t] = (ids, mask)
         with torch.no_grad():
-            by_hand.append(torch.stack([model.task_probabilities(torch.tensor([x]), None)[0] for x, _ in pairs]).mean(0))
+            by_hand.append(
+                torch.stack([model.task_probabilities(torch.tensor([x]), None)[0] for x, _ in pairs]).mean(0)
+            )
     _, mean_pi2, _ = abstract_task_assignment(model, padded, batch_size=64)
     np.testing.assert_allclose(mean_pi2, mean_pi, atol=1e-6)
     np.testing.assert_allclose(mean_pi, torch.stack(by_hand).numpy(), atol=1e-6)
@@ -224,14 +235,26 @@ def test_task_skill_profile_mixes_layers_and_abstract_rows():
 
 def test_every_plot_writes_a_png_and_dendrogram_leaves_are_the_tasks(tmp_path):
     rng = np.random.default_rng(0)
-    mats = {f"model.layers.{i}.self_attn.{n}": rng.dirichlet(np.ones(4), size=3) for i in range(10) for n in ("q_proj", "v_proj")}
+    mats = {
+        f"model.layers.{i}.self_attn.{n}": rng.dirichlet(np.ones(4), size=3)
+        for i in range(10)
+        for n in ("q_proj", "v_proj")
+    }
     assert_png(plot_allocation_heatmaps(mats, tmp_path / "alloc.png", max_layers=3))
     tasks = [f"task{i:03d}_something" for i in range(8)]
     cats = {t: ["Question Answering", "Sentiment Analysis", "Translation"][i % 3] for i, t in enumerate(tasks)}
     profile = rng.dirichlet(np.ones(4), size=8)
     assert_png(plot_task_heatmap(profile, tasks, cats, tmp_path / "tasks.png"))
-    assert_png(plot_task_heatmap(rng.dirichlet(np.ones(6), size=8), tasks, [cats[t] for t in tasks],
-                                 tmp_path / "tasks_k.png", col_label="abstract task", order="category"))
+    assert_png(
+        plot_task_heatmap(
+            rng.dirichlet(np.ones(6), size=8),
+            tasks,
+            [cats[t] for t in tasks],
+            tmp_path / "tasks_k.png",
+            col_label="abstract task",
+            order="category",
+        )
+    )
     leaves = plot_dendrogram(profile, tasks, cats, tmp_path / "dendro.png")
     assert_png(tmp_path / "dendro.png")
     assert sorted(leaves) == sorted(tasks) and len(leaves) == len(tasks)
@@ -287,7 +310,9 @@ def _write_data(root: Path) -> Path:
             "Categories": [cat],
             "Positive Examples": [{"input": f"example {i}", "output": f"answer {i}", "explanation": ""}],
             "Negative Examples": [],
-            "Instances": [{"id": f"{name}-{k}", "input": f"input {k} of {name}", "output": [f"out {k}"]} for k in range(12)],
+            "Instances": [
+                {"id": f"{name}-{k}", "input": f"input {k} of {name}", "output": [f"out {k}"]} for k in range(12)
+            ],
         }
         (root / "tasks" / f"{name}.json").write_text(json.dumps(task))
     return root
@@ -305,17 +330,31 @@ def _write_run(root: Path, config, data_dir: Path, randomize: bool = True) -> Pa
         randomize_logits(routed, seed=1)
     names = sorted(TASKS)
     run = root / "run"
-    routed.save_adapter(run / "adapter", metadata={
-        "task_names": names,
-        "task_to_id": {t: i for i, t in enumerate(names)},
-        "categories": {t: TASKS[t][0] for t in names},
-        "data_dir": str(data_dir),
-    })
-    cfg = TrainConfig(model=str(model_dir), data=str(data_dir), tasks=",".join(names), train_per_task=6, eval_per_task=5,
-                      unseen_tasks=0, n_pos=1, max_source_len=96, seed=0, method=config.method)
+    routed.save_adapter(
+        run / "adapter",
+        metadata={
+            "task_names": names,
+            "task_to_id": {t: i for i, t in enumerate(names)},
+            "categories": {t: TASKS[t][0] for t in names},
+            "data_dir": str(data_dir),
+        },
+    )
+    cfg = TrainConfig(
+        model=str(model_dir),
+        data=str(data_dir),
+        tasks=",".join(names),
+        train_per_task=6,
+        eval_per_task=5,
+        unseen_tasks=0,
+        n_pos=1,
+        max_source_len=96,
+        seed=0,
+        method=config.method,
+    )
     RunFolder(run).write_config(cfg)
-    (run / "metrics.json").write_text(json.dumps({"seen": {"overall": {"rougeL": 12.5, "n": 20}},
-                                                  "unseen": {"overall": {"rougeL": 8.25, "n": 3}}}))
+    (run / "metrics.json").write_text(
+        json.dumps({"seen": {"overall": {"rougeL": 12.5, "n": 20}}, "unseen": {"overall": {"rougeL": 8.25, "n": 3}}})
+    )
     return run
 
 
@@ -368,7 +407,9 @@ def test_analyze_says_so_when_allocations_are_uniform(tmp_path, data_dir):
     assert result["allocations_uniform"] and result["allocation_spread"] < 1e-3
     assert not (tmp_path / "out" / "dendrogram.png").exists() and "dendrogram_leaves" not in result
     assert "indistinguishable from uniform" in (tmp_path / "out" / "analysis.md").read_text()
-    trained = analyze_run(_write_run(tmp_path / "b", PolyConfig(n_tasks=4, n_skills=3), data_dir), out_dir=tmp_path / "o2")
+    trained = analyze_run(
+        _write_run(tmp_path / "b", PolyConfig(n_tasks=4, n_skills=3), data_dir), out_dir=tmp_path / "o2"
+    )
     assert not trained["allocations_uniform"] and trained["allocation_spread"] > 0.05
 
 

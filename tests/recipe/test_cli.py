@@ -1,4 +1,5 @@
 """The `orchmoe` command: config files and overrides, report, analyze, and its error messages."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,40 @@ import pytest
 import torch
 import yaml
 
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
-
-from orchmoe.recipe.cli import main
 from orchmoe.config import METHODS
+from orchmoe.recipe.cli import main
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
 
 def base_args(tiny_llama: Path, superni: Path, out: Path) -> list[str]:
-    return ["train", "--model", str(tiny_llama), "--data", str(superni), "--tasks", ",".join(SEEN), "--train-per-task", "8",
-            "--eval-per-task", "2", "--unseen-tasks", UNSEEN, "--unseen-per-task", "2", "--max-source-len", "80",
-            "--max-target-len", "6", "--batch-size", "4", "--no-progress", "--checkpoint-every", "0", "--out", str(out)]
+    return [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(superni),
+        "--tasks",
+        ",".join(SEEN),
+        "--train-per-task",
+        "8",
+        "--eval-per-task",
+        "2",
+        "--unseen-tasks",
+        UNSEEN,
+        "--unseen-per-task",
+        "2",
+        "--max-source-len",
+        "80",
+        "--max-target-len",
+        "6",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +60,25 @@ def two_runs(tiny_llama, superni, tmp_path_factory) -> list[Path]:
 
 def test_config_file_with_command_line_override(tiny_llama, superni, tmp_path):
     cfg_file = tmp_path / "my.yaml"
-    cfg_file.write_text(yaml.safe_dump({"method": "mhr", "n-splits": 2, "lr": 5e-3, "router_lr": 0.1,
-                                        "batch_size": 2, "max_steps": 1, "eval": False,
-                                        "adapter_args": {"n_skills": 3}}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "method": "mhr",
+                "n-splits": 2,
+                "lr": 5e-3,
+                "router_lr": 0.1,
+                "batch_size": 2,
+                "max_steps": 1,
+                "eval": False,
+                "adapter_args": {"n_skills": 3},
+            }
+        )
+    )
     out = tmp_path / "run"
-    assert main(base_args(tiny_llama, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"]) == 0
+    assert (
+        main(base_args(tiny_llama, superni, out) + ["--config", str(cfg_file), "--lr", "2e-3", "--batch-size", "3"])
+        == 0
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     # a flat adapter key and the 0.1 `adapter_args` both land in the adapter section
     assert saved["method"] == "mhr" and saved["adapter"] == {"n_splits": 2, "n_skills": 3} and saved["router_lr"] == 0.1
@@ -96,17 +135,23 @@ def test_analyze_calls_the_analysis_module(two_runs, monkeypatch, capsys):
     assert "written to somewhere/" in out and "indistinguishable from uniform" in out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "moe"], f"method must be one of {sorted(METHODS)}, got 'moe' (did you mean 'mode'?)"),
-    (["--data", "/no/such/superni"], "/no/such/superni"),
-    (["--batch-size", "many"], "batch_size must be an integer"),
-    (["--method", "lora", "--n-skills", "4"], "method 'lora' has no option 'n_skills' (an option of"),
-    (["--method", "lora", "--adapter.rnak", "4"], "unrecognized arguments: --adapter.rnak 4 (did you mean --adapter.rank"),
-    (["--learning-rat", "0.1"], "(did you mean --learning-rate"),
-    (["--target-modules", "((("], "neither comma-separated names nor a valid regular expression"),
-    (["--lr", "nan"], "lr must be a finite number"),
-    (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "moe"], f"method must be one of {sorted(METHODS)}, got 'moe' (did you mean 'mode'?)"),
+        (["--data", "/no/such/superni"], "/no/such/superni"),
+        (["--batch-size", "many"], "batch_size must be an integer"),
+        (["--method", "lora", "--n-skills", "4"], "method 'lora' has no option 'n_skills' (an option of"),
+        (
+            ["--method", "lora", "--adapter.rnak", "4"],
+            "unrecognized arguments: --adapter.rnak 4 (did you mean --adapter.rank",
+        ),
+        (["--learning-rat", "0.1"], "(did you mean --learning-rate"),
+        (["--target-modules", "((("], "neither comma-separated names nor a valid regular expression"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
+    ],
+)
 def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):
     try:
         assert main(base_args(tiny_llama, superni, tmp_path / "x") + extra) == 2
@@ -146,13 +191,20 @@ def test_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    from orchmoe.recipe import TrainConfig
     import dataclasses
+
+    from orchmoe.recipe import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--adapter.rank" if f.name == "adapter" else "--" + f.name.replace("_", "-")
         assert flag in out, flag
-    for alias in ("--learning-rate", "--output-dir", "--per-device-train-batch-size", "--gradient-accumulation-steps",
-                  "--adapter.n_abstract_tasks", "--n-abstract-tasks"):
+    for alias in (
+        "--learning-rate",
+        "--output-dir",
+        "--per-device-train-batch-size",
+        "--gradient-accumulation-steps",
+        "--adapter.n_abstract_tasks",
+        "--n-abstract-tasks",
+    ):
         assert alias in out, alias
     assert "--config" in out and "--no-eval" in out

@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo): DDP and FSDP2 runs of the recipe equal one process running the same global
 batch, FSDP checkpoints resume exactly, evaluation makes equal generate() counts, and every launch that would
 run independent copies (or an unsupported engine) fails loudly with the command that works."""
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,30 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from recipe_helpers import REPO, SEEN, UNSEEN
-
 from orchmoe.recipe import TrainConfig, TrainConfigError, train
 from orchmoe.recipe.evaluate import process_batches
 from orchmoe.recipe.runtime import env_world_size, launch_problem
+from recipe_helpers import REPO, SEEN, UNSEEN
 
 STEPS, PER_PROCESS, WORLD = 4, 2, 2
 # LoRA without dropout: nothing random in training, so one process and two see the same computation.
-OPTIONS = dict(tasks=",".join(SEEN), train_per_task=8, eval_per_task=2, unseen_tasks=UNSEEN, unseen_per_task=2,
-               max_source_len=96, max_target_len=12, eval_batch_size=3, lr=1e-3, warmup_steps=0, method="lora",
-               max_steps=STEPS, log_every=1, checkpoint_every=0, progress=False)
+OPTIONS = dict(
+    tasks=",".join(SEEN),
+    train_per_task=8,
+    eval_per_task=2,
+    unseen_tasks=UNSEEN,
+    unseen_per_task=2,
+    max_source_len=96,
+    max_target_len=12,
+    eval_batch_size=3,
+    lr=1e-3,
+    warmup_steps=0,
+    method="lora",
+    max_steps=STEPS,
+    log_every=1,
+    checkpoint_every=0,
+    progress=False,
+)
 
 
 def _flag(name: str) -> str:
@@ -62,8 +76,20 @@ def launch(cmd: list[str], env: dict | None = None, timeout: int = 240) -> subpr
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    return launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-                   str(_free_port()), "-m", "orchmoe", *args])
+    return launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(WORLD),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "orchmoe",
+            *args,
+        ]
+    )
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -90,8 +116,9 @@ def predictions(run: Path) -> dict[str, str]:
 def one_process(tiny_llama, superni, tmp_path_factory) -> Path:
     """The reference: one process running the global batch (per-process batch x processes)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    train(TrainConfig(model=str(tiny_llama), data=str(superni), out=str(out), batch_size=PER_PROCESS * WORLD,
-                      **OPTIONS))
+    train(
+        TrainConfig(model=str(tiny_llama), data=str(superni), out=str(out), batch_size=PER_PROCESS * WORLD, **OPTIONS)
+    )
     return out
 
 
@@ -128,8 +155,9 @@ def test_fsdp_shards_evaluates_and_resumes_like_one_process(tiny_llama, superni,
     shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(".orchmoe-run.lock"))
     for name in ("adapter", "train_summary.json", "metrics.json", "metrics.md", "predictions.jsonl"):
         shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
-    proc = torchrun(cli_args(tiny_llama, superni, resumed, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2,
-                             eval=False))
+    proc = torchrun(
+        cli_args(tiny_llama, superni, resumed, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2, eval=False)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming from" in proc.stdout and "(step 2/4)" in proc.stdout
     final = adapter(resumed)
@@ -140,10 +168,27 @@ def test_fsdp_shards_evaluates_and_resumes_like_one_process(tiny_llama, superni,
 def test_accelerate_multi_gpu_flag_runs_gloo_processes_on_cpu(tiny_llama, superni, tmp_path):
     """The accelerate command the launch errors name: two processes that train together, also without a GPU."""
     run = tmp_path / "acc"
-    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                   "--num_processes", str(WORLD), "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "-m", "orchmoe",
-                   *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS, max_steps=2, eval=False)])
+    proc = launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(WORLD),
+            "--main_process_port",
+            str(_free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "orchmoe",
+            *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS, max_steps=2, eval=False),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["_resolved"]["num_processes"] == WORLD
     assert proc.stdout.count("saved adapter to") == 1
@@ -152,9 +197,25 @@ def test_accelerate_multi_gpu_flag_runs_gloo_processes_on_cpu(tiny_llama, supern
 def test_accelerate_cpu_launch_of_several_processes_fails_loudly(tiny_llama, superni, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: refused before it touches the run folder."""
     run = tmp_path / "refused"
-    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(WORLD),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "orchmoe",
-                   *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS)])
+    proc = launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            str(WORLD),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "orchmoe",
+            *cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS),
+        ]
+    )
     assert proc.returncode != 0
     assert "started this one alone" in proc.stderr and "torchrun --nproc_per_node N" in proc.stderr
     assert "--multi_gpu --num_machines 1" in proc.stderr
@@ -180,8 +241,20 @@ def test_processes_that_do_not_form_one_group_are_refused(tmp_path):
         pytest.skip("on a GPU machine accelerate forms the NCCL group: there is no one-process fallback to provoke")
     script = tmp_path / "one_group.py"
     script.write_text(_ONE_GROUP)
-    proc = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-                   str(_free_port()), str(script), str(tmp_path / "run")], timeout=120)
+    proc = launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(WORLD),
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(tmp_path / "run"),
+        ],
+        timeout=120,
+    )
     assert proc.returncode != 0
     refusal = "the launcher started 2 processes but accelerate formed a group of 1"
     assert proc.stdout.count(refusal) == WORLD, proc.stderr[-3000:]
@@ -196,8 +269,14 @@ def test_launch_problem_names_unsupported_engines_and_one_process_launches():
     assert "DeepSpeed is not supported" in deepspeed and "DDP and FSDP" in deepspeed and "--fsdp" in deepspeed
     fsdp = launch_problem({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert "--use_fsdp" in fsdp and "orchmoe train --fsdp" in fsdp
-    single = launch_problem({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True",
-                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    single = launch_problem(
+        {
+            "ACCELERATE_MIXED_PRECISION": "no",
+            "ACCELERATE_USE_CPU": "True",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+        }
+    )
     assert "started this one alone" in single
     assert launch_problem({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True"}) is None  # one process
     assert env_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4 and env_world_size({}) == 1

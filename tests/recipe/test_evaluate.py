@@ -1,28 +1,41 @@
 """Evaluation: batched generation, routing inputs per method, files written, re-scoring a run folder."""
+
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
-
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
-from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
-from orchmoe.recipe.tables import markdown_table
 from orchmoe.metrics import score_example
 from orchmoe.model import RoutedModel
 from orchmoe.recipe import TrainConfig, train
 from orchmoe.recipe.data import build_data
+from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
+from orchmoe.recipe.tables import markdown_table
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
 
 def cfg_for(model, data, out, **kw) -> TrainConfig:
-    base = dict(model=str(model), data=str(data), tasks=",".join(SEEN), train_per_task=12, eval_per_task=3,
-                unseen_tasks=UNSEEN, unseen_per_task=3, max_source_len=96, max_target_len=8, batch_size=4,
-                eval_batch_size=4, lr=3e-2, progress=False, out=str(out), checkpoint_every=0)
+    base = dict(
+        model=str(model),
+        data=str(data),
+        tasks=",".join(SEEN),
+        train_per_task=12,
+        eval_per_task=3,
+        unseen_tasks=UNSEEN,
+        unseen_per_task=3,
+        max_source_len=96,
+        max_target_len=8,
+        batch_size=4,
+        eval_batch_size=4,
+        lr=3e-2,
+        progress=False,
+        out=str(out),
+        checkpoint_every=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -44,7 +57,16 @@ def test_run_folder_files_are_consistent(run):
     metrics = json.loads((run / "metrics.json").read_text())
     preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == metrics["n_examples"] == 12
-    assert {k for p in preds for k in p} == {"task", "category", "seen", "id", "input", "prediction", "references", "scores"}
+    assert {k for p in preds for k in p} == {
+        "task",
+        "category",
+        "seen",
+        "id",
+        "input",
+        "prediction",
+        "references",
+        "scores",
+    }
     for p in preds:  # the per-instance scores are the official ones, and the prompt is not in "input"
         assert p["scores"] == score_example(p["prediction"], p["references"])
         assert "Definition:" not in p["input"] and p["prediction"] == p["prediction"].strip()
@@ -115,9 +137,14 @@ def test_markdown_tables():
     table = markdown_table(["name", "score"], [["a|b", 1.234], ["c", None]])
     assert table.splitlines() == ["| name | score |", "| :--- | ---: |", "| a\\|b | 1.23 |", "| c | - |"]
     row = {"n": 2, "rougeL": 50.0, "rougeLsum": 55.0, "rouge1": 60.0, "exact_match": 0.0}
-    metrics = {"run": "r", "method": "lora", "base_model": "m", "overall": row,
-               "seen": {"overall": row, "per_category": {"Cat": row}, "per_task": {"t": row}},
-               "categories": {"t": "Cat"}}
+    metrics = {
+        "run": "r",
+        "method": "lora",
+        "base_model": "m",
+        "overall": row,
+        "seen": {"overall": row, "per_category": {"Cat": row}, "per_task": {"t": row}},
+        "categories": {"t": "Cat"},
+    }
     md = format_metrics_markdown(metrics)
     assert "| split | n | ROUGE-L | ROUGE-Lsum | ROUGE-1 | EM |" in md
     assert "| seen tasks (held-out instances) | 2 | 50.00 | 55.00 | 60.00 | 0.00 |" in md

@@ -3,6 +3,7 @@ files, numbers, and the eval/report/analyze commands. Each row is one bad input 
 (a substring of the one line the CLI prints) or the behaviour it must get. The run-folder states
 (kills, corruption, full disk, locks) are in test_hostile_runs.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,6 @@ import pytest
 import torch
 
 from hostile_helpers import assert_clear_error, run_cli, train_args
-from recipe_helpers import SEEN, UNSEEN
-
 from orchmoe import MoLoRAConfig, PolyConfig, get_model, load_adapter
 from orchmoe.budget import BudgetError, lora_budget, match_budget
 from orchmoe.data import DataError
@@ -24,6 +23,7 @@ from orchmoe.recipe import TrainConfig, TrainConfigError
 from orchmoe.recipe.data import build_data
 from orchmoe.routing import RoutingError
 from orchmoe.serialization import AdapterMismatchError
+from recipe_helpers import SEEN, UNSEEN
 
 # -- 1. command-line options: every bad value is one clear line before anything is loaded ----------------------
 OPTIONS = [
@@ -136,6 +136,7 @@ def test_config_file_that_is_a_folder_or_missing(tiny_llama, superni, tmp_path, 
 # -- 3. adapter folders: validated on load, the file and field named --------------------------------------------
 def _cfg_edit(key_path, value):
     """An edit of adapter_config.json: set (or delete) the value at ``key_path`` ("*" = the first key)."""
+
     def edit(meta):
         d = meta
         for k in key_path[:-1]:
@@ -145,6 +146,7 @@ def _cfg_edit(key_path, value):
             del d[last]
         else:
             d[last] = value
+
     return edit
 
 
@@ -263,22 +265,46 @@ def _run_copy(adapter_run: Path, tmp_path: Path, spoil) -> Path:
 COMMANDS = [
     ("eval-missing", ["eval", "{tmp}/nope"], None, "does not exist"),
     ("eval-no-adapter", ["eval", "{run}"], lambda r: shutil.rmtree(r / "adapter"), "has no adapter/ folder"),
-    ("eval-garbage-config", ["eval", "{run}"], lambda r: (r / "config.yaml").write_bytes(b"\x00\xff garbage: [\n"),
-     "is not a readable YAML file"),
-    ("eval-empty-config", ["eval", "{run}"], lambda r: (r / "config.yaml").write_text(""),
-     "does not hold a run configuration"),
-    ("eval-truncated-adapter", ["eval", "{run}"], lambda r: _truncate(r / "adapter" / "adapter_model.safetensors"),
-     "adapter_model.safetensors is not a readable safetensors file"),
-    ("eval-nothing-to-score", ["eval", "{run}", "--unseen-tasks", "0"], lambda r: _set_yaml(r, eval_per_task=0),
-     "nothing to evaluate"),
+    (
+        "eval-garbage-config",
+        ["eval", "{run}"],
+        lambda r: (r / "config.yaml").write_bytes(b"\x00\xff garbage: [\n"),
+        "is not a readable YAML file",
+    ),
+    (
+        "eval-empty-config",
+        ["eval", "{run}"],
+        lambda r: (r / "config.yaml").write_text(""),
+        "does not hold a run configuration",
+    ),
+    (
+        "eval-truncated-adapter",
+        ["eval", "{run}"],
+        lambda r: _truncate(r / "adapter" / "adapter_model.safetensors"),
+        "adapter_model.safetensors is not a readable safetensors file",
+    ),
+    (
+        "eval-nothing-to-score",
+        ["eval", "{run}", "--unseen-tasks", "0"],
+        lambda r: _set_yaml(r, eval_per_task=0),
+        "nothing to evaluate",
+    ),
     ("report-truncated-metrics", ["report", "{run}"], lambda r: _truncate(r / "metrics.json"), "is not valid JSON"),
     ("report-no-metrics", ["report", "{run}"], lambda r: (r / "metrics.json").unlink(), "orchmoe eval"),
     ("report-out-is-folder", ["report", "{run}", "--out", "{tmp}"], lambda r: None, "is a directory; name a file"),
     ("analyze-missing", ["analyze", "{tmp}/nope"], None, "does not exist"),
-    ("analyze-out-is-file", ["analyze", "{run}", "--out", "{run}/config.yaml"], lambda r: None,
-     "config.yaml is a file; name a folder"),
-    ("analyze-garbage-config", ["analyze", "{run}"], lambda r: (r / "config.yaml").write_text("- 1\n"),
-     "does not hold a run configuration"),
+    (
+        "analyze-out-is-file",
+        ["analyze", "{run}", "--out", "{run}/config.yaml"],
+        lambda r: None,
+        "config.yaml is a file; name a folder",
+    ),
+    (
+        "analyze-garbage-config",
+        ["analyze", "{run}"],
+        lambda r: (r / "config.yaml").write_text("- 1\n"),
+        "does not hold a run configuration",
+    ),
 ]
 
 
@@ -308,6 +334,7 @@ def _edit_task(fn):
         t = json.loads(p.read_text())
         fn(t)
         p.write_text(json.dumps(t))
+
     return edit
 
 
@@ -325,10 +352,13 @@ DATA = [
     ("dup-id-other-input", _edit_task(lambda t: _dup_ids(t, False)), "repeats id"),
     ("empty-instances", _edit_task(lambda t: t.update(Instances=[])), "'Instances' is empty"),
     ("definition-number", _edit_task(lambda t: t.update(Definition=3)), "'Definition' must be a string"),
-    ("bad-json", lambda r: (r / "tasks" / f"{TASK}.json").write_text("{\"Definition\": "), "malformed JSON at line"),
+    ("bad-json", lambda r: (r / "tasks" / f"{TASK}.json").write_text('{"Definition": '), "malformed JSON at line"),
     ("non-utf8-task", lambda r: (r / "tasks" / f"{TASK}.json").write_bytes(b"\xff\xfe{}"), "not valid UTF-8"),
-    ("non-utf8-split", lambda r: (r / "splits" / "default" / "test_tasks.txt").write_bytes(b"task\xff\n"),
-     "test_tasks.txt: not UTF-8 text"),
+    (
+        "non-utf8-split",
+        lambda r: (r / "splits" / "default" / "test_tasks.txt").write_bytes(b"task\xff\n"),
+        "test_tasks.txt: not UTF-8 text",
+    ),
 ]
 
 
@@ -400,8 +430,13 @@ def test_task_ids_must_be_integers(ids):
 
 
 def test_train_config_from_python_rejects_bad_numbers():
-    for kwargs, message in ((dict(lr=math.nan), "finite"), (dict(seed=-1), ">= 0"), (dict(warmup_steps=-3), ">= 0"),
-                            (dict(out=""), "out is empty"), (dict(budget_tolerance=math.inf), "finite")):
+    for kwargs, message in (
+        (dict(lr=math.nan), "finite"),
+        (dict(seed=-1), ">= 0"),
+        (dict(warmup_steps=-3), ">= 0"),
+        (dict(out=""), "out is empty"),
+        (dict(budget_tolerance=math.inf), "finite"),
+    ):
         with pytest.raises(TrainConfigError, match=message):
             TrainConfig(**kwargs)
     with pytest.raises(TrainConfigError, match="budget"):

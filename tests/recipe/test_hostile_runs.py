@@ -5,6 +5,7 @@ refusals that keep every file, locks, full disks and planted pickles.
 Every run here is the 6-step tiny run of `hostile_helpers.train_args` (checkpoints at steps 2 and 4); a
 "killed" folder is a finished one without its adapter and summary, i.e. killed during step 5 or 6.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,7 +21,6 @@ import pytest
 import torch
 
 from hostile_helpers import assert_clear_error, run_cli, same_adapter, train_args, tree_bytes
-
 from orchmoe.fileio import DiskFullError, FolderLock, is_disk_full, reporting_disk_full, write_manifest
 from orchmoe.recipe import RunFolder
 from orchmoe.recipe.run_folder import _Log
@@ -55,6 +55,7 @@ def truncate(rel: str):
     def spoil(run: Path) -> None:
         p = run / rel
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
     return spoil
 
 
@@ -64,6 +65,7 @@ def flip_byte(rel: str):
         data = bytearray(p.read_bytes())
         data[-5] ^= 0xFF
         p.write_bytes(bytes(data))
+
     return spoil
 
 
@@ -72,6 +74,7 @@ def write(rel: str, content: bytes | str):
         p = run / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content if isinstance(content, bytes) else content.encode())
+
     return spoil
 
 
@@ -79,6 +82,7 @@ def append(rel: str, text: str):
     def spoil(run: Path) -> None:
         with open(run / rel, "a") as fh:
             fh.write(text)
+
     return spoil
 
 
@@ -86,6 +90,7 @@ def delete(rel: str):
     def spoil(run: Path) -> None:
         p = run / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
     return spoil
 
 
@@ -93,11 +98,13 @@ def both(*spoilers):
     def spoil(run: Path) -> None:
         for s in spoilers:
             s(run)
+
     return spoil
 
 
 def set_state(step: int, manifest: bool):
     """Edit trainer_state.json's global_step (re-writing the manifest when ``manifest``: a consistent forgery)."""
+
     def spoil(run: Path) -> None:
         ckpt = run / CKPT.format(4)
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -105,6 +112,7 @@ def set_state(step: int, manifest: bool):
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
         if manifest:
             write_manifest(ckpt)
+
     return spoil
 
 
@@ -123,6 +131,7 @@ def plant_pickle(rel: str, rewrite_manifest: bool):
         torch.save({"python": Payload(run.parent / "PWNED"), "torch": torch.zeros(1)}, run / rel)
         if rewrite_manifest:
             write_manifest((run / rel).parent)
+
     return spoil
 
 
@@ -139,7 +148,7 @@ def partial_adapter(run: Path) -> None:
     """A kill inside the final save of a run without checkpoints: half the weights, no config."""
     shutil.rmtree(run / "checkpoints")
     (run / "adapter").mkdir()
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
 
 
 # name, spoil, checkpoint resumed from (None: starts again at step 0), checkpoints set aside as corrupt
@@ -157,25 +166,35 @@ RESUMES = [
     ("global-step-999-forged-manifest", set_state(999, manifest=True), 2, [4]),
     ("trainer-state-deleted", delete(CKPT.format(4) + "/trainer_state.json"), 2, [4]),
     ("rng-state-deleted", delete(CKPT.format(4) + "/rng_state_0.pth"), 2, [4]),
-    ("manifest-garbage", write(CKPT.format(4) + "/manifest.json", "{\"files\": 3"), 2, [4]),
+    ("manifest-garbage", write(CKPT.format(4) + "/manifest.json", '{"files": 3'), 2, [4]),
     ("planted-pickle-rng", plant_pickle(CKPT.format(4) + "/rng_state_0.pth", rewrite_manifest=True), 2, [4]),
     ("planted-pickle-optimizer", plant_pickle(CKPT.format(4) + "/optimizer.pt", rewrite_manifest=True), 2, [4]),
     ("no-manifests-intact", no_manifests, 4, []),
     ("no-manifests-truncated-optimizer", both(no_manifests, truncate(CKPT.format(4) + "/optimizer.pt")), 2, [4]),
     ("no-manifests-global-step-999", both(no_manifests, set_state(999, manifest=False)), 2, [4]),
-    ("no-manifests-planted-pickle", both(no_manifests, plant_pickle(CKPT.format(4) + "/rng_state_0.pth", False)), 2, [4]),
+    (
+        "no-manifests-planted-pickle",
+        both(no_manifests, plant_pickle(CKPT.format(4) + "/rng_state_0.pth", False)),
+        2,
+        [4],
+    ),
     ("no-marker-legacy-folder", delete(".orchmoe-run"), 4, []),
     ("killed-after-adapter-before-summary", lambda run: None, 4, []),  # (the adapter is put back below)
-    ("killed-in-first-checkpoint", both(delete("checkpoints"), write("checkpoints/.tmp-step-00000002/rng_state_0.pth",
-                                                                     b"PK")), None, []),
+    (
+        "killed-in-first-checkpoint",
+        both(delete("checkpoints"), write("checkpoints/.tmp-step-00000002/rng_state_0.pth", b"PK")),
+        None,
+        [],
+    ),
     ("killed-in-final-save-without-checkpoints", partial_adapter, None, []),
     ("killed-before-any-checkpoint", delete("checkpoints"), None, []),
 ]
 
 
 @pytest.mark.parametrize("name, spoil, start, aside", RESUMES, ids=[r[0] for r in RESUMES])
-def test_same_command_resumes_from_the_newest_intact_checkpoint(name, spoil, start, aside, reference, tiny_llama,
-                                                               superni, tmp_path, capsys, recwarn):
+def test_same_command_resumes_from_the_newest_intact_checkpoint(
+    name, spoil, start, aside, reference, tiny_llama, superni, tmp_path, capsys, recwarn
+):
     run = killed_copy(reference, tmp_path / "run")
     if name == "killed-after-adapter-before-summary":
         shutil.copytree(reference / "adapter", run / "adapter")
@@ -211,24 +230,60 @@ def _foreign(dest: Path, *names: str) -> Path:
 # name, make the folder (reference, tmp) -> --out, extra flags, message
 REFUSALS = [
     ("finished-run", lambda ref, tmp: _finished(ref, tmp / "run"), [], "holds a finished run; pass --overwrite"),
-    ("finished-legacy-without-marker", lambda ref, tmp: _strip_marker(_finished(ref, tmp / "run")), [],
-     "holds a finished run"),
-    ("changed-configuration", lambda ref, tmp: killed_copy(ref, tmp / "run"), ["--lr", "5e-3"],
-     "a checkpoint of a different configuration (lr: checkpoint 0.01 vs now 0.005)"),
-    ("no-resume-with-checkpoints", lambda ref, tmp: killed_copy(ref, tmp / "run"), ["--no-resume"],
-     "--no-resume was given"),
-    ("every-checkpoint-corrupt", lambda ref, tmp: _all_corrupt(killed_copy(ref, tmp / "run")), [],
-     "holds checkpoints but none can be resumed from (step-00000004: optimizer.pt has"),
-    ("only-checkpoint-planted-pickle", lambda ref, tmp: _only_planted(killed_copy(ref, tmp / "run")), [],
-     "none can be resumed from"),
-    ("hand-written-config", lambda ref, tmp: _foreign(tmp / "mine", "config.yaml"), [],
-     "is not an orchmoe run folder (no .orchmoe-run marker) but holds config.yaml"),
-    ("hand-written-config-and-log", lambda ref, tmp: _foreign(tmp / "mine", "config.yaml", "train_log.jsonl"), [],
-     "holds config.yaml, train_log.jsonl"),
-    ("hand-written-config-overwrite", lambda ref, tmp: _foreign(tmp / "mine", "config.yaml"), ["--overwrite"],
-     "orchmoe never writes over or deletes files it did not write"),
-    ("foreign-metrics-and-analysis", lambda ref, tmp: _foreign(tmp / "mine", "metrics.md", "analysis"),
-     ["--overwrite"], "holds analysis, metrics.md"),
+    (
+        "finished-legacy-without-marker",
+        lambda ref, tmp: _strip_marker(_finished(ref, tmp / "run")),
+        [],
+        "holds a finished run",
+    ),
+    (
+        "changed-configuration",
+        lambda ref, tmp: killed_copy(ref, tmp / "run"),
+        ["--lr", "5e-3"],
+        "a checkpoint of a different configuration (lr: checkpoint 0.01 vs now 0.005)",
+    ),
+    (
+        "no-resume-with-checkpoints",
+        lambda ref, tmp: killed_copy(ref, tmp / "run"),
+        ["--no-resume"],
+        "--no-resume was given",
+    ),
+    (
+        "every-checkpoint-corrupt",
+        lambda ref, tmp: _all_corrupt(killed_copy(ref, tmp / "run")),
+        [],
+        "holds checkpoints but none can be resumed from (step-00000004: optimizer.pt has",
+    ),
+    (
+        "only-checkpoint-planted-pickle",
+        lambda ref, tmp: _only_planted(killed_copy(ref, tmp / "run")),
+        [],
+        "none can be resumed from",
+    ),
+    (
+        "hand-written-config",
+        lambda ref, tmp: _foreign(tmp / "mine", "config.yaml"),
+        [],
+        "is not an orchmoe run folder (no .orchmoe-run marker) but holds config.yaml",
+    ),
+    (
+        "hand-written-config-and-log",
+        lambda ref, tmp: _foreign(tmp / "mine", "config.yaml", "train_log.jsonl"),
+        [],
+        "holds config.yaml, train_log.jsonl",
+    ),
+    (
+        "hand-written-config-overwrite",
+        lambda ref, tmp: _foreign(tmp / "mine", "config.yaml"),
+        ["--overwrite"],
+        "orchmoe never writes over or deletes files it did not write",
+    ),
+    (
+        "foreign-metrics-and-analysis",
+        lambda ref, tmp: _foreign(tmp / "mine", "metrics.md", "analysis"),
+        ["--overwrite"],
+        "holds analysis, metrics.md",
+    ),
     ("out-is-a-file", lambda ref, tmp: _file(tmp / "notes.txt"), [], "is a file, not a folder"),
     ("out-below-a-file", lambda ref, tmp: _file(tmp / "notes.txt") / "run", [], "Not a directory"),
 ]
@@ -287,8 +342,9 @@ def test_out_dot_in_a_folder_of_other_files_trains_beside_them(tiny_llama, super
     assert rc == 0, err
     assert (work / "README.md").read_text().startswith("# my own") and (work / "my.yaml").is_file()
     assert (work / ".orchmoe-run").is_file() and (work / "adapter").is_dir()
-    rc, _, err = run_cli(train_args(tiny_llama, superni, ".", "--checkpoint-every", "0", "--max-steps", "1",
-                                    "--overwrite"), capsys)
+    rc, _, err = run_cli(
+        train_args(tiny_llama, superni, ".", "--checkpoint-every", "0", "--max-steps", "1", "--overwrite"), capsys
+    )
     assert rc == 0, err  # --overwrite empties only what orchmoe wrote
     assert (work / "README.md").is_file() and (work / "my.yaml").is_file()
 
@@ -304,8 +360,10 @@ def test_overwrite_deletes_only_orchmoe_files(reference, tiny_llama, superni, tm
 
 
 # -- locks ---------------------------------------------------------------------------------------------------
-_HOLDER = ("import sys, time; from orchmoe.fileio import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('x'); "
-           "print('locked', flush=True); time.sleep(120)")
+_HOLDER = (
+    "import sys, time; from orchmoe.fileio import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('x'); "
+    "print('locked', flush=True); time.sleep(120)"
+)
 
 
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["resume", "overwrite"])
@@ -330,8 +388,9 @@ def test_two_trainings_into_one_folder(tiny_llama, superni, tmp_path, capsys):
     run = tmp_path / "run"
     args = train_args(tiny_llama, superni, run, "--max-steps", "150", "--checkpoint-every", "50")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "orchmoe", *args], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchmoe", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         lock = run / ".orchmoe-run.lock"
@@ -371,8 +430,9 @@ def _full_torch_save(monkeypatch, when: str) -> None:
 
 
 def _full_safetensors(monkeypatch, when: str) -> None:
-    import orchmoe.serialization as ser
     from safetensors import SafetensorError
+
+    import orchmoe.serialization as ser
 
     real = ser.save_file
 
@@ -386,18 +446,34 @@ def _full_safetensors(monkeypatch, when: str) -> None:
 
 # name, make the disk full, where the message says it was writing, checkpoints left, resumed from on the re-run
 FULL_DISKS = [
-    ("second-checkpoint-optimizer", lambda mp: _full_torch_save(mp, ".tmp-step-00000004/.optimizer.pt"),
-     ".tmp-step-00000004/optimizer.pt", [2], 2),
-    ("first-checkpoint-rng", lambda mp: _full_torch_save(mp, ".tmp-step-00000002/.rng_state_0.pth"),
-     ".tmp-step-00000002/rng_state_0.pth", [], None),
-    ("final-adapter", lambda mp: _full_safetensors(mp, "adapter_model.safetensors"),
-     "adapter/adapter_model.safetensors", [2, 4], 4),
+    (
+        "second-checkpoint-optimizer",
+        lambda mp: _full_torch_save(mp, ".tmp-step-00000004/.optimizer.pt"),
+        ".tmp-step-00000004/optimizer.pt",
+        [2],
+        2,
+    ),
+    (
+        "first-checkpoint-rng",
+        lambda mp: _full_torch_save(mp, ".tmp-step-00000002/.rng_state_0.pth"),
+        ".tmp-step-00000002/rng_state_0.pth",
+        [],
+        None,
+    ),
+    (
+        "final-adapter",
+        lambda mp: _full_safetensors(mp, "adapter_model.safetensors"),
+        "adapter/adapter_model.safetensors",
+        [2, 4],
+        4,
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, fill, where, left, start", FULL_DISKS, ids=[f[0] for f in FULL_DISKS])
-def test_full_disk_is_named_and_the_same_command_resumes(name, fill, where, left, start, reference, tiny_llama,
-                                                         superni, tmp_path, capsys, monkeypatch, recwarn):
+def test_full_disk_is_named_and_the_same_command_resumes(
+    name, fill, where, left, start, reference, tiny_llama, superni, tmp_path, capsys, monkeypatch, recwarn
+):
     run = tmp_path / "run"
     with monkeypatch.context() as mp:
         fill(mp)
@@ -467,13 +543,17 @@ def test_folder_lock_in_one_process(tmp_path):
 
 
 # -- the main script ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, env_out, out", [
-    ([], None, "runs/main"),
-    (["--max-steps", "0"], None, "runs/main-base"),
-    (["--max-steps=0"], None, "runs/main-base"),
-    (["--max-steps", "10"], None, "runs/main"),
-    (["--max-steps", "0"], "runs/x", "runs/x"),
-], ids=["main", "baseline", "baseline-equals", "shorter", "out-env"])
+@pytest.mark.parametrize(
+    "args, env_out, out",
+    [
+        ([], None, "runs/main"),
+        (["--max-steps", "0"], None, "runs/main-base"),
+        (["--max-steps=0"], None, "runs/main-base"),
+        (["--max-steps", "10"], None, "runs/main"),
+        (["--max-steps", "0"], "runs/x", "runs/x"),
+    ],
+    ids=["main", "baseline", "baseline-equals", "shorter", "out-env"],
+)
 def test_main_script_resumes_and_keeps_the_baseline_apart(args, env_out, out, tmp_path):
     """scripts/main.sh with `orchmoe` stubbed: never --overwrite (a killed job resumes), the untrained baseline
     in its own folder (it never replaces runs/main)."""
@@ -490,12 +570,14 @@ def test_main_script_resumes_and_keeps_the_baseline_apart(args, env_out, out, tm
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     if env_out:
         env["OUT"] = env_out
-    done = subprocess.run(["bash", str(tmp_path / "scripts" / "main.sh"), *args], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "main.sh"), *args], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     argv = (tmp_path / "argv").read_text().splitlines()
     assert "--overwrite" not in argv
     assert argv[argv.index("--out") + 1] == out
-    assert argv[len(argv) - len(args):] == args  # the user's flags come last: they override the defaults
+    assert argv[len(argv) - len(args) :] == args  # the user's flags come last: they override the defaults
 
 
 def test_main_script_shows_a_finished_run_instead_of_failing(tmp_path):
@@ -514,10 +596,16 @@ def test_main_script_shows_a_finished_run_instead_of_failing(tmp_path):
     (run / "train_summary.json").write_text("{}")
     (run / "metrics.md").write_text("| seen | 47.0 |\n")
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    done = subprocess.run(["bash", str(tmp_path / "scripts" / "main.sh")], env=env, capture_output=True, text=True,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "main.sh")], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0 and "| seen | 47.0 |" in done.stdout and "holds a finished run" in done.stdout
     assert not (tmp_path / "trained").exists()
-    again = subprocess.run(["bash", str(tmp_path / "scripts" / "main.sh"), "--overwrite"], env=env, capture_output=True,
-                           text=True, cwd=tmp_path)
+    again = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "main.sh"), "--overwrite"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and (tmp_path / "trained").exists()  # --overwrite trains again

@@ -1,19 +1,35 @@
 """The training loop waits for the device only at logging steps: a step that does not log makes no host sync
 of orchmoe's own (the base model's own syncs, e.g. transformers' SDPA mask check, are counted apart)."""
+
 from __future__ import annotations
 
 import pytest
-from recipe_helpers import SEEN, UNSEEN
 
 from orchmoe.opcount import OpCounter
 from orchmoe.recipe import TrainConfig, Trainer
+from recipe_helpers import SEEN, UNSEEN
 
 
 def _syncs(tiny_llama, superni, tmp_path, method: str, steps: int) -> tuple[int, int]:
-    cfg = TrainConfig(model=str(tiny_llama), data=str(superni), tasks=",".join(SEEN), train_per_task=12, eval_per_task=3,
-                      unseen_tasks=UNSEEN, unseen_per_task=3, max_source_len=96, max_target_len=12, batch_size=4,
-                      max_steps=steps, log_every=1000, checkpoint_every=0, eval=False, progress=False, method=method,
-                      out=str(tmp_path / f"{method}-{steps}"))
+    cfg = TrainConfig(
+        model=str(tiny_llama),
+        data=str(superni),
+        tasks=",".join(SEEN),
+        train_per_task=12,
+        eval_per_task=3,
+        unseen_tasks=UNSEEN,
+        unseen_per_task=3,
+        max_source_len=96,
+        max_target_len=12,
+        batch_size=4,
+        max_steps=steps,
+        log_every=1000,
+        checkpoint_every=0,
+        eval=False,
+        progress=False,
+        method=method,
+        out=str(tmp_path / f"{method}-{steps}"),
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     # RoutedModel._task_ids validates task ids that live on the CPU on the host (on an accelerator it uses

@@ -1,4 +1,5 @@
 """Training recipe: artefacts, data order, exact resume after SIGKILL, every method, T5, budgets."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
-
 from orchmoe.config import METHODS
 from orchmoe.recipe import RunFolder, TrainConfig, TrainConfigError, train
 from orchmoe.recipe.batches import epoch_batches, rank_slice
 from orchmoe.recipe.cli import main
 from orchmoe.recipe.data import build_data
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -28,17 +28,57 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def cfg_for(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(model=str(model), data=str(data), tasks=",".join(SEEN), train_per_task=12, eval_per_task=3,
-                unseen_tasks=UNSEEN, unseen_per_task=3, max_source_len=96, max_target_len=12, batch_size=4,
-                eval_batch_size=8, lr=1e-2, progress=False, out=str(out), checkpoint_every=0, log_every=1)
+    base = dict(
+        model=str(model),
+        data=str(data),
+        tasks=",".join(SEEN),
+        train_per_task=12,
+        eval_per_task=3,
+        unseen_tasks=UNSEEN,
+        unseen_per_task=3,
+        max_source_len=96,
+        max_target_len=12,
+        batch_size=4,
+        eval_batch_size=8,
+        lr=1e-2,
+        progress=False,
+        out=str(out),
+        checkpoint_every=0,
+        log_every=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def cli_args(model: Path, data: Path, out: Path) -> list[str]:
-    return ["train", "--model", str(model), "--data", str(data), "--tasks", ",".join(SEEN), "--train-per-task", "12",
-            "--eval-per-task", "3", "--unseen-tasks", UNSEEN, "--unseen-per-task", "3", "--max-source-len", "96",
-            "--max-target-len", "12", "--batch-size", "4", "--lr", "1e-2", "--no-progress", "--out", str(out)]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--tasks",
+        ",".join(SEEN),
+        "--train-per-task",
+        "12",
+        "--eval-per-task",
+        "3",
+        "--unseen-tasks",
+        UNSEEN,
+        "--unseen-per-task",
+        "3",
+        "--max-source-len",
+        "96",
+        "--max-target-len",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -47,11 +87,20 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 # -- end to end ------------------------------------------------------------------------------
 
+
 def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     run = tmp_path / "run"
     assert main(cli_args(tiny_llama, superni, run) + ["--checkpoint-every", "3", "--log-every", "2"]) == 0
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "train_log.jsonl",
-                 "train_summary.json", "metrics.json", "metrics.md", "predictions.jsonl"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "config.yaml",
+        "train_log.jsonl",
+        "train_summary.json",
+        "metrics.json",
+        "metrics.md",
+        "predictions.jsonl",
+    ):
         assert (run / name).is_file(), name
 
     summary = json.loads((run / "train_summary.json").read_text())
@@ -63,7 +112,9 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     for r in log:
         assert r["allocation_spread"] >= 0 and 0 <= r["pi_entropy"] <= r["pi_entropy_max"] + 1e-6
         assert 0 < r["abstract_tasks_used"] <= 1 and 0 <= r["nmi_pi_task"] <= 1
-    assert all(r["router_lr"] == pytest.approx(r["lr"] * 0.1 / 1e-2) for r in log)  # the references' 0.1, scheduled alike
+    assert all(
+        r["router_lr"] == pytest.approx(r["lr"] * 0.1 / 1e-2) for r in log
+    )  # the references' 0.1, scheduled alike
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())["metadata"]
     assert meta["task_to_id"] == {t: i for i, t in enumerate(sorted(SEEN))}
     assert meta["unseen_tasks"] == [UNSEEN] and meta["categories"][UNSEEN] == "Keyword Tagging"
@@ -86,8 +137,14 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     base_bytes = (tiny_llama / "model.safetensors").stat().st_size
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert ckpt_bytes < base_bytes / 2
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "optimizer.pt", "scheduler.pt", "rng_state_0.pth",
-                                               "trainer_state.json", "config.yaml"}
+    assert {p.name for p in ckpt.iterdir()} >= {
+        "adapter",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state_0.pth",
+        "trainer_state.json",
+        "config.yaml",
+    }
 
     # A finished run folder is not silently overwritten.
     with pytest.raises(TrainConfigError, match="finished run"):
@@ -104,8 +161,22 @@ def test_data_is_seeded_and_disjoint(superni, tiny_llama, tmp_path):
     assert all(not e.seen for e in a.unseen) and all(e.seen for e in a.eval)
     other = build_data(cfg_for(tiny_llama, superni, tmp_path, train_per_task=40, eval_per_task=10, seed=1))
     assert {(e.task, e.id) for e in other.train} != train_ids
-    drawn = [build_data(cfg_for(tiny_llama, superni, tmp_path, tasks=5, train_per_task=40, eval_per_task=10, seed=s,
-                                task_seed=7, unseen_tasks=0)) for s in (0, 1)]
+    drawn = [
+        build_data(
+            cfg_for(
+                tiny_llama,
+                superni,
+                tmp_path,
+                tasks=5,
+                train_per_task=40,
+                eval_per_task=10,
+                seed=s,
+                task_seed=7,
+                unseen_tasks=0,
+            )
+        )
+        for s in (0, 1)
+    ]
     assert drawn[0].seen_tasks == drawn[1].seen_tasks  # a fixed task draw across seeds ...
     assert {(e.task, e.id) for e in drawn[0].train} != {(e.task, e.id) for e in drawn[1].train}  # ... new instances
 
@@ -136,7 +207,7 @@ def test_batches_mix_tasks_and_still_group_lengths():
     lengths = [30 + 12 * t + rng.randint(0, 10) for t in tasks]  # each task its own length band
     mix = {w: batch_mix(epoch_batches(lengths, 8, 1, 0, 0, tasks, w), tasks, lengths) for w in (1, 4, 50)}
     rng.shuffle(shuffled := list(range(len(tasks))))
-    random_batches = [shuffled[i:i + 8] for i in range(0, len(shuffled), 8)]
+    random_batches = [shuffled[i : i + 8] for i in range(0, len(shuffled), 8)]
     plain = batch_mix(random_batches, tasks, lengths)
     assert mix[50]["tasks_per_batch"] < 2.0  # a big length window: (nearly) single-task batches
     assert mix[1]["tasks_per_batch"] >= 6.5 and mix[4]["tasks_per_batch"] >= 2.5
@@ -149,14 +220,38 @@ def test_batches_mix_tasks_and_still_group_lengths():
 
 # -- exact resume ----------------------------------------------------------------------------
 
+
 def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
     """A real SIGKILL after the first checkpoint, then a resume: bit-identical final adapter."""
-    opts = dict(train_per_task=16, epochs=2, grad_accum=2, batch_size=2, checkpoint_every=4, eval=False,
-                method="orchmoe", adapter={"balance_coef": 0.01}, log_every=3)
+    opts = dict(
+        train_per_task=16,
+        epochs=2,
+        grad_accum=2,
+        batch_size=2,
+        checkpoint_every=4,
+        eval=False,
+        method="orchmoe",
+        adapter={"balance_coef": 0.01},
+        log_every=3,
+    )
     killed = tmp_path / "killed"
-    args = cli_args(tiny_llama, superni, killed) + ["--train-per-task", "16", "--epochs", "2", "--grad-accum", "2",
-                                                   "--batch-size", "2", "--checkpoint-every", "4", "--no-eval",
-                                                   "--adapter-arg", "balance_coef=0.01", "--log-every", "3"]
+    args = cli_args(tiny_llama, superni, killed) + [
+        "--train-per-task",
+        "16",
+        "--epochs",
+        "2",
+        "--grad-accum",
+        "2",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--no-eval",
+        "--adapter-arg",
+        "balance_coef=0.01",
+        "--log-every",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchmoe", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -184,7 +279,9 @@ def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
         assert torch.equal(a[k], b[k]), k
     la = [json.loads(x) for x in (unbroken / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (killed / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"], r["aux_loss"], r["lr"]) for r in la] == [(r["step"], r["loss"], r["aux_loss"], r["lr"]) for r in lb]
+    assert [(r["step"], r["loss"], r["aux_loss"], r["lr"]) for r in la] == [
+        (r["step"], r["loss"], r["aux_loss"], r["lr"]) for r in lb
+    ]
     assert json.loads((killed / "train_summary.json").read_text())["steps"] == 24  # 48 examples / 2 / 2, two epochs
 
 
@@ -201,6 +298,7 @@ def test_resume_refuses_a_changed_configuration(tiny_llama, superni, tmp_path):
 
 
 # -- methods, models, options ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains(method, tiny_llama, superni, tmp_path):
@@ -220,10 +318,22 @@ def test_encoder_decoder_trains_and_evaluates(tiny_t5, superni, tmp_path):
 
 
 def test_budget_rank_matches_a_lora_budget(tiny_llama, superni, tmp_path):
-    lora = train(cfg_for(tiny_llama, superni, tmp_path / "lora", method="lora", adapter={"rank": 8}, max_steps=0, eval=False))
+    lora = train(
+        cfg_for(tiny_llama, superni, tmp_path / "lora", method="lora", adapter={"rank": 8}, max_steps=0, eval=False)
+    )
     # (the tiny model is so narrow that OrchMoE's task router alone is a third of the budget at K=16)
-    orch = train(cfg_for(tiny_llama, superni, tmp_path / "orch", method="orchmoe", budget_rank=8,
-                         adapter={"n_skills": 2, "n_abstract_tasks": 2}, max_steps=0, eval=False))
+    orch = train(
+        cfg_for(
+            tiny_llama,
+            superni,
+            tmp_path / "orch",
+            method="orchmoe",
+            budget_rank=8,
+            adapter={"n_skills": 2, "n_abstract_tasks": 2},
+            max_steps=0,
+            eval=False,
+        )
+    )
     assert abs(orch["trainable_parameters"] - lora["trainable_parameters"]) <= 0.1 * lora["trainable_parameters"]
     resolved = yaml.safe_load((tmp_path / "orch" / "config.yaml").read_text())["_resolved"]["adapter"]
     assert resolved["method"] == "orchmoe" and resolved["rank"] > 2  # grown from the default rank 2
@@ -249,7 +359,16 @@ def test_max_steps_zero_is_the_untrained_model(tiny_llama, superni, tmp_path):
 
 def test_method_options_are_validated(tiny_llama, superni, tmp_path):
     with pytest.raises(TrainConfigError, match="n_abstract_tasks"):
-        train(cfg_for(tiny_llama, superni, tmp_path / "x", method="lora", adapter={"n_abstract_tasks": 4}, max_steps=0,
-                      eval=False))
+        train(
+            cfg_for(
+                tiny_llama,
+                superni,
+                tmp_path / "x",
+                method="lora",
+                adapter={"n_abstract_tasks": 4},
+                max_steps=0,
+                eval=False,
+            )
+        )
     with pytest.raises(TrainConfigError, match=r"method must be one of \[.*'lora'.*got 'moe'"):
         TrainConfig(method="moe")

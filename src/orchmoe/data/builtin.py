@@ -82,8 +82,7 @@ POSITIVE_ADJ = (
     "brilliant charming perfect friendly helpful"
 ).split()
 NEGATIVE_ADJ = (
-    "terrible awful horrible boring disappointing dreadful poor bad rude noisy dirty "
-    "annoying useless broken slow"
+    "terrible awful horrible boring disappointing dreadful poor bad rude noisy dirty annoying useless broken slow"
 ).split()
 POSITIVE_CLOSINGS = ("I would come back", "highly recommended", "I loved it", "worth every penny", "ten out of ten")
 NEGATIVE_CLOSINGS = ("never again", "I want a refund", "not recommended", "a total waste", "I regret it")
@@ -219,7 +218,11 @@ _YEAR_TEMPLATES = (
 def gen_extract_year(rng: random.Random) -> Generated:
     year = rng.randint(1800, 2024)
     sentence = rng.choice(_YEAR_TEMPLATES).format(
-        thing=rng.choice(THINGS), year=year, name=rng.choice(NAMES), city=rng.choice(CITIES), a_job=_an(rng.choice(JOBS))
+        thing=rng.choice(THINGS),
+        year=year,
+        name=rng.choice(NAMES),
+        city=rng.choice(CITIES),
+        a_job=_an(rng.choice(JOBS)),
     )
     return sentence, str(year), f"{year} is the year mentioned in the sentence."
 
@@ -259,54 +262,128 @@ class BuiltinTaskSpec:
 
 
 BUILTIN_TASKS: tuple[BuiltinTaskSpec, ...] = (
-    BuiltinTaskSpec("builtin_reverse_word", "Text Manipulation",
-                    "Reverse the order of the letters in the given word. Write only the reversed word.",
-                    gen_reverse_word, "train"),
-    BuiltinTaskSpec("builtin_uppercase", "Text Manipulation",
-                    "Rewrite the given phrase using only uppercase letters.", gen_uppercase, "train"),
-    BuiltinTaskSpec("builtin_acronym", "Text Manipulation",
-                    "Form an acronym: write the first letter of each word of the phrase, in uppercase, "
-                    "without spaces.", gen_acronym, "train"),
-    BuiltinTaskSpec("builtin_duplicate_word", "Text Manipulation",
-                    "Copy the given word twice, separated by a single space.", gen_duplicate_word, "train"),
-    BuiltinTaskSpec("builtin_remove_vowels", "Text Manipulation",
-                    "Remove every vowel (a, e, i, o, u) from the given text and keep all other characters.",
-                    gen_remove_vowels, "test"),
-    BuiltinTaskSpec("builtin_add", "Arithmetic",
-                    "Add the two numbers and write the sum as a number.", gen_add, "train"),
-    BuiltinTaskSpec("builtin_subtract", "Arithmetic",
-                    "Subtract the second number from the first and write the difference as a number.",
-                    gen_subtract, "test"),
-    BuiltinTaskSpec("builtin_multiply_small", "Arithmetic",
-                    "Multiply the number by the small integer after the '*' sign and write the product.",
-                    gen_multiply_small, "train"),
-    BuiltinTaskSpec("builtin_max_number", "Arithmetic",
-                    "Find the largest number in the comma-separated list and write it.", gen_max_number, "train"),
-    BuiltinTaskSpec("builtin_sort_numbers", "Sorting",
-                    "Sort the comma-separated numbers in ascending order. Write them separated by a comma "
-                    "and a space.", gen_sort_numbers, "train"),
-    BuiltinTaskSpec("builtin_sort_words", "Sorting",
-                    "Sort the given words in alphabetical order. Write them separated by spaces.",
-                    gen_sort_words, "train"),
-    BuiltinTaskSpec("builtin_count_words", "Counting",
-                    "Count the words in the given sentence and write the count as a number.",
-                    gen_count_words, "train"),
-    BuiltinTaskSpec("builtin_count_letter", "Counting",
-                    "Count how many times the given letter appears in the given word. Write the count as a "
-                    "number.", gen_count_letter, "train"),
-    BuiltinTaskSpec("builtin_extract_city", "Information Extraction",
-                    "Extract the name of the city mentioned in the sentence.", gen_extract_city, "train"),
-    BuiltinTaskSpec("builtin_extract_job", "Information Extraction",
-                    "Extract the job (occupation) of the person described in the sentence.",
-                    gen_extract_job, "train"),
-    BuiltinTaskSpec("builtin_extract_year", "Information Extraction",
-                    "Extract the year mentioned in the sentence.", gen_extract_year, "test"),
-    BuiltinTaskSpec("builtin_sentiment", "Sentiment Analysis",
-                    "Classify the sentiment of the review. Answer \"positive\" or \"negative\".",
-                    gen_sentiment, "train"),
-    BuiltinTaskSpec("builtin_even_odd", "Classification",
-                    "Decide whether the given number is even or odd. Answer \"even\" or \"odd\".",
-                    gen_even_odd, "train"),
+    BuiltinTaskSpec(
+        "builtin_reverse_word",
+        "Text Manipulation",
+        "Reverse the order of the letters in the given word. Write only the reversed word.",
+        gen_reverse_word,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_uppercase",
+        "Text Manipulation",
+        "Rewrite the given phrase using only uppercase letters.",
+        gen_uppercase,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_acronym",
+        "Text Manipulation",
+        "Form an acronym: write the first letter of each word of the phrase, in uppercase, without spaces.",
+        gen_acronym,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_duplicate_word",
+        "Text Manipulation",
+        "Copy the given word twice, separated by a single space.",
+        gen_duplicate_word,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_remove_vowels",
+        "Text Manipulation",
+        "Remove every vowel (a, e, i, o, u) from the given text and keep all other characters.",
+        gen_remove_vowels,
+        "test",
+    ),
+    BuiltinTaskSpec(
+        "builtin_add", "Arithmetic", "Add the two numbers and write the sum as a number.", gen_add, "train"
+    ),
+    BuiltinTaskSpec(
+        "builtin_subtract",
+        "Arithmetic",
+        "Subtract the second number from the first and write the difference as a number.",
+        gen_subtract,
+        "test",
+    ),
+    BuiltinTaskSpec(
+        "builtin_multiply_small",
+        "Arithmetic",
+        "Multiply the number by the small integer after the '*' sign and write the product.",
+        gen_multiply_small,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_max_number",
+        "Arithmetic",
+        "Find the largest number in the comma-separated list and write it.",
+        gen_max_number,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_sort_numbers",
+        "Sorting",
+        "Sort the comma-separated numbers in ascending order. Write them separated by a comma and a space.",
+        gen_sort_numbers,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_sort_words",
+        "Sorting",
+        "Sort the given words in alphabetical order. Write them separated by spaces.",
+        gen_sort_words,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_count_words",
+        "Counting",
+        "Count the words in the given sentence and write the count as a number.",
+        gen_count_words,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_count_letter",
+        "Counting",
+        "Count how many times the given letter appears in the given word. Write the count as a number.",
+        gen_count_letter,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_extract_city",
+        "Information Extraction",
+        "Extract the name of the city mentioned in the sentence.",
+        gen_extract_city,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_extract_job",
+        "Information Extraction",
+        "Extract the job (occupation) of the person described in the sentence.",
+        gen_extract_job,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_extract_year",
+        "Information Extraction",
+        "Extract the year mentioned in the sentence.",
+        gen_extract_year,
+        "test",
+    ),
+    BuiltinTaskSpec(
+        "builtin_sentiment",
+        "Sentiment Analysis",
+        'Classify the sentiment of the review. Answer "positive" or "negative".',
+        gen_sentiment,
+        "train",
+    ),
+    BuiltinTaskSpec(
+        "builtin_even_odd",
+        "Classification",
+        'Decide whether the given number is even or odd. Answer "even" or "odd".',
+        gen_even_odd,
+        "train",
+    ),
 )
 
 
@@ -356,9 +433,7 @@ def generate_task(spec: BuiltinTaskSpec, seed: int = 0, n_instances: int = 1200)
         "Positive Examples": [{"input": i, "output": o, "explanation": e} for i, o, e in positives],
         "Negative Examples": [],
         "Instance License": ["Apache 2.0"],
-        "Instances": [
-            {"id": f"{spec.name}-{k}", "input": i, "output": [o]} for k, (i, o, _) in enumerate(instances)
-        ],
+        "Instances": [{"id": f"{spec.name}-{k}", "input": i, "output": [o]} for k, (i, o, _) in enumerate(instances)],
     }
 
 
@@ -419,7 +494,9 @@ def write_builtin(dest_dir: str | Path, seed: int = 0, n_instances: int = 1200) 
         if not dest.is_dir():
             raise DataError(f"{dest} exists and is not a directory; refusing to write the builtin dataset there")
         if any(dest.iterdir()) and _read_stamp(dest) is None:
-            raise DataError(f"{dest} is a non-empty directory without a builtin {STAMP_FILE} file; refusing to overwrite it")
+            raise DataError(
+                f"{dest} is a non-empty directory without a builtin {STAMP_FILE} file; refusing to overwrite it"
+            )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     old: Path | None = None

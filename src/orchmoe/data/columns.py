@@ -87,7 +87,10 @@ def detect_schema(columns: Sequence[str], origin: str, task_column: str | None =
     if task_column is not None and task_column not in cols:
         raise DataError(f"{origin}: missing task column {task_column!r} (given as task_column); {found}")
     return Schema(
-        layout=layout, input=inp, output=out, instruction=instr,
+        layout=layout,
+        input=inp,
+        output=out,
+        instruction=instr,
         task=task_column or _first(cols, TASK_COLUMNS),
         id="id" if "id" in cols else None,
         definition=_first(cols, ("definition", "Definition")),
@@ -107,8 +110,10 @@ def _text(value: Any, where: str, column: str) -> str:
         return str(value)
     if value is None:
         raise DataError(f"{where} has a null {column!r}; fill it in or remove the row")
-    raise DataError(f"{where}: {column!r} must be a string, got {type(value).__name__} "
-                    "(conversational/message lists are not supported)")
+    raise DataError(
+        f"{where}: {column!r} must be a string, got {type(value).__name__} "
+        "(conversational/message lists are not supported)"
+    )
 
 
 def _references(value: Any, where: str, column: str) -> list[str]:
@@ -201,8 +206,10 @@ def task_from_rows(name: str, blocks: Sequence[RowBlock], source_path: Path | No
                 instances[iid] = {"id": iid, "input": text, "output": refs}
                 first_seen[iid] = f"{block.origin}: row {row + 1}"
             elif inst["input"] != text:
-                raise DataError(f"{where}: instance id {iid!r} is also at {first_seen[iid]} with another input; "
-                                "ids must be unique within a task (rows with one id are one instance's references)")
+                raise DataError(
+                    f"{where}: instance id {iid!r} is also at {first_seen[iid]} with another input; "
+                    "ids must be unique within a task (rows with one id are one instance's references)"
+                )
             else:
                 inst["output"] += [r for r in refs if r not in inst["output"]]
     head, s = blocks[0], blocks[0].schema
@@ -214,14 +221,24 @@ def task_from_rows(name: str, blocks: Sequence[RowBlock], source_path: Path | No
     positive = _positive_examples(head.columns[s.positive][0], head.origin, s.positive) if s.positive else []
     categories = _categories(head.columns[s.category][0]) if s.category else []
     return SuperNITask(
-        name=name, definition=_text(definition, head.origin, "definition").strip(),
-        positive_examples=positive, categories=categories, instances=list(instances.values()),
+        name=name,
+        definition=_text(definition, head.origin, "definition").strip(),
+        positive_examples=positive,
+        categories=categories,
+        instances=list(instances.values()),
         source_path=source_path,
     )
 
 
 def needed_columns(schema: Schema) -> list[str]:
     """The columns :func:`task_from_rows` reads."""
-    names = [schema.input, schema.output, schema.instruction, schema.id, schema.definition, schema.positive,
-             schema.category]
+    names = [
+        schema.input,
+        schema.output,
+        schema.instruction,
+        schema.id,
+        schema.definition,
+        schema.positive,
+        schema.category,
+    ]
     return list(dict.fromkeys(n for n in names if n is not None))

@@ -70,8 +70,9 @@ def _task_key(task: SuperNITask) -> dict[str, Any]:
     return {"definition": task.definition, "positive": task.positive_examples}
 
 
-def features_fingerprint(examples: list[Example], task_defs: dict[str, SuperNITask], tokenizer: Any,
-                         settings: dict[str, Any]) -> str:
+def features_fingerprint(
+    examples: list[Example], task_defs: dict[str, SuperNITask], tokenizer: Any, settings: dict[str, Any]
+) -> str:
     """The cache key: examples (task, task id, input, target), the definitions and demonstrations
     of their tasks, the tokenizer, the settings and the prompt code. 40 hex digits."""
     h = hashlib.sha256()
@@ -86,12 +87,22 @@ def features_fingerprint(examples: list[Example], task_defs: dict[str, SuperNITa
     return h.hexdigest()[:40]
 
 
-def _encode_batch(batch: dict[str, list], *, tokenizer: Any, task_defs: dict[str, SuperNITask],
-                  prompt_only: bool, settings: dict[str, Any]) -> dict[str, list]:
+def _encode_batch(
+    batch: dict[str, list],
+    *,
+    tokenizer: Any,
+    task_defs: dict[str, SuperNITask],
+    prompt_only: bool,
+    settings: dict[str, Any],
+) -> dict[str, list]:
     """``Dataset.map`` function: the rows' features, exactly as :func:`encode_example` /
     :func:`encode_prompt` give them."""
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], **({} if prompt_only else {"labels": []}),
-                            "task_id": []}
+    out: dict[str, list] = {
+        "input_ids": [],
+        "attention_mask": [],
+        **({} if prompt_only else {"labels": []}),
+        "task_id": [],
+    }
     for task, task_id, text, target in zip(batch["task"], batch["example_task_id"], batch["input"], batch["target"]):
         if prompt_only:
             s = {k: v for k, v in settings.items() if k != "max_target_len"}
@@ -147,17 +158,25 @@ def tokenized_features(
     examples: list[Example] = getattr(data, part)
     if not examples:
         raise DataError(f"no {part} examples to tokenise")
-    settings = {"n_pos": n_pos, "max_source_len": max_source_len, "max_target_len": max_target_len,
-                "decoder_only": decoder_only, "chat_template": chat_template, "definition": definition}
+    settings = {
+        "n_pos": n_pos,
+        "max_source_len": max_source_len,
+        "max_target_len": max_target_len,
+        "decoder_only": decoder_only,
+        "chat_template": chat_template,
+        "definition": definition,
+    }
     fingerprint = features_fingerprint(examples, data.task_defs, tokenizer, {**settings, "prompt_only": prompt_only})
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_features_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    table = datasets.Dataset.from_dict({
-        "task": [ex.task for ex in examples],
-        "example_task_id": [ex.task_id for ex in examples],
-        "input": [ex.input for ex in examples],
-        "target": [ex.target for ex in examples],
-    })
+    table = datasets.Dataset.from_dict(
+        {
+            "task": [ex.task for ex in examples],
+            "example_task_id": [ex.task_id for ex in examples],
+            "input": [ex.input for ex in examples],
+            "target": [ex.target for ex in examples],
+        }
+    )
     defs = {t: data.task_defs[t] for t in {ex.task for ex in examples}}
     return table.map(
         _encode_batch,

@@ -92,13 +92,24 @@ def _split_pool(source: TaskSource, split: str, part: str) -> list[str]:
     if len(names) < len(listed):
         logger.warning(
             "split %r lists %d %s tasks; only %d have %s, using those",
-            split, len(listed), part, len(names), source.where,
+            split,
+            len(listed),
+            part,
+            len(names),
+            source.where,
         )
     return names
 
 
-def _draw(source: TaskSource, n: int, split: str, seed: int, min_instances: int,
-          loaded: dict[str, SuperNITask] | None, exclude: frozenset[str]) -> list[str]:
+def _draw(
+    source: TaskSource,
+    n: int,
+    split: str,
+    seed: int,
+    min_instances: int,
+    loaded: dict[str, SuperNITask] | None,
+    exclude: frozenset[str],
+) -> list[str]:
     if n <= 0:
         raise DataError(f"number of tasks must be positive, got {n}")
     pool = _present(source, source.split_tasks(split, "train"))
@@ -216,9 +227,7 @@ def sample_instances(
                 f"task {task.name!r} has only {have} instances; {n_eval} eval + at least 1 train were requested"
             )
     elif have < n_train + n_eval:
-        raise DataError(
-            f"task {task.name!r} has only {have} instances; {n_train} train + {n_eval} eval were requested"
-        )
+        raise DataError(f"task {task.name!r} has only {have} instances; {n_train} train + {n_eval} eval were requested")
     order = list(range(have))
     random.Random(f"{seed}:{task.name}").shuffle(order)
     eval_idx = order[:n_eval]
@@ -232,8 +241,6 @@ def unseen_eval_instances(task: SuperNITask, n: int = 100) -> list[dict[str, Any
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     return list(task.instances[:n])
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +281,13 @@ def _unseen_pool(source: TaskSource, spec: Any, split: str, seen: set[str], task
     pool = [n for n in _present(source, listed) if n not in seen]
     absent = [n for n in listed if not source.has_task(n)]
     if absent:
-        logger.warning("split %r lists %d test task(s) without %s (%s); they are not scored",
-                       split, len(absent), source.where, ", ".join(absent[:5]))
+        logger.warning(
+            "split %r lists %d test task(s) without %s (%s); they are not scored",
+            split,
+            len(absent),
+            source.where,
+            ", ".join(absent[:5]),
+        )
     if count is None:
         return sorted(pool)
     if count < 0 or count > len(pool):
@@ -331,8 +343,17 @@ def load_multitask(
     loaded: dict[str, SuperNITask] = {}
     task_seed = seed if task_seed is None else task_seed  # the task draw; instances always follow `seed`
     named_unseen = _explicit_unseen(source, n_unseen_tasks, split, task_seed)
-    seen = sorted(select_tasks(source, tasks, split=split, seed=task_seed, min_instances=min_instances,
-                               exclude=named_unseen or (), _loaded=loaded))
+    seen = sorted(
+        select_tasks(
+            source,
+            tasks,
+            split=split,
+            seed=task_seed,
+            min_instances=min_instances,
+            exclude=named_unseen or (),
+            _loaded=loaded,
+        )
+    )
     task_to_id = {name: i for i, name in enumerate(seen)}
     if named_unseen is not None:
         unseen = named_unseen
@@ -357,6 +378,13 @@ def load_multitask(
         unseen_ex += _examples(task, -1, unseen_eval_instances(task, n_unseen_eval))
         defs[name] = dataclasses.replace(task, instances=[])
     return MultiTaskData(
-        data_dir=source.location, seen_tasks=seen, unseen_tasks=unseen, task_to_id=task_to_id,
-        train=train, eval=evals, unseen=unseen_ex, task_defs=defs, source_options=options,
+        data_dir=source.location,
+        seen_tasks=seen,
+        unseen_tasks=unseen,
+        task_to_id=task_to_id,
+        train=train,
+        eval=evals,
+        unseen=unseen_ex,
+        task_defs=defs,
+        source_options=options,
     )

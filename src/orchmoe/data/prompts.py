@@ -71,7 +71,7 @@ def _enc(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-_AFFIX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_AFFIX_CACHE: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _cached(tokenizer: Any, key: str, compute) -> Any:
@@ -195,8 +195,14 @@ def encode_prompt(
     """Token ids of the prompt alone, for generation (identical to the prompt part that
     :func:`encode_example` trains on, so train and test see the same tokens)."""
     return _prompt_ids(
-        tokenizer, task, input_text, n_pos=n_pos, max_source_len=max_source_len,
-        decoder_only=decoder_only, chat_template=chat_template, definition=definition,
+        tokenizer,
+        task,
+        input_text,
+        n_pos=n_pos,
+        max_source_len=max_source_len,
+        decoder_only=decoder_only,
+        chat_template=chat_template,
+        definition=definition,
     )
 
 
@@ -236,11 +242,18 @@ def encode_example(
     ``labels = answer + eos``. ``len(prompt) <= max_source_len`` and ``len(answer+eos) <= max_target_len``.
     """
     prompt = _prompt_ids(
-        tokenizer, task, input_text, n_pos=n_pos, max_source_len=max_source_len,
-        decoder_only=decoder_only, chat_template=chat_template, definition=definition,
+        tokenizer,
+        task,
+        input_text,
+        n_pos=n_pos,
+        max_source_len=max_source_len,
+        decoder_only=decoder_only,
+        chat_template=chat_template,
+        definition=definition,
     )
-    ans = encode_answer(tokenizer, answer, max_target_len=max_target_len, decoder_only=decoder_only,
-                        chat_template=chat_template)
+    ans = encode_answer(
+        tokenizer, answer, max_target_len=max_target_len, decoder_only=decoder_only, chat_template=chat_template
+    )
     if decoder_only:
         ids = prompt + ans
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + ans}
@@ -295,12 +308,12 @@ def pad_batch(
     if "labels" in features[0]:
         labels = [f["labels"] for f in features]
         if decoder_only:
-            bad = [i for i, (l, s) in enumerate(zip(labels, ids)) if len(l) != len(s)]
+            bad = [i for i, (lab, s) in enumerate(zip(labels, ids)) if len(lab) != len(s)]
             if bad:
                 raise ValueError(f"decoder-only features {bad[:5]} have labels of another length than input_ids")
             batch["labels"] = _pad(labels, IGNORE_INDEX, padding_side, length)
         else:
-            batch["labels"] = _pad(labels, IGNORE_INDEX, "right", max(len(l) for l in labels))
+            batch["labels"] = _pad(labels, IGNORE_INDEX, "right", max(len(lab) for lab in labels))
     for key in features[0]:
         if key in ("input_ids", "attention_mask", "labels"):
             continue

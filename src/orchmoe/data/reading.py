@@ -139,8 +139,9 @@ def _file_parts(builder: str, files: Sequence[Path], folder: Path | None, cache:
     alone = range(len(files))
     if 1 < len(files) <= PER_FILE_LIMIT:
         try:
-            dd = datasets.load_dataset(builder, data_files={f"f{i:05d}": str(f) for i, f in enumerate(files)},
-                                       cache_dir=cache)
+            dd = datasets.load_dataset(
+                builder, data_files={f"f{i:05d}": str(f) for i, f in enumerate(files)}, cache_dir=cache
+            )
             tables = [dd[f"f{i:05d}"] for i in range(len(files))]
             alone = [i for i, t in enumerate(tables) if _has_null_column(t)]
         except Exception as e:  # noqa: BLE001  (read file by file below, so that the error names its file)
@@ -154,8 +155,9 @@ def _file_parts(builder: str, files: Sequence[Path], folder: Path | None, cache:
     return parts
 
 
-def _folder_parts(builder: str, files: Sequence[Path], folder: Path, task_column: str | None,
-                  cache: str | None) -> list[Part] | None:
+def _folder_parts(
+    builder: str, files: Sequence[Path], folder: Path, task_column: str | None, cache: str | None
+) -> list[Part] | None:
     """One part per train/test folder for many files with a task column; None when that does not fit."""
     import datasets
 
@@ -167,16 +169,26 @@ def _folder_parts(builder: str, files: Sequence[Path], folder: Path, task_column
         if task is not None:
             task_files[task] = f
     try:
-        dd = datasets.load_dataset(builder, data_files={k: [str(f) for f in v] for k, v in groups.items()},
-                                   cache_dir=cache)
+        dd = datasets.load_dataset(
+            builder, data_files={k: [str(f) for f in v] for k, v in groups.items()}, cache_dir=cache
+        )
     except Exception as e:  # noqa: BLE001  (the caller reads file by file)
         logger.debug("reading %d %s files by folder failed (%s)", len(files), builder, e)
         return None
     names = (task_column,) if task_column else TASK_COLUMNS
     if not all(any(c in dd[k].column_names for c in names) for k in groups):
         return None
-    return [Part(dd[k], f"{len(v)} {builder} files in {folder}" + (f"/{k}" if k != "other" else ""),
-                 None if k == "other" else k, None, tuple(v), task_files) for k, v in groups.items()]
+    return [
+        Part(
+            dd[k],
+            f"{len(v)} {builder} files in {folder}" + (f"/{k}" if k != "other" else ""),
+            None if k == "other" else k,
+            None,
+            tuple(v),
+            task_files,
+        )
+        for k, v in groups.items()
+    ]
 
 
 def parts_from_path(path: Path, cache_dir: PathLike | None = None, task_column: str | None = None) -> list[Part]:
@@ -197,8 +209,10 @@ def parts_from_path(path: Path, cache_dir: PathLike | None = None, task_column: 
     else:
         files = data_files(path)
         if not files:
-            raise DataError(f"{str(path)!r} holds no data: it has no 'tasks/' folder (official SuperNI layout) "
-                            f"and no .jsonl, .json or .parquet files")
+            raise DataError(
+                f"{str(path)!r} holds no data: it has no 'tasks/' folder (official SuperNI layout) "
+                f"and no .jsonl, .json or .parquet files"
+            )
         for f in files:
             if f.stat().st_size == 0:
                 logger.warning("skipping empty data file %s", f)
@@ -233,8 +247,9 @@ def parts_from_hub(repo_id: str, cache_dir: PathLike | None = None) -> list[Part
         with quiet_datasets():
             loaded = datasets.load_dataset(repo_id, cache_dir=None if cache_dir is None else str(cache_dir))
     except datasets.exceptions.DatasetNotFoundError as e:
-        raise DataError(f"{repo_id!r} is neither a local file or folder nor a dataset on the Hugging Face Hub "
-                        f"({root_cause(e)})") from e
+        raise DataError(
+            f"{repo_id!r} is neither a local file or folder nor a dataset on the Hugging Face Hub ({root_cause(e)})"
+        ) from e
     except (ConnectionError, OSError) as e:
         raise DataError(
             f"{repo_id!r} is no local file or folder, and loading it from the Hugging Face Hub failed: "
@@ -248,8 +263,11 @@ def parts_from_hub(repo_id: str, cache_dir: PathLike | None = None) -> list[Part
 def parts_from_splits(loaded: Any, origin: str, default_task: str) -> list[Part]:
     """A ``Dataset`` or ``DatasetDict``: its ``test`` split is the unseen pool, the others the seen pool."""
     splits = loaded.items() if hasattr(loaded, "items") else [("train", loaded)]
-    parts = [Part(ds, f"{origin} [{name}]", "test" if name == "test" else "train", default_task)
-             for name, ds in splits if len(ds)]
+    parts = [
+        Part(ds, f"{origin} [{name}]", "test" if name == "test" else "train", default_task)
+        for name, ds in splits
+        if len(ds)
+    ]
     if not parts:
         raise DataError(f"{origin}: the dataset has no rows")
     return parts

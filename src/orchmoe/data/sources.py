@@ -65,8 +65,15 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
         from orchmoe.data.tables import TableSource
 
         key = ("path", str(path.resolve()), task_column, str(cache_dir), _signature(path))
-        return _remember(key, lambda: TableSource(parts_from_path(path, cache_dir, task_column), path,
-                                                  task_column=task_column, split_root=path if path.is_dir() else None))
+        return _remember(
+            key,
+            lambda: TableSource(
+                parts_from_path(path, cache_dir, task_column),
+                path,
+                task_column=task_column,
+                split_root=path if path.is_dir() else None,
+            ),
+        )
     from orchmoe.data.reading import BUILDERS, HUB_ID, parts_from_hub
     from orchmoe.data.tables import TableSource
 
@@ -74,5 +81,7 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
     if HUB_ID.match(text) and path.suffix.lower() not in BUILDERS:
         key = ("hub", text, task_column, str(cache_dir))
         return _remember(key, lambda: TableSource(parts_from_hub(text, cache_dir), text, task_column=task_column))
-    raise DataError(f"data {text!r} does not exist: it is no file or folder here, not {BUILTIN!r}, "
-                    "and not a hub dataset id (owner/name)")
+    raise DataError(
+        f"data {text!r} does not exist: it is no file or folder here, not {BUILTIN!r}, "
+        "and not a hub dataset id (owner/name)"
+    )

@@ -136,9 +136,7 @@ def _parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
             output = output[0]
         if ex["input"] is None or output is None:
             raise DataError(f"{path}: {key}[{i}] has a null 'input' or 'output'; fill it in or remove it")
-        out.append(
-            {"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))}
-        )
+        out.append({"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))})
     return out
 
 
@@ -182,9 +180,7 @@ def read_task_file(path: Path, name: str) -> SuperNITask:
         with path.open(encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
-        ) from e
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}") from e
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from e
     if not isinstance(raw, Mapping):

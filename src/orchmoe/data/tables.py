@@ -82,8 +82,10 @@ def _group_rows(part: Part, schema: Schema) -> dict[str, np.ndarray]:
 
     if schema.task is None:
         if part.default_task is None:
-            raise DataError(f"{part.origin}: no task column ({' or '.join(repr(c) for c in ('task_name', 'task'))}); "
-                            f"columns found: {part.dataset.column_names}; name it with task_column=")
+            raise DataError(
+                f"{part.origin}: no task column ({' or '.join(repr(c) for c in ('task_name', 'task'))}); "
+                f"columns found: {part.dataset.column_names}; name it with task_column="
+            )
         return {part.default_task: np.arange(len(part.dataset))}
     col = arrow_table(part.dataset).column(schema.task).combine_chunks()
     if col.null_count:
@@ -101,8 +103,14 @@ def _group_rows(part: Part, schema: Schema) -> dict[str, np.ndarray]:
 class TableSource(TaskSource):
     """Tasks in tables read with ``datasets``; each task's rows are materialised only when it is loaded."""
 
-    def __init__(self, parts: Sequence[Part], location: Path | str, *, task_column: str | None = None,
-                 split_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        parts: Sequence[Part],
+        location: Path | str,
+        *,
+        task_column: str | None = None,
+        split_root: Path | None = None,
+    ) -> None:
         self.location = location
         self.where = f"data in {location}"
         self.absent = f"no task in {location} named"
@@ -118,8 +126,13 @@ class TableSource(TaskSource):
                 self._pools[part.part or "train"].add(name)
         both = sorted(self._pools["train"] & self._pools["test"])
         if both:
-            logger.warning("%d task(s) have rows in both the train and the test part of %s (e.g. %s); "
-                           "they are in both pools and their rows are merged", len(both), location, both[0])
+            logger.warning(
+                "%d task(s) have rows in both the train and the test part of %s (e.g. %s); "
+                "they are in both pools and their rows are merged",
+                len(both),
+                location,
+                both[0],
+            )
 
     def task_names(self) -> list[str]:
         return sorted(self._rows)
@@ -129,8 +142,10 @@ class TableSource(TaskSource):
 
     def load_task(self, name: str) -> SuperNITask:
         if name not in self._rows:
-            raise DataError(f"no task {name!r} in {self.location} ({len(self._rows)} tasks, e.g. "
-                            f"{', '.join(self.task_names()[:5])})")
+            raise DataError(
+                f"no task {name!r} in {self.location} ({len(self._rows)} tasks, e.g. "
+                f"{', '.join(self.task_names()[:5])})"
+            )
         import pyarrow as pa
 
         blocks, path = [], None

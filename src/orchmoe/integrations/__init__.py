@@ -2,6 +2,7 @@
 
 Imported lazily: ``import orchmoe`` does not load the training stack (or TRL).
 """
+
 from __future__ import annotations
 
 __all__ = ["RoutedSFTTrainer", "RoutedTrainer", "RoutedTrainerMixin"]

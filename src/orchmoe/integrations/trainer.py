@@ -22,6 +22,7 @@ changes exactly those, nothing else:
   Task Router entropy, abstract tasks used and, when batches carry ``task_ids``, NMI with the
   task), from this process's batches.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,10 @@ class RoutedTrainerMixin:
         self._routing_window: tuple[list[torch.Tensor], list[torch.Tensor | None]] = ([], [])
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, RoutedModel):
-            raise TypeError(f"{type(self).__name__} trains a RoutedModel (orchmoe.get_model(base, config)), got "
-                            f"{type(self.model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} trains a RoutedModel (orchmoe.get_model(base, config)), got "
+                f"{type(self.model).__name__}"
+            )
 
     @property
     def routed_model(self) -> RoutedModel:
@@ -71,22 +74,32 @@ class RoutedTrainerMixin:
         else:
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, routed)
         kwargs = dict(kwargs)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or {"params", "model", "optimizer_dict"} & set(kwargs):
-            raise ValueError(f"{type(self).__name__} builds its own two-speed parameter groups; optim={self.args.optim!r} "
-                             "manages its parameters itself: use a torch optimizer (adamw_torch, sgd, ...) or pass "
-                             "optimizers=(optimizer, scheduler)")
-        groups = routed.parameter_groups(lr=self.args.learning_rate, router_lr=self.router_lr,
-                                         weight_decay=self.args.weight_decay)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or {
+            "params",
+            "model",
+            "optimizer_dict",
+        } & set(kwargs):
+            raise ValueError(
+                f"{type(self).__name__} builds its own two-speed parameter groups; optim={self.args.optim!r} "
+                "manages its parameters itself: use a torch optimizer (adamw_torch, sgd, ...) or pass "
+                "optimizers=(optimizer, scheduler)"
+            )
+        groups = routed.parameter_groups(
+            lr=self.args.learning_rate, router_lr=self.router_lr, weight_decay=self.args.weight_decay
+        )
         self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
     # -- loss ------------------------------------------------------------------------------------
-    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The parent's loss plus the auxiliary losses of its forward(s), scaled as the parent's loss is."""
         routed = self.routed_model
         with routed.aux_loss_collector() as aux:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if not routed.training:
             return result
         self._remember_routing(routed, inputs)
@@ -104,8 +117,9 @@ class RoutedTrainerMixin:
         flag = getattr(self, "loss_is_scaled_for_ga", None)
         if flag is not None:
             return bool(flag)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
 
     def _accumulation_steps(self) -> int:
         return int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps)
@@ -169,13 +183,19 @@ class RoutedTrainerMixin:
         try:
             meta = read_adapter_config(resume_from_checkpoint)
         except FileNotFoundError:
-            raise ValueError(f"{resume_from_checkpoint} holds no orchmoe adapter (adapter_config.json): not a "
-                             f"checkpoint of {type(self).__name__}") from None
+            raise ValueError(
+                f"{resume_from_checkpoint} holds no orchmoe adapter (adapter_config.json): not a "
+                f"checkpoint of {type(self).__name__}"
+            ) from None
         saved, ours = adapter_config_from_meta(meta, resume_from_checkpoint).to_dict(), routed.adapter_config.to_dict()
         if saved != ours:
-            diff = {k: (saved.get(k), ours.get(k)) for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)}
-            raise AdapterMismatchError(f"checkpoint {resume_from_checkpoint} holds an adapter with other settings than "
-                                       f"the model being trained (checkpoint vs model: {diff})")
+            diff = {
+                k: (saved.get(k), ours.get(k)) for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)
+            }
+            raise AdapterMismatchError(
+                f"checkpoint {resume_from_checkpoint} holds an adapter with other settings than "
+                f"the model being trained (checkpoint vs model: {diff})"
+            )
         routed.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

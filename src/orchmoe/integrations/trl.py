@@ -7,6 +7,7 @@ adds: its checkpoints are the whole model's ``state_dict()`` (refused for tied e
 learning rate for every parameter, and its loss comes from the fused ``log_probs``, so MoLoRA's
 balance loss is dropped (with a warning). This class is ``SFTTrainer`` with `RoutedTrainerMixin`.
 """
+
 from __future__ import annotations
 
 from trl import SFTTrainer

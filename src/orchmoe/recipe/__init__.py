@@ -3,11 +3,23 @@ the training loop, evaluation, reports and routing analyses.
 
 Import the analysis from `orchmoe.recipe.analysis` (it needs matplotlib and scipy).
 """
+
 from .evaluate import evaluate_model, evaluate_run, generate_predictions
 from .options import TrainConfig, TrainConfigError, load_config_file
 from .report import build_report, write_report
 from .run_folder import RunFolder
 from .trainer import Trainer, train
 
-__all__ = ["RunFolder", "TrainConfig", "TrainConfigError", "Trainer", "build_report", "evaluate_model", "evaluate_run",
-           "generate_predictions", "load_config_file", "train", "write_report"]
+__all__ = [
+    "RunFolder",
+    "TrainConfig",
+    "TrainConfigError",
+    "Trainer",
+    "build_report",
+    "evaluate_model",
+    "evaluate_run",
+    "generate_predictions",
+    "load_config_file",
+    "train",
+    "write_report",
+]

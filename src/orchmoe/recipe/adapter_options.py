@@ -2,6 +2,7 @@
 dataclass: values coerced by the method's field types, validated by its dataclass, fitted to the run's
 task count and, with ``--budget-rank``, sized to a LoRA budget. A new method or option needs no change here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from .options import RECIPE_SET, TrainConfig, TrainConfigError, coerce_value, pa
 
 __all__ = ["build_adapter_config"]
 
+
 def _method_kwargs(cfg: TrainConfig, cls: type[AdapterConfig]) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -25,7 +27,11 @@ def _method_kwargs(cfg: TrainConfig, cls: type[AdapterConfig]) -> dict[str, Any]
             where = f" (an option of {', '.join(owners)})" if owners else ""
             valid = sorted(set(fields) - set(RECIPE_SET))
             raise TrainConfigError(f"method {cfg.method!r} has no option {k!r}{where}; its options: {valid}")
-        v = parse_target_modules(f"adapter.{k}", v) if k == "target_modules" else coerce_value(fields[k], v, f"adapter.{k}")
+        v = (
+            parse_target_modules(f"adapter.{k}", v)
+            if k == "target_modules"
+            else coerce_value(fields[k], v, f"adapter.{k}")
+        )
         if v is not None:
             kwargs[k] = v
     return kwargs

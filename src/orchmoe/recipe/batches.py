@@ -6,9 +6,11 @@ Why not a prepared DataLoader: exact resumption. The batch order of an epoch is 
 examples, each process taking every W-th example of a global batch), and checkpoints are taken on
 optimizer-step boundaries, so a run killed at any point resumes to bit-identical final weights.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,12 +22,25 @@ __all__ = ["epoch_batches", "rank_slice", "answer_window", "first_answer_positio
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, num_processes: int, seed: int, epoch: int,
-                  tasks: Sequence[int] | None = None, length_window: int = 4) -> list[list[int]]:
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    num_processes: int,
+    seed: int,
+    epoch: int,
+    tasks: Sequence[int] | None = None,
+    length_window: int = 4,
+) -> list[list[int]]:
     """The global batches of one epoch, ``batch_size * num_processes`` examples each: every task spread
     evenly over the epoch, then lengths grouped within windows of ``length_window`` batches."""
-    return length_grouped_batches(lengths, batch_size * num_processes, seed=seed * 1_000_003 + epoch, shuffle=True,
-                                  mega_batch_mult=length_window, groups=tasks)
+    return length_grouped_batches(
+        lengths,
+        batch_size * num_processes,
+        seed=seed * 1_000_003 + epoch,
+        shuffle=True,
+        mega_batch_mult=length_window,
+        groups=tasks,
+    )
 
 
 def rank_slice(global_batch: Sequence[int], rank: int, num_processes: int) -> list[int]:
@@ -47,13 +62,16 @@ def tokens_of(features: Sequence[dict], decoder_only: bool) -> int:
     return sum(len(f["input_ids"]) + (0 if decoder_only else len(f["labels"])) for f in features)
 
 
-def device_batch(features: Sequence[dict], pad_id: int, device: torch.device, *, decoder_only: bool,
-                 with_task_ids: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def device_batch(
+    features: Sequence[dict], pad_id: int, device: torch.device, *, decoder_only: bool, with_task_ids: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(model inputs on ``device``, task ids on the host) of one micro-batch; pinned, non-blocking copies on a GPU."""
     batch = pad_batch(features, pad_id, "right", decoder_only=decoder_only)
     task_ids = batch.pop("task_ids")
     cuda = torch.device(device).type == "cuda"
-    out = {k: (v.pin_memory() if cuda else v).to(device, non_blocking=True) for k, v in batch.items() if k in _MODEL_KEYS}
+    out = {
+        k: (v.pin_memory() if cuda else v).to(device, non_blocking=True) for k, v in batch.items() if k in _MODEL_KEYS
+    }
     if with_task_ids:
         out["task_ids"] = (task_ids.pin_memory() if cuda else task_ids).to(device, non_blocking=True)
     return out, task_ids

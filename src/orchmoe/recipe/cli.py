@@ -4,7 +4,7 @@
     orchmoe train --method poly --data path/to/natural-instructions --tasks 100 --out runs/poly
     orchmoe train --config my.yaml --lr 3e-4          # flags override the file
     orchmoe train --adapter.rank 4 --adapter.n-skills 8
-    accelerate launch -m orchmoe train ...           # several processes / GPUs
+    torchrun --nproc_per_node 2 --master_port 29500 -m orchmoe train ...   # several processes (DDP; --fsdp shards)
     orchmoe eval runs/orch
     orchmoe report runs/orch runs/poly runs/lora --out report.md
     orchmoe analyze runs/orch
@@ -13,13 +13,15 @@ Every `train` flag is generated from a field of `orchmoe.recipe.TrainConfig` (it
 the adapter's flags from the registered methods' config dataclasses. Any expected failure is one line
 naming the problem and exit code 2; ``--debug`` shows the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from .options import GROUPS, TrainConfig, adapter_fields, config_from_mapping, load_config_file, option_names
@@ -55,27 +57,50 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         extra = f"; one of {', '.join(choices)}" if choices else ""
         if f.type == "bool":
-            g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{meta['help']} (default: {default})")
+            g.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{meta['help']} (default: {default})",
+            )
         else:
-            metavar = "PATH" if f.name in ("model", "data", "out") else "{" + ",".join(choices) + "}" if choices else "VALUE"
-            g.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{meta['help']}{extra} (default: {default})")
+            metavar = (
+                "PATH" if f.name in ("model", "data", "out") else "{" + ",".join(choices) + "}" if choices else "VALUE"
+            )
+            g.add_argument(
+                *names,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                metavar=metavar,
+                help=f"{meta['help']}{extra} (default: {default})",
+            )
     _add_adapter_flags(p)
 
 
 def _add_adapter_flags(p: argparse.ArgumentParser) -> None:
-    """``--adapter.NAME`` for every option of every registered method; also ``--NAME`` where that names no train option."""
+    """``--adapter.NAME`` for every option of every registered method; also ``--NAME`` unless a train option has it."""
     g = p.add_argument_group("adapter (the method's own options; see also --adapter.NAME)")
     taken = set(option_names())
     for name, f in sorted(adapter_fields().items()):
         names = [f"--adapter.{name}", f"--adapter.{name.replace('_', '-')}"]
         if name not in taken:
             names.append(_flag(name))
-        g.add_argument(*dict.fromkeys(names), dest=_ADAPTER_DEST + name, default=argparse.SUPPRESS, metavar="VALUE",
-                       help=f.metadata.get("help", ""))
-    g.add_argument("--adapter-arg", dest="adapter_args", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
-                   help="any adapter option as KEY=VALUE (the 0.1 spelling of --adapter.KEY VALUE)")
+        g.add_argument(
+            *dict.fromkeys(names),
+            dest=_ADAPTER_DEST + name,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f.metadata.get("help", ""),
+        )
+    g.add_argument(
+        "--adapter-arg",
+        dest="adapter_args",
+        action="append",
+        metavar="KEY=VALUE",
+        default=argparse.SUPPRESS,
+        help="any adapter option as KEY=VALUE (the 0.1 spelling of --adapter.KEY VALUE)",
+    )
 
 
 class _ExactParser(argparse.ArgumentParser):
@@ -86,18 +111,28 @@ class _ExactParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orchmoe", description="Multi-task PEFT with routed mixtures of LoRA experts "
-                                "(OrchMoE, MoDE, MoLoRA, Poly, MHR, LoRA) on Super-NaturalInstructions.")
+    p = argparse.ArgumentParser(
+        prog="orchmoe",
+        description="Multi-task PEFT with routed mixtures of LoRA experts "
+        "(OrchMoE, MoDE, MoLoRA, Poly, MHR, LoRA) on Super-NaturalInstructions.",
+    )
     p.add_argument("--version", action="version", version=f"orchmoe {__version__}")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ExactParser)
     sub.required = True
-    t = sub.add_parser("train", help="train an adapter (then evaluate it)",
-                       description="Train a routed adapter on SuperNI-format tasks, save it, evaluate it. "
-                                   "Re-running with the same --out resumes from the latest checkpoint.")
+    t = sub.add_parser(
+        "train",
+        help="train an adapter (then evaluate it)",
+        description="Train a routed adapter on SuperNI-format tasks, save it, evaluate it. "
+        "Re-running with the same --out resumes from the latest checkpoint.",
+    )
     _add_train_flags(t)
-    e = sub.add_parser("eval", help="evaluate a run folder", description="Score a run's adapter on the held-out "
-                       "instances of its seen tasks and on unseen test-split tasks; rewrites metrics.json/.md.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run folder",
+        description="Score a run's adapter on the held-out "
+        "instances of its seen tasks and on unseen test-split tasks; rewrites metrics.json/.md.",
+    )
     e.add_argument("run", metavar="RUN", help="run folder written by `orchmoe train`")
     e.add_argument("--data", help="where the data are now (default: as trained)")
     e.add_argument("--model", help="where the base model is now (default: as trained)")
@@ -105,15 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=_positive_int, help="generation length")
     e.add_argument("--unseen-tasks", help="unseen tasks to score: 'all', a number, 0, or names")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r = sub.add_parser("report", help="compare runs in one Markdown table",
-                       description="One Markdown table comparing evaluated runs (scores, parameters, train time), "
-                                   "then ROUGE-L per task category; warns when the runs were scored on different tasks.")
+    r = sub.add_parser(
+        "report",
+        help="compare runs in one Markdown table",
+        description="One Markdown table comparing evaluated runs (scores, parameters, train time), "
+        "then ROUGE-L per task category; warns when the runs were scored on different tasks.",
+    )
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.json)")
     r.add_argument("--out", metavar="FILE", help="also write the report to this file")
-    a = sub.add_parser("analyze", help="routing analysis of a run (task-skill allocations, clustering)",
-                       description="What the routers learned: per-layer allocation heatmaps, the Task Router's "
-                                   "abstract tasks against the task categories (NMI), the task dendrogram; written "
-                                   "to RUN/analysis/ (analysis.md, analysis.json, figures).")
+    a = sub.add_parser(
+        "analyze",
+        help="routing analysis of a run (task-skill allocations, clustering)",
+        description="What the routers learned: per-layer allocation heatmaps, the Task Router's "
+        "abstract tasks against the task categories (NMI), the task dendrogram; written "
+        "to RUN/analysis/ (analysis.md, analysis.json, figures).",
+    )
     a.add_argument("run", metavar="RUN")
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
@@ -137,7 +178,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < config file < command-line flags (the adapter section merged key by key)."""
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "debug")}
-    adapter = {k[len(_ADAPTER_DEST):]: flags.pop(k) for k in list(flags) if k.startswith(_ADAPTER_DEST)}
+    adapter = {k[len(_ADAPTER_DEST) :]: flags.pop(k) for k in list(flags) if k.startswith(_ADAPTER_DEST)}
     adapter = {**_key_values(flags.pop("adapter_args", [])), **adapter}
     flags = config_from_mapping({**flags, **({"adapter": adapter} if adapter else {})}, origin="command line")
     if "adapter" in flags:
@@ -153,8 +194,15 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from .evaluate import evaluate_run
 
-        evaluate_run(args.run, data=args.data, model=args.model, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, unseen_tasks=args.unseen_tasks, progress=not args.no_progress)
+        evaluate_run(
+            args.run,
+            data=args.data,
+            model=args.model,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            unseen_tasks=args.unseen_tasks,
+            progress=not args.no_progress,
+        )
     elif args.command == "report":
         from .report import write_report
 
@@ -163,14 +211,23 @@ def _run(args: argparse.Namespace) -> None:
         try:
             from .analysis import analyze_run
         except ImportError as e:
-            raise RuntimeError(f"routing analysis needs matplotlib and scipy (pip install 'orchmoe[analysis]'): {e}") from e
+            raise RuntimeError(
+                f"routing analysis needs matplotlib and scipy (pip install 'orchmoe[analysis]'): {e}"
+            ) from e
         result = analyze_run(args.run, out_dir=args.out, model=args.model, data=args.data)
         out = args.out or f"{args.run}/analysis"
         spread = result["allocation_spread"]
-        print(f"analysis of {args.run} written to {out}/ (analysis.md, analysis.json, {len(result['files']) - 2} figures); "
-              f"allocation spread {spread:.4f}" + (" (indistinguishable from uniform)" if result["allocations_uniform"] else "")
-              + (f"; NMI abstract task vs category {result['category_agreement']['nmi']:.3f}"
-                 if "category_agreement" in result else ""))
+        print(
+            f"analysis of {args.run} written to {out}/ "
+            f"(analysis.md, analysis.json, {len(result['files']) - 2} figures); "
+            f"allocation spread {spread:.4f}"
+            + (" (indistinguishable from uniform)" if result["allocations_uniform"] else "")
+            + (
+                f"; NMI abstract task vs category {result['category_agreement']['nmi']:.3f}"
+                if "category_agreement" in result
+                else ""
+            )
+        )
 
 
 def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
@@ -198,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        known = isinstance(e, (ValueError, OSError, RuntimeError)) and type(e).__module__.startswith(("orchmoe", "builtins"))
+        known = isinstance(e, (ValueError, OSError, RuntimeError)) and type(e).__module__.startswith(
+            ("orchmoe", "builtins")
+        )
         what = "" if known else f"{type(e).__name__}: "
         print(f"orchmoe {args.command}: error: {what}{msg} (--debug shows the traceback)", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ ROUGE-1, exact match; best over the references; x100).
 Writes into the run folder: ``predictions.jsonl`` (one record per instance), ``metrics.json``
 (overall / seen / unseen, per task, per category) and ``metrics.md`` (the same as tables).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,21 @@ def process_batches(batches: list[list[int]], rank: int, world: int) -> list[tup
 
 
 @torch.no_grad()
-def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 2, max_source_len: int = 512,
-                         max_new_tokens: int = 64, chat_template: bool = False, decoder_only: bool = True,
-                         batch_size: int = 16, accelerator=None, progress: bool = True) -> list[str]:
+def generate_predictions(
+    model,
+    tokenizer,
+    examples,
+    task_defs,
+    *,
+    n_pos: int = 2,
+    max_source_len: int = 512,
+    max_new_tokens: int = 64,
+    chat_template: bool = False,
+    decoder_only: bool = True,
+    batch_size: int = 16,
+    accelerator=None,
+    progress: bool = True,
+) -> list[str]:
     """Greedy predictions for `examples` (in their order), decoded from the new tokens only and stripped.
 
     Batches are cut from the prompts sorted longest first; with several processes each takes
@@ -71,18 +84,36 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
     quiet_length_warning(tokenizer)
     routed = model
     needs_task_ids = routed.adapter_config.needs_task_ids
-    prompts = [encode_prompt(tokenizer, task_defs[ex.task], ex.input, n_pos=n_pos, max_source_len=max_source_len,
-                             decoder_only=decoder_only, chat_template=chat_template) for ex in examples]
+    prompts = [
+        encode_prompt(
+            tokenizer,
+            task_defs[ex.task],
+            ex.input,
+            n_pos=n_pos,
+            max_source_len=max_source_len,
+            decoder_only=decoder_only,
+            chat_template=chat_template,
+        )
+        for ex in examples
+    ]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     mine = process_batches(batches, rank, world)
     device = next(routed.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
-                      temperature=None, top_p=None, top_k=None)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     was_training = routed.training
     routed.eval()
     results: list[tuple[int, str]] = []
@@ -99,7 +130,7 @@ def generate_predictions(model, tokenizer, examples, task_defs, *, n_pos: int = 
             seqs = routed.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             if not keep:
                 continue  # a repeat that keeps this process in step with the others
-            new = seqs[:, input_ids.shape[1]:] if decoder_only else seqs
+            new = seqs[:, input_ids.shape[1] :] if decoder_only else seqs
             start = None if decoder_only else routed.generation_config.decoder_start_token_id
             for i, row in zip(idx, new.tolist()):
                 if start is not None and row and row[0] == start:
@@ -136,20 +167,38 @@ def format_metrics_markdown(metrics: dict, *, per_task: bool = True) -> str:
         for cat, s in metrics.get(part, {}).get("per_category", {}).items():
             cat_rows.append([cat, part, *_row(s)])
     if cat_rows:
-        parts += ["", "### Per category", "", markdown_table(["category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], cat_rows)]
+        parts += [
+            "",
+            "### Per category",
+            "",
+            markdown_table(["category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], cat_rows),
+        ]
     if per_task:
         task_rows = []
         for part in ("seen", "unseen"):
             for task, s in metrics.get(part, {}).get("per_task", {}).items():
                 task_rows.append([task, metrics.get("categories", {}).get(task, "?"), part, *_row(s)])
         if task_rows:
-            parts += ["", "### Per task", "",
-                      markdown_table(["task", "category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], task_rows)]
+            parts += [
+                "",
+                "### Per task",
+                "",
+                markdown_table(["task", "category", "tasks", "n", "ROUGE-L", "ROUGE-Lsum", "ROUGE-1", "EM"], task_rows),
+            ]
     return "\n".join(parts) + "\n"
 
 
-def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | None, *, accelerator=None,
-                   decoder_only: bool | None = None, print_table: bool = True) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    data,
+    cfg,
+    out_dir: str | os.PathLike | None,
+    *,
+    accelerator=None,
+    decoder_only: bool | None = None,
+    print_table: bool = True,
+) -> dict:
     """Generate for the held-out instances of the seen tasks and the unseen tasks, score, write, print.
 
     `model` is a RoutedModel (unwrapped), `data` a MultiTaskData, `cfg` the run's TrainConfig.
@@ -163,14 +212,25 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
     is_main = accelerator is None or accelerator.is_main_process
     t0 = time.perf_counter()
     with accelerator.autocast() if accelerator is not None else nullcontext():  # the training precision
-        preds = generate_predictions(model, tokenizer, examples, data.task_defs, **prompt_settings(cfg),
-                                     max_new_tokens=cfg.generation_tokens, decoder_only=decoder_only,
-                                     batch_size=cfg.eval_batch_size, accelerator=accelerator, progress=cfg.progress)
+        preds = generate_predictions(
+            model,
+            tokenizer,
+            examples,
+            data.task_defs,
+            **prompt_settings(cfg),
+            max_new_tokens=cfg.generation_tokens,
+            decoder_only=decoder_only,
+            batch_size=cfg.eval_batch_size,
+            accelerator=accelerator,
+            progress=cfg.progress,
+        )
     gen_seconds = time.perf_counter() - t0
     if not is_main:  # scoring and writing are the main process's
         return {}
-    records = [{"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references)}
-               for ex, p in zip(examples, preds)]
+    records = [
+        {"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references)}
+        for ex, p in zip(examples, preds)
+    ]
     agg = aggregate(records)
     out = Path(out_dir) if out_dir is not None else None
     train_summary = RunFolder(out).read_summary() if out is not None else {}
@@ -186,28 +246,54 @@ def evaluate_model(model, tokenizer, data, cfg, out_dir: str | os.PathLike | Non
         "n_unseen_tasks": len(data.unseen_tasks),
         "n_examples": len(examples),
         "eval_seconds": round(gen_seconds, 3),
-        "generation": {"max_new_tokens": cfg.generation_tokens, "batch_size": cfg.eval_batch_size, "n_pos": cfg.n_pos,
-                       "max_source_len": cfg.max_source_len, "chat_template": cfg.chat_template, "greedy": True},
+        "generation": {
+            "max_new_tokens": cfg.generation_tokens,
+            "batch_size": cfg.eval_batch_size,
+            "n_pos": cfg.n_pos,
+            "max_source_len": cfg.max_source_len,
+            "chat_template": cfg.chat_template,
+            "greedy": True,
+        },
         "categories": data.categories(),
         **agg,
     }
     table = format_metrics_markdown(metrics)
     if out is not None:
-        predictions = [{"task": ex.task, "category": ex.category, "seen": ex.seen, "id": ex.id, "input": ex.input,
-                        "prediction": p, "references": list(ex.references), "scores": score_example(p, list(ex.references))}
-                       for ex, p in zip(examples, preds)]
+        predictions = [
+            {
+                "task": ex.task,
+                "category": ex.category,
+                "seen": ex.seen,
+                "id": ex.id,
+                "input": ex.input,
+                "prediction": p,
+                "references": list(ex.references),
+                "scores": score_example(p, list(ex.references)),
+            }
+            for ex, p in zip(examples, preds)
+        ]
         RunFolder(out).write_results(metrics, table, predictions)
     if print_table:
         print(format_metrics_markdown(metrics, per_task=len(agg["per_task"]) <= 40))
         if out is not None:
-            print(f"predictions: {out / RunFolder.PREDICTIONS}; metrics: {out / RunFolder.METRICS}, "
-                  f"{out / RunFolder.METRICS_MD} ({len(examples)} examples in {gen_seconds:.0f} s)")
+            print(
+                f"predictions: {out / RunFolder.PREDICTIONS}; metrics: {out / RunFolder.METRICS}, "
+                f"{out / RunFolder.METRICS_MD} ({len(examples)} examples in {gen_seconds:.0f} s)"
+            )
     return metrics
 
 
-def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: str | None = None,
-                 batch_size: int | None = None, max_new_tokens: int | None = None, unseen_tasks: Any = None,
-                 progress: bool = True, print_table: bool = True) -> dict:
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    unseen_tasks: Any = None,
+    progress: bool = True,
+    print_table: bool = True,
+) -> dict:
     """Load base model + adapter from a run folder, rebuild its (seeded) evaluation sets, score them.
 
     `data` / `model` override where the SuperNI files / the base model are found (e.g. a run
@@ -217,7 +303,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: 
     if not run.path.is_dir():
         raise FileNotFoundError(f"run folder {str(run.path)!r} does not exist")
     if not run.adapter_dir.is_dir():
-        raise FileNotFoundError(f"{run.path} has no adapter/ folder: train it first (or it is not an orchmoe run folder)")
+        raise FileNotFoundError(
+            f"{run.path} has no adapter/ folder: train it first (or it is not an orchmoe run folder)"
+        )
     cfg, _ = run.read_config()
     if data is not None:
         cfg.data = data
@@ -239,7 +327,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, model: 
     routed = load_adapter(base, run.adapter_dir, base_model_name=info["name"]).to(accelerator.device)
     saved_ids = getattr(routed, "adapter_metadata", {}).get("task_to_id")
     if saved_ids is not None and saved_ids != ds.task_to_id:
-        raise ValueError(f"the tasks rebuilt from {run / RunFolder.CONFIG} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
-                         f"the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data")
-    return evaluate_model(routed, tokenizer, ds, cfg, run.path, accelerator=accelerator,
-                          decoder_only=not is_encoder_decoder(base), print_table=print_table)
+        raise ValueError(
+            f"the tasks rebuilt from {run / RunFolder.CONFIG} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
+            f"the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data"
+        )
+    return evaluate_model(
+        routed,
+        tokenizer,
+        ds,
+        cfg,
+        run.path,
+        accelerator=accelerator,
+        decoder_only=not is_encoder_decoder(base),
+        print_table=print_table,
+    )

@@ -5,11 +5,12 @@ runs side by side: method, trainable parameters, training time, seen-task ROUGE-
 ROUGE-1 / exact match, unseen-task ROUGE-L / ROUGE-Lsum / exact match; then ROUGE-L per task
 category. Runs scored on different tasks are not comparable: the report says so above the table.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..fileio import atomic_write_text
 from .run_folder import RunFolder
@@ -40,8 +41,10 @@ def _task_sets(runs: Sequence[dict]) -> list[str]:
         if len(set(sets.values())) > 1:
             first = next(iter(sets.values()))
             odd = [p for p, s in sets.items() if s != first]
-            notes.append(f"**Warning**: the runs were scored on different {part} tasks ({', '.join(odd)} differ from "
-                         f"{next(iter(sets))}); their {part} scores are not comparable.")
+            notes.append(
+                f"**Warning**: the runs were scored on different {part} tasks ({', '.join(odd)} differ from "
+                f"{next(iter(sets))}); their {part} scores are not comparable."
+            )
     return notes
 
 
@@ -74,20 +77,47 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
         raise ValueError("report needs at least one run folder")
     runs = [load_run(r) for r in run_dirs]
     labels = _labels(runs)
-    headers = ["run", "method", "trainable params", "train time", "seen ROUGE-L", "seen ROUGE-Lsum", "seen ROUGE-1",
-               "seen EM", "unseen ROUGE-L", "unseen ROUGE-Lsum", "unseen EM"]
+    headers = [
+        "run",
+        "method",
+        "trainable params",
+        "train time",
+        "seen ROUGE-L",
+        "seen ROUGE-Lsum",
+        "seen ROUGE-1",
+        "seen EM",
+        "unseen ROUGE-L",
+        "unseen ROUGE-Lsum",
+        "unseen EM",
+    ]
     rows = []
     for label, r in zip(labels, runs):
-        rows.append([label, r.get("method"), f"{r['trainable_parameters']:,}" if r.get("trainable_parameters") is not None else None,
-                     _duration(r.get("train_seconds")),
-                     _metric(r, "seen", "rougeL"), _metric(r, "seen", "rougeLsum"), _metric(r, "seen", "rouge1"),
-                     _metric(r, "seen", "exact_match"), _metric(r, "unseen", "rougeL"), _metric(r, "unseen", "rougeLsum"),
-                     _metric(r, "unseen", "exact_match")])
+        rows.append(
+            [
+                label,
+                r.get("method"),
+                f"{r['trainable_parameters']:,}" if r.get("trainable_parameters") is not None else None,
+                _duration(r.get("train_seconds")),
+                _metric(r, "seen", "rougeL"),
+                _metric(r, "seen", "rougeLsum"),
+                _metric(r, "seen", "rouge1"),
+                _metric(r, "seen", "exact_match"),
+                _metric(r, "unseen", "rougeL"),
+                _metric(r, "unseen", "rougeLsum"),
+                _metric(r, "unseen", "exact_match"),
+            ]
+        )
     align = ["l", "l", "r"] + ["r"] * 8
     models = sorted({str(r.get("base_model")) for r in runs})
-    parts = ["## Runs", "", f"Base model: {', '.join(models)}. Scores x100 (official SuperNI metrics); "
-             "seen = held-out instances of the training tasks, unseen = test-split tasks.", "",
-             *[n + "\n" for n in _task_sets(runs)], markdown_table(headers, rows, align)]
+    parts = [
+        "## Runs",
+        "",
+        f"Base model: {', '.join(models)}. Scores x100 (official SuperNI metrics); "
+        "seen = held-out instances of the training tasks, unseen = test-split tasks.",
+        "",
+        *[n + "\n" for n in _task_sets(runs)],
+        markdown_table(headers, rows, align),
+    ]
     cats: dict[tuple[str, str], list] = {}
     for i, r in enumerate(runs):
         for part in ("seen", "unseen"):
@@ -95,8 +125,12 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
                 cats.setdefault((part, cat), [None] * len(runs))[i] = s["rougeL"]
     if cats:
         cat_rows = [[cat, part, *vals] for (part, cat), vals in sorted(cats.items())]
-        parts += ["", "## ROUGE-L per category", "",
-                  markdown_table(["category", "tasks", *labels], cat_rows, ["l", "l"] + ["r"] * len(labels))]
+        parts += [
+            "",
+            "## ROUGE-L per category",
+            "",
+            markdown_table(["category", "tasks", *labels], cat_rows, ["l", "l"] + ["r"] * len(labels)),
+        ]
     return "\n".join(parts) + "\n"
 
 

@@ -19,6 +19,7 @@ check out (a corrupted one is set aside as ``corrupt-step-N``); a run killed bef
 checkpoint starts again. Files are only deleted in a folder carrying the marker (or written by an
 orchmoe without markers), and only the names above.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,16 @@ import torch
 import yaml
 
 from .. import __version__
-from ..fileio import (FolderLock, atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree,
-                      reporting_disk_full, verify_manifest, write_manifest)
+from ..fileio import (
+    FolderLock,
+    atomic_torch_save,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    reporting_disk_full,
+    verify_manifest,
+    write_manifest,
+)
 from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_tensors
 from ..sharding import full_optimizer_state, is_sharded, load_full_optimizer_state, unsharded
 from .options import RESUME_FREE, TrainConfig, TrainConfigError, config_from_mapping, yaml_error_line
@@ -112,7 +121,9 @@ class RunFolder:
         except yaml.YAMLError as e:
             raise TrainConfigError(f"{p} is not a readable YAML file: {yaml_error_line(e)}") from None
         except UnicodeDecodeError as e:
-            raise TrainConfigError(f"{p} is not a readable YAML file: not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise TrainConfigError(
+                f"{p} is not a readable YAML file: not UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
         if not isinstance(raw, dict) or not raw:
             raise TrainConfigError(f"{p} does not hold a run configuration (a mapping of options)")
         resolved = raw.get("_resolved", {})
@@ -134,13 +145,17 @@ class RunFolder:
 
     def read_metrics(self) -> dict:
         if not (self.path / self.METRICS).is_file():
-            raise FileNotFoundError(f"{self.path} has no {self.METRICS}: evaluate it first with `orchmoe eval {self.path}`")
+            raise FileNotFoundError(
+                f"{self.path} has no {self.METRICS}: evaluate it first with `orchmoe eval {self.path}`"
+            )
         return self._read_json(self.METRICS)
 
     def write_results(self, metrics: dict, markdown: str, predictions: list[dict]) -> None:
         """metrics.json, metrics.md and predictions.jsonl of an evaluation."""
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / self.PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        atomic_write_text(
+            self.path / self.PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        )
         self.write_json(self.METRICS, metrics)
         atomic_write_text(self.path / self.METRICS_MD, markdown)
 
@@ -163,7 +178,11 @@ class RunFolder:
     def truncate_log(self, step: int) -> None:
         """Drop records a killed run wrote after its last checkpoint, so the log reads as one run."""
         if (self.path / self.LOG).is_file():
-            keep = [r for r in self.read_log() if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
+            keep = [
+                r
+                for r in self.read_log()
+                if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
+            ]
             atomic_write_text(self.path / self.LOG, "".join(json.dumps(r) + "\n" for r in keep))
 
     # -- ownership: the marker and the lock -------------------------------------------------------
@@ -185,14 +204,16 @@ class RunFolder:
         (a hand-written config.yaml, the current directory's files): it never writes over those."""
         p = self.path
         if p.exists() and not p.is_dir():
-            raise TrainConfigError(f"--out {str(p)!r} is a file, not a folder; a run folder is a directory: choose "
-                                   "another --out")
+            raise TrainConfigError(
+                f"--out {str(p)!r} is a file, not a folder; a run folder is a directory: choose another --out"
+            )
         if p.is_dir() and not self.is_run_folder():
             clash = sorted(n for n in self.OUTPUTS if (p / n).exists())
             if clash:
                 raise TrainConfigError(
                     f"{str(p)!r} is not an orchmoe run folder (no {self.MARKER} marker) but holds {', '.join(clash)}; "
-                    "orchmoe never writes over or deletes files it did not write: choose a new or empty --out")
+                    "orchmoe never writes over or deletes files it did not write: choose a new or empty --out"
+                )
 
     def claim(self) -> None:
         """Make the folder (if needed) and take its lock for the life of the run (main process only).
@@ -218,9 +239,13 @@ class RunFolder:
         root = self.path / self.CHECKPOINTS
         if not root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in root.iterdir()
-                 if p.is_dir() and (m := _STEP_DIR.match(p.name))
-                 and ((p / self.MANIFEST).is_file() or (p / self.STATE).is_file())]
+        found = [
+            (int(m.group(1)), p)
+            for p in root.iterdir()
+            if p.is_dir()
+            and (m := _STEP_DIR.match(p.name))
+            and ((p / self.MANIFEST).is_file() or (p / self.STATE).is_file())
+        ]
         return [p for _, p in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:
@@ -235,8 +260,15 @@ class RunFolder:
             problem = verify_manifest(ckpt, self.MANIFEST)
             if problem:
                 return problem
-        required = [self.STATE, self.CONFIG, "optimizer.pt", "scheduler.pt", "rng_state_0.pth",
-                    f"{self.ADAPTER}/{ADAPTER_WEIGHTS}", f"{self.ADAPTER}/{ADAPTER_CONFIG}"]
+        required = [
+            self.STATE,
+            self.CONFIG,
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state_0.pth",
+            f"{self.ADAPTER}/{ADAPTER_WEIGHTS}",
+            f"{self.ADAPTER}/{ADAPTER_CONFIG}",
+        ]
         missing = [r for r in required if not (ckpt / r).is_file()]
         if missing:
             return f"{', '.join(missing)} missing"
@@ -267,12 +299,16 @@ class RunFolder:
             plan.delete = owned
             return plan
         if (out / self.SUMMARY).is_file():
-            raise TrainConfigError(f"{out} holds a finished run; pass --overwrite to train it again, use another --out, "
-                                   f"or `orchmoe eval {out}` to re-score it")
+            raise TrainConfigError(
+                f"{out} holds a finished run; pass --overwrite to train it again, use another --out, "
+                f"or `orchmoe eval {out}` to re-score it"
+            )
         found = self.checkpoints()
         if found and not cfg.resume:
-            raise TrainConfigError(f"{out} holds checkpoints of an unfinished run and --no-resume was given; pass "
-                                   "--overwrite to start afresh, or drop --no-resume to continue it")
+            raise TrainConfigError(
+                f"{out} holds checkpoints of an unfinished run and --no-resume was given; pass "
+                "--overwrite to start afresh, or drop --no-resume to continue it"
+            )
         # temporary folders of checkpoint saves that were cut short: never complete, always ours to remove
         plan.delete = sorted((out / self.CHECKPOINTS).glob(".tmp-step-*"))
         bad: list[str] = []
@@ -284,22 +320,31 @@ class RunFolder:
             bad.append(f"{ckpt.name}: {problem}")
             plan.set_aside.append(ckpt)
         if found and plan.resume_from is None:
-            raise CheckpointError(f"{out} holds checkpoints but none can be resumed from ({'; '.join(bad)}); pass "
-                                  "--overwrite to start afresh, or use another --out")
+            raise CheckpointError(
+                f"{out} holds checkpoints but none can be resumed from ({'; '.join(bad)}); pass "
+                "--overwrite to start afresh, or use another --out"
+            )
         if plan.resume_from is None:
             # an unfinished run with no checkpoint (killed before its first one, or in its final save): start again
             plan.delete = owned
             if owned:
-                plan.notes.append(f"{out} holds an unfinished run without a usable checkpoint "
-                                  f"({', '.join(p.name for p in owned)}); starting it again from step 0")
+                plan.notes.append(
+                    f"{out} holds an unfinished run without a usable checkpoint "
+                    f"({', '.join(p.name for p in owned)}); starting it again from step 0"
+                )
             return plan
         saved, _ = self.read_config(plan.resume_from)
-        diff = {k: (getattr(saved, k), getattr(cfg, k)) for k in saved.to_dict()
-                if k not in RESUME_FREE and getattr(saved, k) != getattr(cfg, k)}
+        diff = {
+            k: (getattr(saved, k), getattr(cfg, k))
+            for k in saved.to_dict()
+            if k not in RESUME_FREE and getattr(saved, k) != getattr(cfg, k)
+        }
         if diff:
             shown = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise TrainConfigError(f"{out} holds a checkpoint of a different configuration ({shown}); "
-                                   "pass the same options to resume, or --overwrite / another --out to start afresh")
+            raise TrainConfigError(
+                f"{out} holds a checkpoint of a different configuration ({shown}); "
+                "pass the same options to resume, or --overwrite / another --out to start afresh"
+            )
         plan.notes += [f"checkpoint {b} is not usable; set aside as corrupt-{b.split(':')[0]}" for b in bad]
         return plan
 
@@ -308,8 +353,16 @@ class RunFolder:
         aside, delete leftovers."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / self.MARKER).is_file():
-            atomic_write_text(self.path / self.MARKER, json.dumps(
-                {"format": "orchmoe-run", "orchmoe_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            atomic_write_text(
+                self.path / self.MARKER,
+                json.dumps(
+                    {
+                        "format": "orchmoe-run",
+                        "orchmoe_version": __version__,
+                        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    }
+                ),
+            )
         for note in plan.notes:
             warnings.warn(note, stacklevel=3)
         for ckpt in plan.set_aside:
@@ -320,8 +373,19 @@ class RunFolder:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, accelerator, routed, optimizer, scheduler, state: dict, cfg: TrainConfig,
-                        resolved: dict, metadata: dict, keep: int) -> Path:
+    def save_checkpoint(
+        self,
+        step: int,
+        accelerator,
+        routed,
+        optimizer,
+        scheduler,
+        state: dict,
+        cfg: TrainConfig,
+        resolved: dict,
+        metadata: dict,
+        keep: int,
+    ) -> Path:
         """Every process writes its RNG state into a temporary folder; the main process adds the adapter,
         optimizer, scheduler, configuration, trainer state and (last) the manifest, flushes the folder and
         renames it into place. A failure (a full disk) removes the temporary folder and keeps the older ones.
@@ -342,8 +406,19 @@ class RunFolder:
                 optim_state = full_optimizer_state(routed, optimizer) if is_sharded(routed) else None
                 with unsharded(routed):
                     if accelerator.is_main_process:
-                        self._write_checkpoint(tmp, final, routed, optimizer if optim_state is None else optim_state,
-                                               scheduler, accelerator.scaler, state, cfg, resolved, metadata, keep)
+                        self._write_checkpoint(
+                            tmp,
+                            final,
+                            routed,
+                            optimizer if optim_state is None else optim_state,
+                            scheduler,
+                            accelerator.scaler,
+                            state,
+                            cfg,
+                            resolved,
+                            metadata,
+                            keep,
+                        )
         except BaseException:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
@@ -351,8 +426,20 @@ class RunFolder:
         accelerator.wait_for_everyone()
         return final
 
-    def _write_checkpoint(self, tmp: Path, final: Path, routed, optimizer, scheduler, scaler, state: dict,
-                          cfg: TrainConfig, resolved: dict, metadata: dict, keep: int) -> None:
+    def _write_checkpoint(
+        self,
+        tmp: Path,
+        final: Path,
+        routed,
+        optimizer,
+        scheduler,
+        scaler,
+        state: dict,
+        cfg: TrainConfig,
+        resolved: dict,
+        metadata: dict,
+        keep: int,
+    ) -> None:
         """The main process's files (``optimizer``: the optimizer, or its state dict already gathered)."""
         routed.save_adapter(tmp / self.ADAPTER, metadata=metadata)
         atomic_torch_save(tmp / "optimizer.pt", optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
@@ -379,8 +466,10 @@ class RunFolder:
         saved = json.loads((ckpt / self.STATE).read_text())
         world = accelerator.num_processes
         if saved.get("num_processes", 1) != world:
-            raise TrainConfigError(f"{ckpt} was written by {saved.get('num_processes')} processes; resume it with the "
-                                   f"same number (now {world}): the batch order depends on it")
+            raise TrainConfigError(
+                f"{ckpt} was written by {saved.get('num_processes')} processes; resume it with the "
+                f"same number (now {world}): the batch order depends on it"
+            )
         routed.load_adapter_weights(ckpt / self.ADAPTER)  # a sharded model's parameters each take their slice
         optim_state = _torch_load(ckpt / "optimizer.pt", map_location="cpu")
         if is_sharded(routed):
@@ -424,9 +513,11 @@ def _torch_load(path: Path, **kwargs) -> Any:
         return torch.load(path, weights_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - torch reports a bad file in many ways
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-            raise CheckpointError(f"{path} holds pickled Python objects (or bytes that read as such), not plain tensors: "
-                                  "refused without running them (orchmoe never writes such a file: corrupted or "
-                                  "tampered with)") from None
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (or bytes that read as such), not plain tensors: "
+                "refused without running them (orchmoe never writes such a file: corrupted or "
+                "tampered with)"
+            ) from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{path} is not a readable tensor file (truncated or corrupted?): {first}") from None
 
@@ -436,8 +527,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -448,7 +544,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

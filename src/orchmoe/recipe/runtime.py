@@ -6,6 +6,7 @@ machine without a GPU accelerate only forms a process group when told the proces
 processes then train together over gloo. Every launch that would otherwise run independent copies of the
 run (each believing it is process 0 of 1) is refused with the command that works (`launch_problem`).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,11 @@ from .options import TrainConfig, TrainConfigError
 __all__ = ["LAUNCH_HELP", "LaunchError", "env_world_size", "launch_problem", "make_accelerator", "mixed_precision"]
 
 #: how to start several processes, named by every launch error
-LAUNCH_HELP = ("launch several processes with `torchrun --nproc_per_node N -m orchmoe train ...` or `accelerate launch "
-               "--multi_gpu --num_machines 1 --num_processes N -m orchmoe train ...` (on a machine without GPUs too: "
-               "the processes then use gloo); add --fsdp to shard the model (FSDP2)")
+LAUNCH_HELP = (
+    "launch several processes with `torchrun --nproc_per_node N -m orchmoe train ...` or `accelerate launch "
+    "--multi_gpu --num_machines 1 --num_processes N -m orchmoe train ...` (on a machine without GPUs too: "
+    "the processes then use gloo); add --fsdp to shard the model (FSDP2)"
+)
 
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -56,18 +59,23 @@ def launch_problem(env: Mapping[str, str] | None = None) -> str | None:
     """
     env = os.environ if env is None else env
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
-        return ("DeepSpeed is not supported by orchmoe's training recipe; supported: DDP and FSDP (FSDP2, "
-                "`orchmoe train --fsdp`). " + LAUNCH_HELP[0].upper() + LAUNCH_HELP[1:])
+        return (
+            "DeepSpeed is not supported by orchmoe's training recipe; supported: DDP and FSDP (FSDP2, "
+            "`orchmoe train --fsdp`). " + LAUNCH_HELP[0].upper() + LAUNCH_HELP[1:]
+        )
     if _flag(env, "ACCELERATE_USE_FSDP"):
-        return ("accelerate's FSDP plugin (`accelerate launch --use_fsdp`) is not used by orchmoe; orchmoe shards with "
-                "FSDP2 itself: launch with `accelerate launch --multi_gpu --num_machines 1 --num_processes N "
-                "-m orchmoe train --fsdp ...` or `torchrun --nproc_per_node N -m orchmoe train --fsdp ...`")
+        return (
+            "accelerate's FSDP plugin (`accelerate launch --use_fsdp`) is not used by orchmoe; orchmoe shards with "
+            "FSDP2 itself: launch with `accelerate launch --multi_gpu --num_machines 1 --num_processes N "
+            "-m orchmoe train --fsdp ...` or `torchrun --nproc_per_node N -m orchmoe train --fsdp ...`"
+        )
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env
     if launched_by_accelerate and "MASTER_ADDR" in env and env_world_size(env) == 1 and "LOCAL_RANK" not in env:
-        return ("`accelerate launch` was asked for several processes but started this one alone (with --cpu, or "
-                "without --multi_gpu on a machine without GPUs, it starts several only through mpirun): it would train "
-                "as an independent single-process run. Instead "
-                + LAUNCH_HELP + ". (For one process, unset MASTER_ADDR.)")
+        return (
+            "`accelerate launch` was asked for several processes but started this one alone (with --cpu, or "
+            "without --multi_gpu on a machine without GPUs, it starts several only through mpirun): it would train "
+            "as an independent single-process run. Instead " + LAUNCH_HELP + ". (For one process, unset MASTER_ADDR.)"
+        )
     return None
 
 
@@ -100,11 +108,17 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
     # Without a GPU accelerate forms a process group only for CPU processes (else each process runs alone).
     kwargs.setdefault("cpu", world > 1 and not torch.cuda.is_available())
     trackers = None if cfg.report_to == "none" else cfg.report_to
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed_precision(cfg.mixed_precision),
-                      log_with=trackers, project_dir=cfg.out,
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)], **kwargs)
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=mixed_precision(cfg.mixed_precision),
+        log_with=trackers,
+        project_dir=cfg.out,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        **kwargs,
+    )
     if world > 1 and acc.num_processes != world:
-        raise LaunchError(f"the launcher started {world} processes but accelerate formed a group of "
-                          f"{acc.num_processes} (distributed type {acc.distributed_type}): each would train alone. "
-                          + LAUNCH_HELP)
+        raise LaunchError(
+            f"the launcher started {world} processes but accelerate formed a group of "
+            f"{acc.num_processes} (distributed type {acc.distributed_type}): each would train alone. " + LAUNCH_HELP
+        )
     return acc

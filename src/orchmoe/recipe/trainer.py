@@ -8,6 +8,7 @@ the adapter and evaluates. Infrastructure lives in the library (`orchmoe.model`,
 Per step nothing waits for the device: losses, the gradient norm and the routing statistics stay
 on it and are read once per logging window; token counts come from the host-side features.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -48,8 +49,11 @@ class Trainer:
         cfg.validate()
         build_adapter_config(cfg, None, 1)  # option errors surface before any data or model is loaded
         if cfg.generation_tokens < cfg.max_target_len:
-            warnings.warn(f"max_new_tokens={cfg.generation_tokens} is below max_target_len={cfg.max_target_len}: answers "
-                          "the model was trained to give in full are cut at evaluation", stacklevel=2)
+            warnings.warn(
+                f"max_new_tokens={cfg.generation_tokens} is below max_target_len={cfg.max_target_len}: answers "
+                "the model was trained to give in full are cut at evaluation",
+                stacklevel=2,
+            )
         self.cfg = cfg
         self.folder = RunFolder(cfg.out)
 
@@ -70,8 +74,9 @@ class Trainer:
         self.acc = make_accelerator(self.cfg)
         self.is_main, self.rank, self.world = self.acc.is_main_process, self.acc.process_index, self.acc.num_processes
         if self.cfg.fsdp and self.world == 1:
-            raise TrainConfigError("--fsdp shards the model across processes, but this run has one: " + LAUNCH_HELP
-                                   + " (or drop --fsdp)")
+            raise TrainConfigError(
+                "--fsdp shards the model across processes, but this run has one: " + LAUNCH_HELP + " (or drop --fsdp)"
+            )
         self.prepare_folder()
         t0 = time.perf_counter()
         self.load_data_and_model()
@@ -103,9 +108,13 @@ class Trainer:
         if not self.data.train and (cfg.max_steps or 0) > 0:
             raise TrainConfigError("no training examples: raise train_per_task")
         if cfg.eval and not self.data.eval and not self.data.unseen:
-            raise TrainConfigError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks (pass --no-eval "
-                                   "to train without an evaluation)")
-        self.base, self.tokenizer, self.info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=self.acc.device)
+            raise TrainConfigError(
+                "nothing to evaluate: eval_per_task is 0 and there are no unseen tasks (pass --no-eval "
+                "to train without an evaluation)"
+            )
+        self.base, self.tokenizer, self.info = load_model_and_tokenizer(
+            cfg.model, dtype=cfg.dtype, device=self.acc.device
+        )
         self.decoder_only = not is_encoder_decoder(self.base)
         if cfg.chat_template and not self.decoder_only:
             raise TrainConfigError("--chat-template is for decoder-only models; this model is encoder-decoder")
@@ -137,8 +146,9 @@ class Trainer:
             raise TrainConfigError("no training examples for the requested steps")
 
     def batches_of_epoch(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(self.lengths, self.cfg.batch_size, self.world, self.cfg.seed, epoch, self.task_of,
-                             self.cfg.length_window)
+        return epoch_batches(
+            self.lengths, self.cfg.batch_size, self.world, self.cfg.seed, epoch, self.task_of, self.cfg.length_window
+        )
 
     def build_optimizer(self) -> None:
         """The model prepared first (DDP-wrapped, or sharded by FSDP2: its parameters become `DTensor` shards),
@@ -146,7 +156,9 @@ class Trainer:
         from transformers import get_scheduler
 
         cfg = self.cfg
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.warmup = (
+            cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        )
         if cfg.fsdp:  # our own FSDP2 units (accelerate's FSDP is GPU-only and FSDP1 by default): not DDP-wrapped
             self.model = self.routed = shard_model(self.routed)
         else:
@@ -154,8 +166,9 @@ class Trainer:
             self.routed = self.acc.unwrap_model(self.model)
         optimizer = torch.optim.AdamW(self.routed.parameter_groups(cfg.lr, cfg.router_lr, cfg.weight_decay))
         # Not passed through accelerator.prepare: it would step the schedule once per process.
-        self.scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=self.warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=self.warmup, num_training_steps=self.total_steps
+        )
         self.optimizer = self.acc.prepare(optimizer)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -167,13 +180,23 @@ class Trainer:
         self.metadata = run_metadata(cfg, self.data, self.info)
         mix = batch_mix(self.batches_of_epoch(0), self.task_of, self.lengths)
         self.resolved = {
-            "orchmoe_version": __version__, "adapter": self.adapter_cfg.to_dict(), "base_model": self.info["name"],
-            "base_model_source": self.info["source"], "base_dtype": str(self.base.dtype).removeprefix("torch."),
-            "data_dir": str(self.data.data_dir), "seen_tasks": self.data.seen_tasks, "unseen_tasks": self.data.unseen_tasks,
-            "num_processes": self.world, "effective_batch_size": cfg.batch_size * self.world * cfg.grad_accum,
-            "train_examples": len(self.feats), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "warmup_steps": self.warmup, "mixed_precision": self.acc.mixed_precision,
-            "trainable_parameters": self.n_trainable, "total_parameters": self.n_total,
+            "orchmoe_version": __version__,
+            "adapter": self.adapter_cfg.to_dict(),
+            "base_model": self.info["name"],
+            "base_model_source": self.info["source"],
+            "base_dtype": str(self.base.dtype).removeprefix("torch."),
+            "data_dir": str(self.data.data_dir),
+            "seen_tasks": self.data.seen_tasks,
+            "unseen_tasks": self.data.unseen_tasks,
+            "num_processes": self.world,
+            "effective_batch_size": cfg.batch_size * self.world * cfg.grad_accum,
+            "train_examples": len(self.feats),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup,
+            "mixed_precision": self.acc.mixed_precision,
+            "trainable_parameters": self.n_trainable,
+            "total_parameters": self.n_total,
             "parameters_per_process": local_parameter_count(self.routed),  # ~total/N under FSDP
             "batch_mix": {k: round(v, 4) for k, v in mix.items()},
         }
@@ -182,11 +205,19 @@ class Trainer:
         """Resume from the latest checkpoint, or seed the per-process randomness of a fresh run."""
         from accelerate.utils import set_seed
 
-        self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "examples_seen": 0, "tokens_seen": 0,
-                      "train_seconds": 0.0, "num_processes": self.world}
+        self.state = {
+            "global_step": 0,
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "examples_seen": 0,
+            "tokens_seen": 0,
+            "train_seconds": 0.0,
+            "num_processes": self.world,
+        }
         if self.resume_from is not None:
-            self.state.update(self.folder.load_checkpoint(self.resume_from, self.acc, self.routed, self.optimizer,
-                                                          self.scheduler))
+            self.state.update(
+                self.folder.load_checkpoint(self.resume_from, self.acc, self.routed, self.optimizer, self.scheduler)
+            )
             if self.is_main:
                 self.folder.truncate_log(self.state["global_step"])
                 print(f"resuming from {self.resume_from} (step {self.state['global_step']}/{self.total_steps})")
@@ -204,19 +235,29 @@ class Trainer:
 
         cfg, start = self.cfg, self.state["global_step"]
         if self.is_main and start < self.total_steps:
-            print(f"training {cfg.method} on {len(self.data.seen_tasks)} tasks, {len(self.feats)} examples, "
-                  f"{self.total_steps} steps (effective batch {self.resolved['effective_batch_size']}, {self.world} "
-                  f"process(es), setup {self.setup_seconds:.0f} s)")
-        self.bar = tqdm(total=self.total_steps, initial=start, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
-                        disable=not (self.is_main and cfg.progress) or self.total_steps == 0)
+            print(
+                f"training {cfg.method} on {len(self.data.seen_tasks)} tasks, {len(self.feats)} examples, "
+                f"{self.total_steps} steps (effective batch {self.resolved['effective_batch_size']}, {self.world} "
+                f"process(es), setup {self.setup_seconds:.0f} s)"
+            )
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc=f"train {cfg.method}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.is_main and cfg.progress) or self.total_steps == 0,
+        )
         self.log_file = self.folder.open_log() if self.is_main else None
         self.trim_logits = self.decoder_only and "logits_to_keep" in inspect.signature(self.base.forward).parameters
         # The running sums of the current logging window travel in the checkpoint, so a resumed run
         # writes the same log records as an unbroken one.
         saved = self.state.setdefault("log_window", _window())
         dev = self.acc.device
-        self.window = {k: (torch.tensor(float(v), dtype=torch.float64, device=dev) if k in ("loss", "aux", "grad_norm")
-                           else v) for k, v in saved.items()}
+        self.window = {
+            k: (torch.tensor(float(v), dtype=torch.float64, device=dev) if k in ("loss", "aux", "grad_norm") else v)
+            for k, v in saved.items()
+        }
         self.window_t0, self.last_loss, self.routing_seen = time.perf_counter(), float("nan"), ([], [])
         self.model.train()
         self.epoch, self.order = -1, []
@@ -232,14 +273,20 @@ class Trainer:
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
             self.order, self.epoch = self.batches_of_epoch(epoch), epoch
-        return self.order[k * self.cfg.grad_accum:(k + 1) * self.cfg.grad_accum]
+        return self.order[k * self.cfg.grad_accum : (k + 1) * self.cfg.grad_accum]
 
-    def forward_backward(self, feats: list[dict], lm_weight: float, aux_weight: float,
-                         sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(
+        self, feats: list[dict], lm_weight: float, aux_weight: float, sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch, its LM loss (a mean over its answer tokens) weighted by ``lm_weight`` and its auxiliary
         loss by ``aux_weight`` (see `loss_weights`): (weighted LM loss, weighted auxiliary loss), detached."""
-        batch, task_ids = device_batch(feats, self.tokenizer.pad_token_id, self.acc.device, decoder_only=self.decoder_only,
-                                       with_task_ids=self.adapter_cfg.needs_task_ids)
+        batch, task_ids = device_batch(
+            feats,
+            self.tokenizer.pad_token_id,
+            self.acc.device,
+            decoder_only=self.decoder_only,
+            with_task_ids=self.adapter_cfg.needs_task_ids,
+        )
         if self.trim_logits:
             batch = answer_window(batch, first_answer_position(feats))
         sharded = is_sharded(self.model)
@@ -305,8 +352,18 @@ class Trainer:
             self.log_window(step + 1)
         self.bar.update(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
-            self.folder.save_checkpoint(step + 1, self.acc, self.routed, self.optimizer, self.scheduler,
-                                        self.checkpoint_state(), cfg, self.resolved, self.metadata, cfg.keep_checkpoints)
+            self.folder.save_checkpoint(
+                step + 1,
+                self.acc,
+                self.routed,
+                self.optimizer,
+                self.scheduler,
+                self.checkpoint_state(),
+                cfg,
+                self.resolved,
+                self.metadata,
+                cfg.keep_checkpoints,
+            )
 
     def checkpoint_state(self) -> dict:
         """The trainer state with the logging window as plain numbers (JSON)."""
@@ -320,16 +377,23 @@ class Trainer:
         elapsed = time.perf_counter() - self.window_t0
         lrs = self.scheduler.get_last_lr()
         pis, tasks = self.routing_seen
-        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
-               "loss": float(stats[0]) / window["n"], "aux_loss": float(stats[1]) / window["n"],
-               "lr": lrs[0], "router_lr": next((lr for g, lr in zip(self.optimizer.param_groups, lrs)
-                                                if g.get("name") == "allocation"), None),
-               "grad_norm": float(window["grad_norm"]) if cfg.max_grad_norm else None,
-               "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-               "train_seconds": round(self.state["train_seconds"], 3)}
+        rec = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": float(stats[0]) / window["n"],
+            "aux_loss": float(stats[1]) / window["n"],
+            "lr": lrs[0],
+            "router_lr": next(
+                (lr for g, lr in zip(self.optimizer.param_groups, lrs) if g.get("name") == "allocation"), None
+            ),
+            "grad_norm": float(window["grad_norm"]) if cfg.max_grad_norm else None,
+            "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            "train_seconds": round(self.state["train_seconds"], 3),
+        }
         with unsharded(self.routed, recurse=False):  # FSDP: the model router whole (every process runs this)
-            rec.update(routing_record(self.routed, torch.cat(pis) if pis else None,
-                                      torch.cat(tasks) if tasks else None))
+            rec.update(
+                routing_record(self.routed, torch.cat(pis) if pis else None, torch.cat(tasks) if tasks else None)
+            )
         pis.clear(), tasks.clear()
         self.last_loss = rec["loss"]
         if self.log_file is not None:
@@ -337,14 +401,21 @@ class Trainer:
             self.log_file.flush()
         if cfg.report_to != "none":
             self.acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
-        shown = {"loss": f"{rec['loss']:.4f}", "aux": f"{rec['aux_loss']:.3g}", "lr": f"{rec['lr']:.2e}",
-                 "tok_s": f"{rec['tokens_per_s']:.0f}"}
+        shown = {
+            "loss": f"{rec['loss']:.4f}",
+            "aux": f"{rec['aux_loss']:.3g}",
+            "lr": f"{rec['lr']:.2e}",
+            "tok_s": f"{rec['tokens_per_s']:.0f}",
+        }
         for key, label, fmt in (("allocation_spread", "spread", ".3f"), ("nmi_pi_task", "nmi", ".2f")):
             if key in rec:
                 shown[label] = format(rec[key], fmt)
         self.bar.set_postfix(**shown)
         dev = self.acc.device
-        self.window = {**_window(), **{k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "aux", "grad_norm")}}
+        self.window = {
+            **_window(),
+            **{k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "aux", "grad_norm")},
+        }
         self.state["log_window"] = _window()
         self.window_t0 = time.perf_counter()
 
@@ -355,12 +426,19 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.base.config.use_cache = True
         summary = {
-            "method": cfg.method, "base_model": self.info["name"], "trainable_parameters": self.n_trainable,
-            "total_parameters": self.n_total, "steps": state["global_step"],
+            "method": cfg.method,
+            "base_model": self.info["name"],
+            "trainable_parameters": self.n_trainable,
+            "total_parameters": self.n_total,
+            "steps": state["global_step"],
             "epochs": round(state["global_step"] / self.steps_per_epoch, 4) if self.steps_per_epoch else 0.0,
-            "examples_seen": state["examples_seen"], "tokens_seen": state["tokens_seen"],
-            "train_seconds": round(state["train_seconds"], 3), "final_loss": self.last_loss, "num_processes": self.world,
-            "effective_batch_size": self.resolved["effective_batch_size"], "seen_tasks": len(self.data.seen_tasks),
+            "examples_seen": state["examples_seen"],
+            "tokens_seen": state["tokens_seen"],
+            "train_seconds": round(state["train_seconds"], 3),
+            "final_loss": self.last_loss,
+            "num_processes": self.world,
+            "effective_batch_size": self.resolved["effective_batch_size"],
+            "seen_tasks": len(self.data.seen_tasks),
             "train_examples": len(self.feats),
         }
         with unsharded(self.routed):  # FSDP: the adapter whole, gathered by every process, written by the main one
@@ -369,21 +447,34 @@ class Trainer:
         if self.is_main:
             self.folder.write_config(cfg, self.resolved)
             self.folder.write_json(RunFolder.SUMMARY, summary)
-            print(f"saved adapter to {self.folder.adapter_dir} ({state['global_step']} steps, "
-                  f"{summary['train_seconds']:.0f} s of training)")
+            print(
+                f"saved adapter to {self.folder.adapter_dir} ({state['global_step']} steps, "
+                f"{summary['train_seconds']:.0f} s of training)"
+            )
         self.acc.wait_for_everyone()
         return summary
 
     def evaluate(self) -> dict:
-        return evaluate_model(self.routed, self.tokenizer, self.data, self.cfg, self.folder.path, accelerator=self.acc,
-                              decoder_only=self.decoder_only)
+        return evaluate_model(
+            self.routed,
+            self.tokenizer,
+            self.data,
+            self.cfg,
+            self.folder.path,
+            accelerator=self.acc,
+            decoder_only=self.decoder_only,
+        )
 
     def end_tracking(self, summary: dict) -> None:
         if self.cfg.report_to == "none":
             return
         metrics = summary.get("metrics") or {}
-        final = {f"eval/{part}/{k}": v for part in ("seen", "unseen") for k, v in metrics.get(part, {}).get("overall", {}).items()
-                 if isinstance(v, (int, float))}
+        final = {
+            f"eval/{part}/{k}": v
+            for part in ("seen", "unseen")
+            for k, v in metrics.get(part, {}).get("overall", {}).items()
+            if isinstance(v, (int, float))
+        }
         if final:
             self.acc.log(final, step=self.state["global_step"])
         self.acc.end_training()

@@ -4,10 +4,23 @@ A `ModelRouter` decides every adapted layer's allocation at once from what is kn
 forward (parameter mixing: LoRA, Poly/MHR, OrchMoE); a `LayerRouter` gates each token inside one
 layer (output mixing: MoLoRA, MoDE). Importing this package registers every method.
 """
+
 from .allocation import ConstantRouter, PolyRouter, logistic_noise, relaxed_allocation
 from .base import LayerRouter, ModelRouter, Route, RoutingInputs
 from .task import OrchMoERouter, SkillRouter, TaskRouter
 from .token import TokenRouter
 
-__all__ = ["ConstantRouter", "LayerRouter", "ModelRouter", "OrchMoERouter", "PolyRouter", "Route", "RoutingInputs",
-           "SkillRouter", "TaskRouter", "TokenRouter", "logistic_noise", "relaxed_allocation"]
+__all__ = [
+    "ConstantRouter",
+    "LayerRouter",
+    "ModelRouter",
+    "OrchMoERouter",
+    "PolyRouter",
+    "Route",
+    "RoutingInputs",
+    "SkillRouter",
+    "TaskRouter",
+    "TokenRouter",
+    "logistic_noise",
+    "relaxed_allocation",
+]

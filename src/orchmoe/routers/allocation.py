@@ -5,6 +5,7 @@ PEFT do: a Gumbel-sigmoid sample of learnable logits in training (sigmoid in eva
 normalised over the skills. The sample is drawn per example: with a batch of several tasks,
 every example gets its own noise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ class ConstantRouter(ModelRouter):
     """LoRA: every input uses the single expert with weight one."""
 
     @classmethod
-    def from_config(cls, config, n_layers: int, d_model: int) -> "ConstantRouter":
+    def from_config(cls, config, n_layers: int, d_model: int) -> ConstantRouter:
         return cls()
 
     def forward(self, inputs: RoutingInputs) -> Route:
@@ -67,7 +68,7 @@ class PolyRouter(ModelRouter):
         self.logits = init_logits(n_layers, n_tasks, n_splits * n_skills)
 
     @classmethod
-    def from_config(cls, config: PolyConfig, n_layers: int, d_model: int) -> "PolyRouter":
+    def from_config(cls, config: PolyConfig, n_layers: int, d_model: int) -> PolyRouter:
         return cls(n_layers, config.n_tasks, config.n_skills, config.n_splits)
 
     def _blocks(self, logits: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ Two kinds, by what they read:
 Both are built from their method's config (``from_config``) and registered with it
 (:func:`orchmoe.registry.register_method`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """OrchMoE's routers: the Task Router (which abstract task a prompt belongs to, from the prompt
 alone) and the Skill Router (which skills each abstract task uses, in every layer)."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,15 @@ class TaskRouter(nn.Module):
     tasks apart; ``"layernorm"`` only applies the layer norm, ``"none"`` neither.
     """
 
-    def __init__(self, d_model: int, n_abstract_tasks: int, temperature: float = 1.0, hidden: int = 0,
-                 hard: bool = False, prompt_norm: str = "standardize") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_abstract_tasks: int,
+        temperature: float = 1.0,
+        hidden: int = 0,
+        hard: bool = False,
+        prompt_norm: str = "standardize",
+    ) -> None:
         super().__init__()
         if prompt_norm not in PROMPT_NORMS:
             raise ValueError(f"prompt_norm must be one of {PROMPT_NORMS}, got {prompt_norm!r}")
@@ -93,9 +101,9 @@ class TaskRouter(nn.Module):
         d = u.shape[1]
         counts = stacked[:, 0]  # (W,)
         total = counts.sum()
-        means = stacked[:, 1:1 + d] / counts.clamp_min(1)[:, None]  # (W, d)
+        means = stacked[:, 1 : 1 + d] / counts.clamp_min(1)[:, None]  # (W, d)
         mean = (means * counts[:, None]).sum(0) / total.clamp_min(1)
-        m2 = stacked[:, 1 + d:].sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+        m2 = stacked[:, 1 + d :].sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
         return total, mean, m2 / total.clamp_min(1)
 
     def normalized(self, summary: torch.Tensor) -> torch.Tensor:
@@ -118,7 +126,9 @@ class TaskRouter(nn.Module):
         if self.hard:
             if self.training:
                 return F.gumbel_softmax(logits, tau=1.0, hard=True)
-            return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)  # one-hot (b, K), no host sync
+            return torch.zeros_like(logits).scatter_(
+                -1, logits.argmax(-1, keepdim=True), 1.0
+            )  # one-hot (b, K), no host sync
         return F.softmax(logits, dim=-1)  # (b, K)
 
     @staticmethod
@@ -165,12 +175,18 @@ class OrchMoERouter(ModelRouter):
     def __init__(self, config: OrchMoEConfig, n_layers: int, d_model: int) -> None:
         super().__init__()
         self.balance_coef = config.balance_coef
-        self.task_router = TaskRouter(d_model, config.n_abstract_tasks, config.task_temperature,
-                                      config.task_router_hidden, config.hard_routing, config.prompt_norm)
+        self.task_router = TaskRouter(
+            d_model,
+            config.n_abstract_tasks,
+            config.task_temperature,
+            config.task_router_hidden,
+            config.hard_routing,
+            config.prompt_norm,
+        )
         self.skill_router = SkillRouter(n_layers, config.n_abstract_tasks, config.n_skills)
 
     @classmethod
-    def from_config(cls, config: OrchMoEConfig, n_layers: int, d_model: int) -> "OrchMoERouter":
+    def from_config(cls, config: OrchMoEConfig, n_layers: int, d_model: int) -> OrchMoERouter:
         return cls(config, n_layers, d_model)
 
     def forward(self, inputs: RoutingInputs) -> Route:
@@ -188,14 +204,17 @@ class OrchMoERouter(ModelRouter):
     def allocation_matrices(self) -> torch.Tensor:
         return self.skill_router.allocation()
 
-    def fixed_weights(self, abstract_task: int | None = None, task_probs: torch.Tensor | None = None,
-                      **other) -> torch.Tensor:
+    def fixed_weights(
+        self, abstract_task: int | None = None, task_probs: torch.Tensor | None = None, **other
+    ) -> torch.Tensor:
         """(L, 1, 1, S) for one abstract task, or for a given pi (1, K)."""
         if other:
             raise RoutingError(f"OrchMoE export takes abstract_task=k or a prompt, not {sorted(other)}")
         K = self.skill_router.n_abstract_tasks
         if (abstract_task is None) == (task_probs is None):
-            raise RoutingError("exporting an OrchMoE adapter needs exactly one of abstract_task=k or input_ids=<one prompt>")
+            raise RoutingError(
+                "exporting an OrchMoE adapter needs exactly one of abstract_task=k or input_ids=<one prompt>"
+            )
         if abstract_task is not None:
             if isinstance(abstract_task, bool) or not isinstance(abstract_task, int) or not 0 <= abstract_task < K:
                 raise RoutingError(f"abstract task {abstract_task!r} out of range: n_abstract_tasks={K}")

@@ -1,4 +1,5 @@
 """Per-token softmax routers with output mixing: MoLoRA (one block) and MoDE (r/p blocks)."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ class TokenRouter(LayerRouter):
     parameter receives a gradient every step and DDP needs no unused-parameter search.
     """
 
-    def __init__(self, in_features: int, n_experts: int, n_blocks: int = 1, top_k: int | None = None,
-                 aux_loss_coef: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, n_experts: int, n_blocks: int = 1, top_k: int | None = None, aux_loss_coef: float = 0.0
+    ) -> None:
         super().__init__()
         self.n_experts, self.n_blocks, self.top_k, self.aux_loss_coef = n_experts, n_blocks, top_k, aux_loss_coef
         self.weight = nn.Parameter(torch.empty(in_features, n_blocks * n_experts))
@@ -34,9 +36,14 @@ class TokenRouter(LayerRouter):
         nn.init.uniform_(self.weight, -bound, bound)
 
     @classmethod
-    def from_config(cls, config: MoLoRAConfig | MoDEConfig, in_features: int) -> "TokenRouter":
-        return cls(in_features, config.n_skills, config.n_blocks, getattr(config, "top_k", None),
-                   getattr(config, "aux_loss_coef", 0.0))
+    def from_config(cls, config: MoLoRAConfig | MoDEConfig, in_features: int) -> TokenRouter:
+        return cls(
+            in_features,
+            config.n_skills,
+            config.n_blocks,
+            getattr(config, "top_k", None),
+            getattr(config, "aux_loss_coef", 0.0),
+        )
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
         return self.gates_from_logits(x @ self.weight.to(x.dtype), state)  # (b,n,P)@(P,k*S) -> (b,n,k*S)
@@ -57,7 +64,9 @@ class TokenRouter(LayerRouter):
             state.add_aux_loss(self._balance(probs, weights, top, self.aux_loss_coef))
         return gates.to(logits.dtype)
 
-    def balance_loss(self, probs: torch.Tensor, mask: torch.Tensor | None, top: torch.Tensor | None = None) -> torch.Tensor:
+    def balance_loss(
+        self, probs: torch.Tensor, mask: torch.Tensor | None, top: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Switch load balancing S * sum_s f_s P_s, f the share of token selections, P the mean probability.
 
         Args:
@@ -71,8 +80,9 @@ class TokenRouter(LayerRouter):
             weights = (w / w.sum().clamp_min(1.0)).view(*w.shape, 1, 1)
         return self._balance(probs, weights, top)
 
-    def _balance(self, probs: torch.Tensor, weights: torch.Tensor | None, top: torch.Tensor | None,
-                 coef: float = 1.0) -> torch.Tensor:
+    def _balance(
+        self, probs: torch.Tensor, weights: torch.Tensor | None, top: torch.Tensor | None, coef: float = 1.0
+    ) -> torch.Tensor:
         """coef * the balance loss; ``weights`` (b, n, 1, 1) sum to one over the tokens that count."""
         k = self.top_k or 1
         if top is None or top.shape[-1] != k:

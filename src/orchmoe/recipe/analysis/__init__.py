@@ -9,14 +9,43 @@
 
 `analyze_run` runs everything on a training run folder (``orchmoe analyze RUN``).
 """
+
 from ...diagnostics import nmi_chance, normalized_mutual_info, purity
-from .allocations import (AnalysisError, TaskAssignment, abstract_task_assignment, allocation_matrices,
-                          category_agreement, cluster_tasks, prompt_task_probabilities, task_skill_profile)
+from .allocations import (
+    AnalysisError,
+    TaskAssignment,
+    abstract_task_assignment,
+    allocation_matrices,
+    category_agreement,
+    cluster_tasks,
+    prompt_task_probabilities,
+    task_skill_profile,
+)
 from .markdown import redundancy_table
 from .plots import plot_allocation_heatmaps, plot_dendrogram, plot_score_vs_params, plot_task_heatmap
 from .run import RunInfo, analyze_model, analyze_run, build_task_prompts, load_run_model, read_run
 
-__all__ = ["AnalysisError", "RunInfo", "TaskAssignment", "abstract_task_assignment", "allocation_matrices",
-           "analyze_model", "analyze_run", "build_task_prompts", "category_agreement", "cluster_tasks", "load_run_model",
-           "nmi_chance", "normalized_mutual_info", "plot_allocation_heatmaps", "plot_dendrogram", "plot_score_vs_params",
-           "plot_task_heatmap", "prompt_task_probabilities", "purity", "read_run", "redundancy_table", "task_skill_profile"]
+__all__ = [
+    "AnalysisError",
+    "RunInfo",
+    "TaskAssignment",
+    "abstract_task_assignment",
+    "allocation_matrices",
+    "analyze_model",
+    "analyze_run",
+    "build_task_prompts",
+    "category_agreement",
+    "cluster_tasks",
+    "load_run_model",
+    "nmi_chance",
+    "normalized_mutual_info",
+    "plot_allocation_heatmaps",
+    "plot_dendrogram",
+    "plot_score_vs_params",
+    "plot_task_heatmap",
+    "prompt_task_probabilities",
+    "purity",
+    "read_run",
+    "redundancy_table",
+    "task_skill_profile",
+]

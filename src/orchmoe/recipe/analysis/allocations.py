@@ -1,5 +1,6 @@
 """What the routers learned, as arrays: allocation matrices, the Task Router's assignment of tasks to
 abstract tasks, per-task skill profiles, their agreement with the task categories and their clusters."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -11,8 +12,18 @@ import torch
 from ...diagnostics import nmi_chance, normalized_mutual_info, purity
 from ...model import RoutedModel
 
-__all__ = ["AnalysisError", "TaskAssignment", "allocation_kind", "allocation_matrices", "prompt_task_probabilities",
-           "abstract_task_assignment", "task_skill_profile", "category_agreement", "cluster_tasks", "linkage_matrix"]
+__all__ = [
+    "AnalysisError",
+    "TaskAssignment",
+    "allocation_kind",
+    "allocation_matrices",
+    "prompt_task_probabilities",
+    "abstract_task_assignment",
+    "task_skill_profile",
+    "category_agreement",
+    "cluster_tasks",
+    "linkage_matrix",
+]
 
 
 class AnalysisError(ValueError):
@@ -24,7 +35,7 @@ class AnalysisError(ValueError):
 
 
 def allocation_kind(model: RoutedModel) -> str:
-    """"prompt" (OrchMoE: rows are abstract tasks) or "task_ids" (Poly/MHR: rows are training tasks)."""
+    """ "prompt" (OrchMoE: rows are abstract tasks) or "task_ids" (Poly/MHR: rows are training tasks)."""
     cfg = model.adapter_config
     if model.router is None or model.router.allocation_matrices() is None:
         raise AnalysisError(
@@ -73,13 +84,19 @@ def _prompt_batches(prompts: Any, batch_size: int) -> list[tuple[torch.Tensor, t
     """
     if isinstance(prompts, Mapping):
         prompts = (prompts["input_ids"], prompts.get("attention_mask"))
-    if (isinstance(prompts, (tuple, list)) and len(prompts) == 2 and isinstance(prompts[0], (torch.Tensor, np.ndarray))
-            and prompts[0].ndim == 2):
+    if (
+        isinstance(prompts, (tuple, list))
+        and len(prompts) == 2
+        and isinstance(prompts[0], (torch.Tensor, np.ndarray))
+        and prompts[0].ndim == 2
+    ):
         ids = _as_long(prompts[0])
         mask = torch.ones_like(ids) if prompts[1] is None else _as_long(prompts[1])
         if mask.shape != ids.shape:
-            raise AnalysisError(f"attention_mask of shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        return [(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
+            raise AnalysisError(
+                f"attention_mask of shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}"
+            )
+        return [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
     pairs = []
     for item in prompts:
         if isinstance(item, Mapping):
@@ -92,27 +109,30 @@ def _prompt_batches(prompts: Any, batch_size: int) -> list[tuple[torch.Tensor, t
         pairs.append((ids, mask))
     batches = []
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+        chunk = pairs[i : i + batch_size]
         length = max(p[0].numel() for p in chunk)
         ids = torch.zeros(len(chunk), length, dtype=torch.long)  # pad id is irrelevant: masked out of the mean
         mask = torch.zeros(len(chunk), length, dtype=torch.long)
         for j, (x, m) in enumerate(chunk):
-            ids[j, :x.numel()], mask[j, :m.numel()] = x, m
+            ids[j, : x.numel()], mask[j, : m.numel()] = x, m
         batches.append((ids, mask))
     return batches
 
 
 @torch.no_grad()
-def prompt_task_probabilities(model: RoutedModel, prompts_by_task: Mapping[str, Any],
-                              batch_size: int = 32) -> dict[str, np.ndarray]:
+def prompt_task_probabilities(
+    model: RoutedModel, prompts_by_task: Mapping[str, Any], batch_size: int = 32
+) -> dict[str, np.ndarray]:
     """pi(x) of every prompt, (n_prompts, K) per task; eval mode, no grad, batched.
 
     Only the input embeddings and the Task Router run (no transformer forward), so this is
     cheap even for thousands of prompts.
     """
     if model.task_router is None:
-        raise AnalysisError(f"a {model.adapter_config.method} adapter has no Task Router: abstract-task assignment "
-                            "is an OrchMoE analysis (Poly/MHR route by the true task id)")
+        raise AnalysisError(
+            f"a {model.adapter_config.method} adapter has no Task Router: abstract-task assignment "
+            "is an OrchMoE analysis (Poly/MHR route by the true task id)"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model.get_input_embeddings().weight.device
@@ -121,8 +141,10 @@ def prompt_task_probabilities(model: RoutedModel, prompts_by_task: Mapping[str, 
     try:
         out = {}
         for task, prompts in prompts_by_task.items():
-            rows = [model.task_probabilities(ids.to(device), mask.to(device)).float().cpu()
-                    for ids, mask in _prompt_batches(prompts, batch_size)]
+            rows = [
+                model.task_probabilities(ids.to(device), mask.to(device)).float().cpu()
+                for ids, mask in _prompt_batches(prompts, batch_size)
+            ]
             if not rows:
                 raise AnalysisError(f"task {task!r} has no prompts")
             out[task] = torch.cat(rows).double().numpy()
@@ -131,8 +153,9 @@ def prompt_task_probabilities(model: RoutedModel, prompts_by_task: Mapping[str, 
         model.train(was_training)
 
 
-def abstract_task_assignment(model: RoutedModel, prompts_by_task: Mapping[str, Any],
-                             batch_size: int = 32) -> TaskAssignment:
+def abstract_task_assignment(
+    model: RoutedModel, prompts_by_task: Mapping[str, Any], batch_size: int = 32
+) -> TaskAssignment:
     """Mean pi over each training task's prompts and the abstract task it mostly goes to.
 
     ``prompts_by_task``: task -> list of (input_ids, attention_mask) pairs, or one padded
@@ -146,14 +169,17 @@ def abstract_task_assignment(model: RoutedModel, prompts_by_task: Mapping[str, A
     return TaskAssignment(tasks, mean_pi, mean_pi.argmax(1))
 
 
-def task_skill_profile(model_or_matrices: RoutedModel | Mapping[str, np.ndarray],
-                       mean_pi: np.ndarray | None = None) -> np.ndarray:
+def task_skill_profile(
+    model_or_matrices: RoutedModel | Mapping[str, np.ndarray], mean_pi: np.ndarray | None = None
+) -> np.ndarray:
     """Per-task skill allocation averaged over layers, (T, S): the rows Figure 3 clusters.
 
     OrchMoE: ``mean_pi (T, K) @ allocation (K, S)`` per layer, then the layer mean. Poly/MHR:
     the (T, S) allocations themselves (``mean_pi`` None, or a (T', T) task mix). Rows sum to 1.
     """
-    matrices = allocation_matrices(model_or_matrices) if isinstance(model_or_matrices, RoutedModel) else model_or_matrices
+    matrices = (
+        allocation_matrices(model_or_matrices) if isinstance(model_or_matrices, RoutedModel) else model_or_matrices
+    )
     if not matrices:
         raise AnalysisError("no allocation matrices to build a profile from")
     stack = np.stack([np.asarray(m, dtype=np.float64) for m in matrices.values()])  # (L, R, S)
@@ -161,8 +187,10 @@ def task_skill_profile(model_or_matrices: RoutedModel | Mapping[str, np.ndarray]
         return stack.mean(0)
     mean_pi = np.asarray(mean_pi, dtype=np.float64)
     if mean_pi.ndim != 2 or mean_pi.shape[1] != stack.shape[1]:
-        raise AnalysisError(f"mean_pi of shape {mean_pi.shape} does not mix allocation rows: the matrices have "
-                            f"{stack.shape[1]} rows (K abstract tasks, or T tasks for Poly)")
+        raise AnalysisError(
+            f"mean_pi of shape {mean_pi.shape} does not mix allocation rows: the matrices have "
+            f"{stack.shape[1]} rows (K abstract tasks, or T tasks for Poly)"
+        )
     return np.einsum("tk,lks->ts", mean_pi, stack) / stack.shape[0]  # mean_l (T,K)@(K,S) -> (T,S)
 
 
@@ -170,8 +198,12 @@ def task_skill_profile(model_or_matrices: RoutedModel | Mapping[str, np.ndarray]
 # Agreement with SuperNI categories
 
 
-def category_agreement(assignment: Sequence[int] | Mapping[str, int],
-                       categories: Sequence[str] | Mapping[str, str], *, n_permutations: int = 200) -> dict[str, float | int]:
+def category_agreement(
+    assignment: Sequence[int] | Mapping[str, int],
+    categories: Sequence[str] | Mapping[str, str],
+    *,
+    n_permutations: int = 200,
+) -> dict[str, float | int]:
     """How well the learned grouping (abstract task or cluster per task) matches SuperNI categories.
 
     Both may be aligned sequences, or mappings keyed by task (aligned on ``assignment``'s keys).

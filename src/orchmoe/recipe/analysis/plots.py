@@ -1,5 +1,6 @@
 """The analysis figures (matplotlib's object API, never pyplot, so a notebook's backend is untouched):
 per-layer allocation heatmaps, task heatmaps, the task dendrogram, score against trainable parameters."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ def _short_layer_name(path: str) -> str:
     if not numbers:
         return path
     side = "enc " if "encoder" in parts else "dec " if "decoder" in parts else ""
-    return f"{side}L{parts[numbers[0]]} " + ".".join(parts[numbers[-1] + 1:])
+    return f"{side}L{parts[numbers[0]]} " + ".".join(parts[numbers[-1] + 1 :])
 
 
 def _category_colors(categories: Sequence[str]) -> dict[str, Any]:
@@ -72,12 +73,25 @@ def _category_legend(fig, colors: Mapping[str, Any], width: float, font: int = 8
     handles = [Patch(color=c, label=name) for name, c in colors.items()]
     col_w = 0.075 * max(len(n) for n in colors) * font / 8 + 0.5  # inches per legend column
     ncols = max(1, min(len(handles), int(width // col_w), 6))
-    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=font,
-               title="category", title_fontsize=font, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=ncols,
+        fontsize=font,
+        title="category",
+        title_fontsize=font,
+        frameon=False,
+    )
 
 
-def plot_allocation_heatmaps(matrices: Mapping[str, np.ndarray], path: PathLike, *, max_layers: int = 12,
-                             row_label: str = "abstract task", title: str | None = None) -> Path:
+def plot_allocation_heatmaps(
+    matrices: Mapping[str, np.ndarray],
+    path: PathLike,
+    *,
+    max_layers: int = 12,
+    row_label: str = "abstract task",
+    title: str | None = None,
+) -> Path:
     """Grid of per-layer allocation heatmaps (rows: abstract tasks or tasks, columns: skills).
 
     With more than ``max_layers`` layers an evenly spaced subset is drawn (first and last
@@ -120,10 +134,16 @@ def plot_allocation_heatmaps(matrices: Mapping[str, np.ndarray], path: PathLike,
             ax.set_xlabel("skill", fontsize=8)
         if annotate:
             for (r, s), v in np.ndenumerate(m):
-                ax.text(s, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.6 * vmax else "black")
-    fig.colorbar(im, ax=axes, shrink=min(0.8, 4.0 / (nrows * (cell_h + 0.6))) if nrows * cell_h > 5 else 0.8,
-                 aspect=25, label="allocation weight (row sums to 1)")
+                ax.text(
+                    s, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * vmax else "black"
+                )
+    fig.colorbar(
+        im,
+        ax=axes,
+        shrink=min(0.8, 4.0 / (nrows * (cell_h + 0.6))) if nrows * cell_h > 5 else 0.8,
+        aspect=25,
+        label="allocation weight (row sums to 1)",
+    )
     shown = f" ({len(mats)} of {len(matrices)} layers)" if len(mats) < len(matrices) else ""
     fig.suptitle((title or "Task-skill allocation per layer") + shown, fontsize=10)
     return _save(fig, path)
@@ -137,10 +157,17 @@ def _leaf_order(profile: np.ndarray, method: str = "average", metric: str = "cos
     return leaves_list(linkage_matrix(profile, method, metric)).tolist()[::-1]  # top-down, as plot_dendrogram draws
 
 
-def plot_task_heatmap(profile: np.ndarray, task_names: Sequence[str],
-                      categories: Sequence[str] | Mapping[str, str] | None, path: PathLike, *,
-                      col_label: str = "skill", order: str = "cluster", center: float | None = None,
-                      title: str | None = None) -> Path:
+def plot_task_heatmap(
+    profile: np.ndarray,
+    task_names: Sequence[str],
+    categories: Sequence[str] | Mapping[str, str] | None,
+    path: PathLike,
+    *,
+    col_label: str = "skill",
+    order: str = "cluster",
+    center: float | None = None,
+    title: str | None = None,
+) -> Path:
     """Tasks x skills (or tasks x abstract tasks) heatmap, task labels coloured by category.
 
     ``order``: "cluster" (dendrogram leaf order, so tasks sharing skills sit together, as in
@@ -188,8 +215,13 @@ def plot_task_heatmap(profile: np.ndarray, task_names: Sequence[str],
         for (r, c), v in np.ndenumerate(m):
             dark = abs(im.norm(v) - 0.5) > 0.3 if center is not None else v < 0.6 * vmax
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
-    fig.colorbar(im, ax=ax, shrink=min(0.9, 5.0 / (T * 0.16 * font / 8)) if T > 40 else 0.9, aspect=25,
-                 label="mean allocation" if col_label == "skill" else "mean π(x)")
+    fig.colorbar(
+        im,
+        ax=ax,
+        shrink=min(0.9, 5.0 / (T * 0.16 * font / 8)) if T > 40 else 0.9,
+        aspect=25,
+        label="mean allocation" if col_label == "skill" else "mean π(x)",
+    )
     _category_legend(fig, colors, width)
     ordering = "dendrogram order" if order == "cluster" else f"{order} order"
     if center is not None:
@@ -198,9 +230,16 @@ def plot_task_heatmap(profile: np.ndarray, task_names: Sequence[str],
     return _save(fig, path)
 
 
-def plot_dendrogram(profile: np.ndarray, task_names: Sequence[str],
-                    categories: Sequence[str] | Mapping[str, str] | None, path: PathLike, *,
-                    method: str = "average", metric: str = "cosine", title: str | None = None) -> list[str]:
+def plot_dendrogram(
+    profile: np.ndarray,
+    task_names: Sequence[str],
+    categories: Sequence[str] | Mapping[str, str] | None,
+    path: PathLike,
+    *,
+    method: str = "average",
+    metric: str = "cosine",
+    title: str | None = None,
+) -> list[str]:
     """Hierarchical clustering of task rows; leaves 'task [category]' coloured by category.
 
     ``method="average", metric="cosine"`` compares the shape of the skill mix (tasks grouped
@@ -228,7 +267,9 @@ def plot_dendrogram(profile: np.ndarray, task_names: Sequence[str],
     by_label = dict(zip(labels, cats))
     for tick in ax.get_yticklabels():
         tick.set_color(colors[by_label[tick.get_text()]])
-    ax.set_xlabel(f"{metric if method not in ('ward', 'centroid', 'median') else 'euclidean'} distance ({method} linkage)")
+    ax.set_xlabel(
+        f"{metric if method not in ('ward', 'centroid', 'median') else 'euclidean'} distance ({method} linkage)"
+    )
     ax.spines[["top", "right", "left"]].set_visible(False)
     _category_legend(fig, colors, width)
     ax.set_title(title or "Tasks clustered by their skill allocation", fontsize=10)
@@ -237,8 +278,9 @@ def plot_dendrogram(profile: np.ndarray, task_names: Sequence[str],
     return [task_names[i] for i in reversed(d["leaves"])]
 
 
-def plot_score_vs_params(rows: Sequence[Mapping[str, Any]], path: PathLike, *, ylabel: str = "ROUGE-L",
-                         title: str | None = None) -> Path:
+def plot_score_vs_params(
+    rows: Sequence[Mapping[str, Any]], path: PathLike, *, ylabel: str = "ROUGE-L", title: str | None = None
+) -> Path:
     """Figure 2: score against trainable parameters (log x), one line + marker series per method.
 
     ``rows``: dicts with ``method``, ``trainable_parameters``, ``score`` and an optional
@@ -252,17 +294,26 @@ def plot_score_vs_params(rows: Sequence[Mapping[str, Any]], path: PathLike, *, y
         if missing:
             raise AnalysisError(f"row {i} ({dict(r)}) is missing {missing}")
         if float(r["trainable_parameters"]) <= 0:
-            raise AnalysisError(f"row {i}: trainable_parameters must be > 0 on a log axis, got {r['trainable_parameters']}")
+            raise AnalysisError(
+                f"row {i}: trainable_parameters must be > 0 on a log axis, got {r['trainable_parameters']}"
+            )
         series.setdefault(str(r["method"]), []).append(
-            (float(r["trainable_parameters"]), float(r["score"]), str(r.get("label") or "")))
+            (float(r["trainable_parameters"]), float(r["score"]), str(r.get("label") or ""))
+        )
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
     markers = "osD^vP*Xh<>p"
     for i, (method, pts) in enumerate(series.items()):
         pts.sort()
         xs, ys, _ = zip(*pts)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if len(pts) > 1 else "none",
-                markersize=7, label=method)
+        ax.plot(
+            xs,
+            ys,
+            marker=markers[i % len(markers)],
+            linestyle="-" if len(pts) > 1 else "none",
+            markersize=7,
+            label=method,
+        )
         for x, y, lab in pts:
             if lab:
                 ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)

@@ -6,6 +6,7 @@ per-layer allocation heatmaps, the per-task skill heatmap, the mean-pi heatmap (
 dendrogram (unless the allocations are indistinguishable from uniform), ``allocations.npz``,
 ``analysis.json`` and ``analysis.md``.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ from ...serialization import AdapterMismatchError, read_adapter_config
 from ..data import build_data, prompt_settings
 from ..options import TrainConfig, TrainConfigError
 from ..run_folder import RunFolder
-from .allocations import (AnalysisError, allocation_kind, allocation_matrices, category_agreement, cluster_tasks,
-                          prompt_task_probabilities, task_skill_profile)
+from .allocations import (
+    AnalysisError,
+    allocation_kind,
+    allocation_matrices,
+    category_agreement,
+    cluster_tasks,
+    prompt_task_probabilities,
+    task_skill_profile,
+)
 from .markdown import analysis_markdown, top_skills
 from .plots import plot_allocation_heatmaps, plot_dendrogram, plot_task_heatmap
 
@@ -70,8 +78,10 @@ def read_run(run_dir: PathLike) -> RunInfo:
         raise AnalysisError(f"{folder.adapter_dir}: the adapter metadata has no 'task_to_id' (the training tasks)")
     n_tasks = meta["config"].get("n_tasks")
     if meta.get("method") in ("poly", "mhr") and n_tasks is not None and n_tasks != len(tasks):
-        raise AnalysisError(f"{folder.adapter_dir}: metadata lists {len(tasks)} tasks but the {meta['method']} adapter "
-                            f"has n_tasks={n_tasks}")
+        raise AnalysisError(
+            f"{folder.adapter_dir}: metadata lists {len(tasks)} tasks but the {meta['method']} adapter "
+            f"has n_tasks={n_tasks}"
+        )
     try:
         cfg, _ = folder.read_config()
         metrics = folder.read_metrics() if (folder / RunFolder.METRICS).is_file() else None
@@ -81,8 +91,9 @@ def read_run(run_dir: PathLike) -> RunInfo:
     return RunInfo(folder, cfg, meta, metrics, tasks, categories)
 
 
-def load_run_model(info: RunInfo, *, model: PathLike | None = None,
-                   device: str | torch.device | None = None) -> tuple[RoutedModel, Any]:
+def load_run_model(
+    info: RunInfo, *, model: PathLike | None = None, device: str | torch.device | None = None
+) -> tuple[RoutedModel, Any]:
     """(RoutedModel in eval mode, tokenizer): the run's base model (or ``model``) with its adapter."""
     spec = os.fspath(model) if model is not None else info.cfg.model
     base, tokenizer, _ = load_model_and_tokenizer(spec, dtype=info.cfg.dtype, device=device)
@@ -90,15 +101,23 @@ def load_run_model(info: RunInfo, *, model: PathLike | None = None,
     return routed.eval(), tokenizer
 
 
-def build_task_prompts(info: RunInfo, tokenizer: Any, *, decoder_only: bool = True, max_prompts_per_task: int = 32,
-                       data: PathLike | None = None) -> dict[str, list[tuple[list[int], list[int]]]]:
+def build_task_prompts(
+    info: RunInfo,
+    tokenizer: Any,
+    *,
+    decoder_only: bool = True,
+    max_prompts_per_task: int = 32,
+    data: PathLike | None = None,
+) -> dict[str, list[tuple[list[int], list[int]]]]:
     """Prompts of every training task, built as in training, from the run's own seeded held-out
     instances (training instances for a task without any), so pi is measured on inputs the router did
     not fit. ``data`` overrides where the run's data are now."""
     cfg = TrainConfig(**{**info.cfg.to_dict(), "unseen_tasks": 0, **({"data": os.fspath(data)} if data else {})})
     split = build_data(cfg)
     if sorted(split.task_to_id) != sorted(info.tasks):
-        raise AnalysisError(f"the tasks rebuilt from {info.folder / RunFolder.CONFIG} are not the adapter's; check the data")
+        raise AnalysisError(
+            f"the tasks rebuilt from {info.folder / RunFolder.CONFIG} are not the adapter's; check the data"
+        )
     by_task: dict[str, list] = {t: [] for t in info.tasks}
     for ex in list(split.eval) + list(split.train):  # disjoint by construction
         if len(by_task[ex.task]) < max_prompts_per_task:
@@ -106,17 +125,30 @@ def build_task_prompts(info: RunInfo, tokenizer: Any, *, decoder_only: bool = Tr
     for t in by_task:
         info.categories.setdefault(t, split.task_defs[t].category)
     settings = prompt_settings(cfg)
-    return {t: [(ids, [1] * len(ids)) for ids in (encode_prompt(tokenizer, split.task_defs[t], ex.input, decoder_only=decoder_only,
-                                                                **settings) for ex in examples)]
-            for t, examples in by_task.items()}
+    return {
+        t: [
+            (ids, [1] * len(ids))
+            for ids in (
+                encode_prompt(tokenizer, split.task_defs[t], ex.input, decoder_only=decoder_only, **settings)
+                for ex in examples
+            )
+        ]
+        for t, examples in by_task.items()
+    }
 
 
 def _round(x: np.ndarray, digits: int = 4) -> list:
     return np.round(np.asarray(x, dtype=np.float64), digits).tolist()
 
 
-def _task_rows(model: RoutedModel, matrices: dict, kind: str, tasks: Sequence[str] | None,
-               prompts_by_task: Mapping[str, Any] | None, batch_size: int) -> dict[str, Any]:
+def _task_rows(
+    model: RoutedModel,
+    matrices: dict,
+    kind: str,
+    tasks: Sequence[str] | None,
+    prompts_by_task: Mapping[str, Any] | None,
+    batch_size: int,
+) -> dict[str, Any]:
     """Per training task: its skill profile and, for OrchMoE, its mean pi, abstract task and consistency."""
     cfg = model.adapter_config
     if kind != "prompt":
@@ -133,23 +165,49 @@ def _task_rows(model: RoutedModel, matrices: dict, kind: str, tasks: Sequence[st
     # Share of a task's prompts whose own argmax is the task's abstract task: 1 = the router routes the
     # task as a whole, lower = it splits the task's instances.
     consistency = [float((pis[t].argmax(1) == a).mean()) for t, a in zip(task_list, assignment)]
-    return {"tasks": task_list, "profile": task_skill_profile(matrices, mean_pi), "mean_pi": mean_pi,
-            "assignment": assignment, "consistency": consistency, "n_prompts": {t: int(pis[t].shape[0]) for t in task_list}}
+    return {
+        "tasks": task_list,
+        "profile": task_skill_profile(matrices, mean_pi),
+        "mean_pi": mean_pi,
+        "assignment": assignment,
+        "consistency": consistency,
+        "n_prompts": {t: int(pis[t].shape[0]) for t in task_list},
+    }
 
 
-def _figures(out: Path, rows: dict, matrices: dict, cats: dict, method: str, row_label: str, max_layers: int,
-             draw_dendrogram: bool) -> tuple[dict[str, str], list[str] | None]:
+def _figures(
+    out: Path,
+    rows: dict,
+    matrices: dict,
+    cats: dict,
+    method: str,
+    row_label: str,
+    max_layers: int,
+    draw_dendrogram: bool,
+) -> tuple[dict[str, str], list[str] | None]:
     """The figures' file names, and the dendrogram's leaves (top to bottom) when one is drawn."""
     task_list, profile = rows["tasks"], rows["profile"]
-    files = {"allocation_heatmaps": plot_allocation_heatmaps(
-        matrices, out / "allocation_heatmaps.png", max_layers=max_layers, row_label=row_label,
-        title=f"{method}: task-skill allocation per layer").name,
-        "task_skill_heatmap": plot_task_heatmap(profile, task_list, cats, out / "task_skill_heatmap.png",
-                                                col_label="skill", center=1.0 / profile.shape[1]).name}
+    files = {
+        "allocation_heatmaps": plot_allocation_heatmaps(
+            matrices,
+            out / "allocation_heatmaps.png",
+            max_layers=max_layers,
+            row_label=row_label,
+            title=f"{method}: task-skill allocation per layer",
+        ).name,
+        "task_skill_heatmap": plot_task_heatmap(
+            profile, task_list, cats, out / "task_skill_heatmap.png", col_label="skill", center=1.0 / profile.shape[1]
+        ).name,
+    }
     if rows["mean_pi"] is not None:
         files["task_abstract_heatmap"] = plot_task_heatmap(
-            rows["mean_pi"], task_list, cats, out / "task_abstract_heatmap.png", col_label="abstract task",
-            title="Mean π(x) per training task (Task Router)").name
+            rows["mean_pi"],
+            task_list,
+            cats,
+            out / "task_abstract_heatmap.png",
+            col_label="abstract task",
+            title="Mean π(x) per training task (Task Router)",
+        ).name
     leaves = None
     if draw_dendrogram:
         leaves = plot_dendrogram(profile, task_list, cats, out / "dendrogram.png")
@@ -157,9 +215,17 @@ def _figures(out: Path, rows: dict, matrices: dict, cats: dict, method: str, row
     return files, leaves
 
 
-def analyze_model(model: RoutedModel, out_dir: PathLike, *, tasks: Sequence[str] | None = None,
-                  categories: Mapping[str, str] | None = None, prompts_by_task: Mapping[str, Any] | None = None,
-                  batch_size: int = 32, max_layers: int = 12, extra: Mapping[str, Any] | None = None) -> dict:
+def analyze_model(
+    model: RoutedModel,
+    out_dir: PathLike,
+    *,
+    tasks: Sequence[str] | None = None,
+    categories: Mapping[str, str] | None = None,
+    prompts_by_task: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    max_layers: int = 12,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """All artefacts for one adapter: heatmaps, dendrogram, allocations.npz, analysis.json and analysis.md.
 
     Args:
@@ -184,61 +250,105 @@ def analyze_model(model: RoutedModel, out_dir: PathLike, *, tasks: Sequence[str]
     spread = float(np.mean([np.abs(m - 1.0 / m.shape[1]).mean() for m in matrices.values()]))
     gaps = np.abs(profile[:, None, :] - profile[None, :, :]).sum(-1)  # (T, T) L1 distances of task profiles
     result: dict[str, Any] = {
-        "method": cfg.method, "n_layers": len(matrices), "n_skills": cfg.n_skills, **(extra or {}),
-        "tasks": task_list, "categories": cats, "n_tasks": len(task_list), "n_categories": len(set(cats.values())),
-        "allocation_spread": round(spread, 6), "max_task_profile_distance": round(float(gaps.max()), 6),
-        "allocations_uniform": spread < UNIFORM_SPREAD}
+        "method": cfg.method,
+        "n_layers": len(matrices),
+        "n_skills": cfg.n_skills,
+        **(extra or {}),
+        "tasks": task_list,
+        "categories": cats,
+        "n_tasks": len(task_list),
+        "n_categories": len(set(cats.values())),
+        "allocation_spread": round(spread, 6),
+        "max_task_profile_distance": round(float(gaps.max()), 6),
+        "allocations_uniform": spread < UNIFORM_SPREAD,
+    }
     draw = len(task_list) >= 2 and not result["allocations_uniform"]
-    result["files"], leaves = _figures(out, rows, matrices, cats, cfg.method,
-                                       "abstract task" if kind == "prompt" else "task", max_layers, draw)
+    result["files"], leaves = _figures(
+        out, rows, matrices, cats, cfg.method, "abstract task" if kind == "prompt" else "task", max_layers, draw
+    )
     if draw:
         result["dendrogram_leaves"] = leaves
         n_clusters = min(result["n_categories"], len(task_list))
         clusters = cluster_tasks(profile, n_clusters)
-        result["cluster_agreement"] = {"n_clusters_requested": n_clusters,
-                                       **category_agreement(clusters.tolist(), [cats[t] for t in task_list])}
+        result["cluster_agreement"] = {
+            "n_clusters_requested": n_clusters,
+            **category_agreement(clusters.tolist(), [cats[t] for t in task_list]),
+        }
         result["clusters"] = {t: int(c) for t, c in zip(task_list, clusters)}
     result["task_skill_profile"] = {t: _round(r) for t, r in zip(task_list, profile)}
     result["top_skills"] = {t: [s for s, _ in top_skills(r)] for t, r in zip(task_list, profile)}
     if mean_pi is not None:
         assignment = rows["assignment"]
-        result.update(n_abstract_tasks=cfg.n_abstract_tasks, n_prompts=rows["n_prompts"],
-                      assignment={t: int(a) for t, a in zip(task_list, assignment)},
-                      mean_pi={t: _round(r) for t, r in zip(task_list, mean_pi)},
-                      assignment_consistency={t: round(c, 4) for t, c in zip(task_list, rows["consistency"])},
-                      category_agreement=category_agreement(assignment.tolist(), [cats[t] for t in task_list]),
-                      abstract_task_sizes={int(k): int(v) for k, v in sorted(Counter(assignment.tolist()).items())})
-    np.savez_compressed(out / "allocations.npz", profile=profile, tasks=np.asarray(task_list),
-                        **({"mean_pi": mean_pi} if mean_pi is not None else {}),
-                        **{f"layer:{p}": m for p, m in matrices.items()})
+        result.update(
+            n_abstract_tasks=cfg.n_abstract_tasks,
+            n_prompts=rows["n_prompts"],
+            assignment={t: int(a) for t, a in zip(task_list, assignment)},
+            mean_pi={t: _round(r) for t, r in zip(task_list, mean_pi)},
+            assignment_consistency={t: round(c, 4) for t, c in zip(task_list, rows["consistency"])},
+            category_agreement=category_agreement(assignment.tolist(), [cats[t] for t in task_list]),
+            abstract_task_sizes={int(k): int(v) for k, v in sorted(Counter(assignment.tolist()).items())},
+        )
+    np.savez_compressed(
+        out / "allocations.npz",
+        profile=profile,
+        tasks=np.asarray(task_list),
+        **({"mean_pi": mean_pi} if mean_pi is not None else {}),
+        **{f"layer:{p}": m for p, m in matrices.items()},
+    )
     result["files"].update(allocations="allocations.npz", analysis_md="analysis.md")
     (out / "analysis.json").write_text(json.dumps(result, indent=2))
     (out / "analysis.md").write_text(analysis_markdown(result, profile, mean_pi))
     return result
 
 
-def analyze_run(run_dir: PathLike, out_dir: PathLike | None = None, *, model: PathLike | None = None,
-                data: PathLike | None = None, max_prompts_per_task: int = 32, batch_size: int = 32,
-                device: str | torch.device | None = None, max_layers: int = 12) -> dict:
+def analyze_run(
+    run_dir: PathLike,
+    out_dir: PathLike | None = None,
+    *,
+    model: PathLike | None = None,
+    data: PathLike | None = None,
+    max_prompts_per_task: int = 32,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    max_layers: int = 12,
+) -> dict:
     """Analyse a training run folder; writes ``<run>/analysis/`` (or ``out_dir``), returns analysis.json's dict.
 
     ``model`` / ``data`` override where the base model and the data are now (a run trained elsewhere).
     """
     info = read_run(run_dir)
     if info.method not in ("orchmoe", "poly", "mhr"):
-        raise AnalysisError(f"{info.folder.adapter_dir}: a {info.method!r} adapter has no task-skill allocation to "
-                            "analyse (OrchMoE, Poly and MHR have one)")
+        raise AnalysisError(
+            f"{info.folder.adapter_dir}: a {info.method!r} adapter has no task-skill allocation to "
+            "analyse (OrchMoE, Poly and MHR have one)"
+        )
     routed, tokenizer = load_run_model(info, model=model, device=device)
     prompts = None
     if routed.adapter_config.routing == "prompt":
-        prompts = build_task_prompts(info, tokenizer, decoder_only=not routed.is_encoder_decoder,
-                                     max_prompts_per_task=max_prompts_per_task, data=data)
-    extra: dict[str, Any] = {"run_dir": str(info.folder.path), "base_model": info.adapter_meta.get("base_model", {}).get("name")}
+        prompts = build_task_prompts(
+            info,
+            tokenizer,
+            decoder_only=not routed.is_encoder_decoder,
+            max_prompts_per_task=max_prompts_per_task,
+            data=data,
+        )
+    extra: dict[str, Any] = {
+        "run_dir": str(info.folder.path),
+        "base_model": info.adapter_meta.get("base_model", {}).get("name"),
+    }
     if info.metrics is not None:
         extra["metrics"] = _headline_metrics(info.metrics)
     out = Path(out_dir) if out_dir is not None else info.folder / RunFolder.ANALYSIS
-    return analyze_model(routed, out, tasks=info.tasks, categories=info.categories, prompts_by_task=prompts,
-                         batch_size=batch_size, max_layers=max_layers, extra=extra)
+    return analyze_model(
+        routed,
+        out,
+        tasks=info.tasks,
+        categories=info.categories,
+        prompts_by_task=prompts,
+        batch_size=batch_size,
+        max_layers=max_layers,
+        extra=extra,
+    )
 
 
 def _headline_metrics(metrics: Any) -> dict:
