@@ -119,8 +119,9 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Score and average a set of predictions.
 
     Each record is a mapping with ``task``, ``pred``, ``refs`` (a list of references, or one
-    string), optionally ``category`` (default "Unknown") and ``seen`` (default True; False for
-    tasks of the unseen/test split). Returns::
+    string), optionally ``category`` (default "Unknown"), ``seen`` (default True; False for
+    tasks of the unseen/test split) and ``scores`` (`score_example`'s result, when already computed).
+    Returns::
 
         {"overall": {...}, "per_task": {task: {...}}, "per_category": {cat: {...}},
          "seen": {"overall", "per_task", "per_category"},     # only if there are seen records
@@ -134,7 +135,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         missing = [k for k in ("task", "pred", "refs") if k not in rec]
         if missing:
             raise KeyError(f"record {i} is missing {missing} (needs task, pred, refs; optional category, seen)")
-        row = score_example(str(rec["pred"]), rec["refs"])
+        row = dict(rec["scores"]) if "scores" in rec else score_example(str(rec["pred"]), rec["refs"])
         row.update(task=rec["task"], category=rec.get("category") or "Unknown", seen=bool(rec.get("seen", True)))
         rows.append(row)
     if not rows:

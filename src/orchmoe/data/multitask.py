@@ -299,6 +299,36 @@ def _unseen_pool(source: TaskSource, spec: Any, split: str, seen: set[str], task
     return sorted(pool[:count])
 
 
+def _build_examples(
+    source: TaskSource,
+    seen: list[str],
+    unseen: list[str],
+    task_to_id: dict[str, int],
+    loaded: dict[str, SuperNITask],
+    n_train: int | None,
+    n_eval: int,
+    seed: int,
+    allow_fewer_train: bool,
+    n_unseen_eval: int,
+) -> tuple[list[Example], list[Example], list[Example], dict[str, SuperNITask]]:
+    """(train, eval, unseen examples, every task's definition without its instances)."""
+    train: list[Example] = []
+    evals: list[Example] = []
+    unseen_ex: list[Example] = []
+    defs: dict[str, SuperNITask] = {}
+    for name in seen:
+        task = loaded.pop(name, None) or source.load_task(name)
+        tr, ev = sample_instances(task, n_train, n_eval, seed, allow_fewer_train=allow_fewer_train)
+        train += _examples(task, task_to_id[name], tr)
+        evals += _examples(task, task_to_id[name], ev)
+        defs[name] = dataclasses.replace(task, instances=[])
+    for name in unseen:
+        task = source.load_task(name)
+        unseen_ex += _examples(task, -1, unseen_eval_instances(task, n_unseen_eval))
+        defs[name] = dataclasses.replace(task, instances=[])
+    return train, evals, unseen_ex, defs
+
+
 def load_multitask(
     data_dir: Any,
     tasks: int | Sequence[str] | str,
@@ -363,20 +393,9 @@ def load_multitask(
     else:
         unseen = _unseen_pool(source, n_unseen_tasks, split, set(task_to_id), task_seed)
 
-    train: list[Example] = []
-    evals: list[Example] = []
-    unseen_ex: list[Example] = []
-    defs: dict[str, SuperNITask] = {}
-    for name in seen:
-        task = loaded.pop(name, None) or source.load_task(name)
-        tr, ev = sample_instances(task, n_train, n_eval, seed, allow_fewer_train=allow_fewer_train)
-        train += _examples(task, task_to_id[name], tr)
-        evals += _examples(task, task_to_id[name], ev)
-        defs[name] = dataclasses.replace(task, instances=[])
-    for name in unseen:
-        task = source.load_task(name)
-        unseen_ex += _examples(task, -1, unseen_eval_instances(task, n_unseen_eval))
-        defs[name] = dataclasses.replace(task, instances=[])
+    train, evals, unseen_ex, defs = _build_examples(
+        source, seen, unseen, task_to_id, loaded, n_train, n_eval, seed, allow_fewer_train, n_unseen_eval
+    )
     return MultiTaskData(
         data_dir=source.location,
         seen_tasks=seen,

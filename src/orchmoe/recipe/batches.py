@@ -99,3 +99,10 @@ def first_answer_position(features: Sequence[dict]) -> int:
     """Earliest position of a labelled token over a batch of decoder-only features (their length if none)."""
     longest = max(len(f["labels"]) for f in features)
     return min(next((i for i, t in enumerate(f["labels"]) if t != IGNORE_INDEX), longest) for f in features)
+
+
+def label_tokens(feature: dict, decoder_only: bool) -> int:
+    """Tokens a feature's LM loss averages over: its labelled tokens (a decoder-only model's loss shifts the labels
+    by one, so the first position never counts)."""
+    labels = feature["labels"][1:] if decoder_only else feature["labels"]
+    return sum(t != IGNORE_INDEX for t in labels)

@@ -240,6 +240,15 @@ def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, u
     sub.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
+def _close_process_group() -> None:
+    """A command launched on several processes ends its process group before the interpreter exits: a gloo
+    group still open at exit can abort a process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; 0 on success, 2 for any failure (one line naming it), 130 when interrupted."""
     parser = build_parser()
@@ -247,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         _reject_unknown(parser, args, unknown)
     try:
-        _run(args)
+        try:
+            _run(args)
+        finally:
+            _close_process_group()
     except KeyboardInterrupt:
         print(f"orchmoe {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -102,18 +102,8 @@ def generate_predictions(
     world = accelerator.num_processes if accelerator is not None else 1
     mine = process_batches(batches, rank, world)
     device = next(routed.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen_kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    gen_kwargs = _greedy(tokenizer, max_new_tokens)
+    pad = gen_kwargs["pad_token_id"]
     was_training = routed.training
     routed.eval()
     results: list[tuple[int, str]] = []
@@ -132,12 +122,7 @@ def generate_predictions(
                 continue  # a repeat that keeps this process in step with the others
             new = seqs[:, input_ids.shape[1] :] if decoder_only else seqs
             start = None if decoder_only else routed.generation_config.decoder_start_token_id
-            for i, row in zip(idx, new.tolist()):
-                if start is not None and row and row[0] == start:
-                    row = row[1:]  # the decoder start token of an encoder-decoder model
-                if eos in row:
-                    row = row[: row.index(eos)]
-                results.append((i, tokenizer.decode(row, skip_special_tokens=True).strip()))
+            results += zip(idx, _decode(tokenizer, new, start))
             bar.update(len(idx) * world)
     finally:
         bar.close()
@@ -146,8 +131,29 @@ def generate_predictions(
     preds: list[str | None] = [None] * len(examples)
     for i, p in gathered:
         preds[i] = p
-    assert all(p is not None for p in preds), "a prediction went missing while gathering"
+    if any(p is None for p in preds):
+        raise RuntimeError("a prediction went missing while gathering the processes' predictions")
     return preds  # type: ignore[return-value]
+
+
+def _greedy(tokenizer, max_new_tokens: int) -> dict:
+    """generate() settings of the evaluation: greedy, stop at eos, pad with the pad token (eos without one)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
+                temperature=None, top_p=None, top_k=None)  # fmt: skip
+
+
+def _decode(tokenizer, new_tokens: torch.Tensor, start: int | None) -> list[str]:
+    """Each row's text up to its eos (an encoder-decoder's decoder start token dropped), stripped."""
+    eos, out = tokenizer.eos_token_id, []
+    for row in new_tokens.tolist():
+        if start is not None and row and row[0] == start:
+            row = row[1:]
+        if eos in row:
+            row = row[: row.index(eos)]
+        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
 
 
 def _row(scores: dict) -> list:
@@ -201,15 +207,19 @@ def evaluate_model(
 ) -> dict:
     """Generate for the held-out instances of the seen tasks and the unseen tasks, score, write, print.
 
-    `model` is a RoutedModel (unwrapped), `data` a MultiTaskData, `cfg` the run's TrainConfig.
-    Returns the metrics dict (also written to ``out_dir/metrics.json``).
+    Args:
+        model: the `RoutedModel` (unwrapped).
+        data: the run's `MultiTaskData`; cfg: its `TrainConfig` (prompts, generation length, batch size).
+        out_dir: the run folder to write predictions.jsonl, metrics.json and metrics.md into (None: no files).
+        accelerator: the run's `Accelerator` (several processes share the generation; the main one scores).
+    Returns:
+        The metrics dict (empty on the processes other than the main one).
     """
     if decoder_only is None:
         decoder_only = not is_encoder_decoder(model)
     examples = list(data.eval) + list(data.unseen)
     if not examples:
         raise ValueError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks")
-    is_main = accelerator is None or accelerator.is_main_process
     t0 = time.perf_counter()
     with accelerator.autocast() if accelerator is not None else nullcontext():  # the training precision
         preds = generate_predictions(
@@ -225,26 +235,45 @@ def evaluate_model(
             progress=cfg.progress,
         )
     gen_seconds = time.perf_counter() - t0
-    if not is_main:  # scoring and writing are the main process's
+    if accelerator is not None and not accelerator.is_main_process:  # scoring and writing are the main process's
         return {}
+    scores = [score_example(p, list(ex.references)) for ex, p in zip(examples, preds)]  # each scored once
     records = [
-        {"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references)}
-        for ex, p in zip(examples, preds)
+        {"task": ex.task, "category": ex.category, "seen": ex.seen, "pred": p, "refs": list(ex.references), "scores": s}
+        for ex, p, s in zip(examples, preds, scores)
     ]
-    agg = aggregate(records)
     out = Path(out_dir) if out_dir is not None else None
+    metrics = _metrics(model, data, cfg, out, aggregate(records), len(examples), gen_seconds)
+    if out is not None:
+        predictions = [
+            {"task": ex.task, "category": ex.category, "seen": ex.seen, "id": ex.id, "input": ex.input,
+             "prediction": p, "references": list(ex.references), "scores": s}
+            for ex, p, s in zip(examples, preds, scores)
+        ]  # fmt: skip
+        RunFolder(out).write_results(metrics, format_metrics_markdown(metrics), predictions)
+    if print_table:
+        print(format_metrics_markdown(metrics, per_task=len(metrics["per_task"]) <= 40))
+        if out is not None:
+            print(
+                f"predictions: {out / RunFolder.PREDICTIONS}; metrics: {out / RunFolder.METRICS}, "
+                f"{out / RunFolder.METRICS_MD} ({len(examples)} examples in {gen_seconds:.0f} s)"
+            )
+    return metrics
+
+
+def _metrics(model, data, cfg, out: Path | None, agg: dict, n_examples: int, gen_seconds: float) -> dict:
+    """metrics.json: the scores with what produced them (method, parameters, training, generation settings)."""
     train_summary = RunFolder(out).read_summary() if out is not None else {}
-    n_trainable, _ = model.num_parameters_split()
-    metrics = {
+    return {
         "run": out.name if out is not None else None,
         "method": model.adapter_config.method,
         "base_model": model.base_model_name,
-        "trainable_parameters": n_trainable,
+        "trainable_parameters": model.num_parameters_split()[0],
         "train_seconds": train_summary.get("train_seconds"),
         "train_steps": train_summary.get("steps"),
         "n_seen_tasks": len(data.seen_tasks),
         "n_unseen_tasks": len(data.unseen_tasks),
-        "n_examples": len(examples),
+        "n_examples": n_examples,
         "eval_seconds": round(gen_seconds, 3),
         "generation": {
             "max_new_tokens": cfg.generation_tokens,
@@ -257,30 +286,6 @@ def evaluate_model(
         "categories": data.categories(),
         **agg,
     }
-    table = format_metrics_markdown(metrics)
-    if out is not None:
-        predictions = [
-            {
-                "task": ex.task,
-                "category": ex.category,
-                "seen": ex.seen,
-                "id": ex.id,
-                "input": ex.input,
-                "prediction": p,
-                "references": list(ex.references),
-                "scores": score_example(p, list(ex.references)),
-            }
-            for ex, p in zip(examples, preds)
-        ]
-        RunFolder(out).write_results(metrics, table, predictions)
-    if print_table:
-        print(format_metrics_markdown(metrics, per_task=len(agg["per_task"]) <= 40))
-        if out is not None:
-            print(
-                f"predictions: {out / RunFolder.PREDICTIONS}; metrics: {out / RunFolder.METRICS}, "
-                f"{out / RunFolder.METRICS_MD} ({len(examples)} examples in {gen_seconds:.0f} s)"
-            )
-    return metrics
 
 
 def evaluate_run(

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,17 @@ from typing import Any
 import yaml
 
 from ..registry import METHODS
+from .values import (  # noqa: F401  (TrainConfigError, coerce_value and none_word are re-exported)
+    TrainConfigError,
+    as_bool,
+    coerce_value,
+    none_word,
+    parse_count_or_all,
+    parse_folder,
+    parse_target_modules,
+    parse_tasks,
+    parse_unseen,
+)
 
 __all__ = [
     "TrainConfig",
@@ -50,61 +59,6 @@ SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")
-
-
-class TrainConfigError(ValueError):
-    """A training option that cannot be used (unknown key, wrong type, out of range, impossible combination)."""
-
-
-def none_word(v: Any) -> bool:
-    return v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null"))
-
-
-def _tasks(name: str, v: Any) -> int | list[str] | str:
-    """A task selection: a count, 'all', a list of names, or a string (names, a file, a split) left to the loader."""
-    if isinstance(v, bool) or v is None:
-        raise TrainConfigError(f"{name} must be a number, 'all', names or a file, got {v!r}")
-    if isinstance(v, int):
-        if v < 1:
-            raise TrainConfigError(f"{name} must be >= 1, got {v}")
-        return v
-    if isinstance(v, (list, tuple)):
-        return [str(x) for x in v]
-    s = str(v).strip()
-    if s.isdigit():
-        return _tasks(name, int(s))
-    if not s:
-        raise TrainConfigError(f"{name} is empty")
-    return s
-
-
-def _unseen(name: str, v: Any) -> int | list[str] | str:
-    if none_word(v) or (isinstance(v, str) and v.strip().lower() == "all"):
-        return "all"
-    if isinstance(v, int) and not isinstance(v, bool) and v == 0:
-        return 0
-    if isinstance(v, str) and v.strip() == "0":
-        return 0
-    return _tasks(name, v)
-
-
-def _count_or_all(name: str, v: Any) -> int | None:
-    if none_word(v) or (isinstance(v, str) and v.strip().lower() == "all"):
-        return None
-    n = _as_int(name, v)
-    if n < 0:
-        raise TrainConfigError(f"{name} must be >= 0 or 'all', got {n}")
-    return n
-
-
-def _folder(name: str, v: Any) -> str:
-    """A folder path; empty (an unset shell variable) is an error rather than the current directory."""
-    if isinstance(v, bool) or not isinstance(v, (str, os.PathLike)):
-        raise TrainConfigError(f"{name} must be a folder path, got {v!r}")
-    s = os.fspath(v)
-    if not s.strip():
-        raise TrainConfigError(f"{name} is empty; name a run folder (use '.' to mean the current directory)")
-    return s
 
 
 def opt(
@@ -174,7 +128,7 @@ class TrainConfig:
         "seen tasks: a number N (drawn from the train split), 'all', comma-separated names, a "
         "file of names or a split name",
         1,
-        parse=_tasks,
+        parse=parse_tasks,
     )
     task_column: str | None = opt(
         None, "instruction data: the column naming each row's task (default: task_name, task, or one task per file)", 1
@@ -187,11 +141,11 @@ class TrainConfig:
     )
     split: str = opt("default", "split folder under splits/", 1)
     train_per_task: int | None = opt(
-        40, "training instances per seen task ('all': every remaining instance)", 1, parse=_count_or_all
+        40, "training instances per seen task ('all': every remaining instance)", 1, parse=parse_count_or_all
     )
     eval_per_task: int = opt(12, "held-out evaluation instances per seen task (disjoint from training)", 1, ge=0)
     unseen_tasks: Any = opt(
-        "all", "unseen test-split tasks to score: 'all', a number, 0 for none, or names", 1, parse=_unseen
+        "all", "unseen test-split tasks to score: 'all', a number, 0 for none, or names", 1, parse=parse_unseen
     )
     unseen_per_task: int = opt(12, "evaluation instances per unseen task (the first ones, as in SuperNI)", 1, ge=1)
     allow_fewer_train: bool = opt(False, "keep tasks with fewer than train+eval instances (train on what is left)", 1)
@@ -249,7 +203,7 @@ class TrainConfig:
     )
     seed: int = opt(0, "seed of task/instance sampling, adapter init, batch order and routing noise", 2, ge=0)
     # -- run folder, checkpoints, evaluation -------------------------------------------------------
-    out: str = opt("runs/orchmoe", "run folder", 3, aliases=("output_dir",), parse=_folder)
+    out: str = opt("runs/orchmoe", "run folder", 3, aliases=("output_dir",), parse=parse_folder)
     checkpoint_every: int = opt(200, "optimizer steps between checkpoints (0: none)", 3, ge=0, aliases=("save_steps",))
     keep_checkpoints: int = opt(2, "checkpoints kept (older ones deleted)", 3, ge=1, aliases=("save_total_limit",))
     log_every: int = opt(10, "optimizer steps between train_log.jsonl records", 3, ge=1, aliases=("logging_steps",))
@@ -308,109 +262,12 @@ _FLAG_ALIASES = {
 }
 
 
-# -- coercion ----------------------------------------------------------------------------------
-
-
-def _as_int(name: str, v: Any) -> int:
-    if isinstance(v, bool):
-        raise TrainConfigError(f"{name} must be an integer, got {v!r}")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        return int(v)
-    if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    raise TrainConfigError(f"{name} must be an integer, got {v!r}")
-
-
-def _as_float(name: str, v: Any) -> float:
-    if isinstance(v, bool):
-        raise TrainConfigError(f"{name} must be a number, got {v!r}")
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise TrainConfigError(f"{name} must be a number, got {v!r}") from None
-    if not math.isfinite(x):
-        raise TrainConfigError(f"{name} must be a finite number, got {v!r}")
-    return x
-
-
-def _as_bool(name: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-        return v.strip().lower() in ("true", "yes", "1", "on")
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    raise TrainConfigError(f"{name} must be true or false, got {v!r}")
-
-
-def _as_str(name: str, v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise TrainConfigError(f"{name} must be a string, got {v!r}")
-    return str(v)
-
-
-_BASE = {"int": _as_int, "float": _as_float, "bool": _as_bool, "str": _as_str}
-
-
-def _in_range(name: str, x: Any, meta: dict) -> None:
-    for key, ok, words in (
-        ("ge", lambda a, b: a >= b, ">="),
-        ("gt", lambda a, b: a > b, ">"),
-        ("lt", lambda a, b: a < b, "<"),
-    ):
-        bound = meta.get(key)
-        if bound is not None and not ok(x, bound):
-            raise TrainConfigError(f"{name} must be {words} {bound:g}, got {x!r}")
-
-
-def coerce_value(f: dataclasses.Field, v: Any, name: str | None = None) -> Any:
-    """``v`` as field ``f``'s type (from its annotation), checked against its bounds and choices.
-
-    Works for `TrainConfig` fields and, without bounds, for any dataclass field (the adapter configs).
-    """
-    name = name or f.name
-    meta = dict(f.metadata)
-    if meta.get("parse"):
-        return meta["parse"](name, v)
-    kinds = [k.strip() for k in str(f.type).split("|")]
-    if "None" in kinds and none_word(v):
-        return None
-    base = next((k for k in kinds if k != "None"), "Any")
-    if base == "dict":
-        if v is None:
-            return {}
-        if not isinstance(v, dict):
-            raise TrainConfigError(f"{name} must be a mapping of option names to values, got {v!r}")
-        return {str(k).replace("-", "_"): x for k, x in v.items()}
-    if base not in _BASE:
-        return v
-    x = _BASE[base](name, v)
-    choices = meta.get("choices")
-    if callable(choices):
-        choices = choices()
-    if choices is not None:
-        x = x.lower()
-        if x not in choices:
-            close = difflib.get_close_matches(x, choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TrainConfigError(f"{name} must be one of {list(choices)}, got {x!r}{hint}")
-    if base in ("int", "float"):
-        _in_range(name, x, meta)
-    return x
-
-
 # -- the adapter section ---------------------------------------------------------------------
 # The adapter's options are the fields of the registered method configs: flags (``--adapter.rank``,
 # ``--rank``), YAML keys (``adapter: {rank: 4}`` or a top-level ``rank: 4``) and help texts come from them.
 
 # set by the recipe from the data, never by the user
 RECIPE_SET = ("n_tasks",)
-_NAMES = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
 
 
 def adapter_fields() -> dict[str, dataclasses.Field]:
@@ -425,24 +282,6 @@ def adapter_fields() -> dict[str, dataclasses.Field]:
 
 def adapter_field_names() -> set[str]:
     return set(adapter_fields())
-
-
-def parse_target_modules(name: str, v: Any) -> list[str] | str | None:
-    """Comma-separated leaf names become a list; anything else is one regex over module paths (checked)."""
-    if none_word(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [str(x) for x in v]
-    s = str(v).strip()
-    if _NAMES.fullmatch(s):
-        return [x.strip() for x in s.split(",")]
-    try:
-        re.compile(s)
-    except re.error as e:
-        raise TrainConfigError(
-            f"{name} {s!r} is neither comma-separated names nor a valid regular expression: {e}"
-        ) from None
-    return s
 
 
 def merge_adapter_section(base: dict[str, Any], new: Any, origin: str) -> dict[str, Any]:
@@ -496,7 +335,7 @@ def config_from_mapping(d: dict[str, Any], origin: str = "config") -> dict[str, 
             continue
         if k in _FLAG_ALIASES:
             target, meaning = _FLAG_ALIASES[k]
-            if _as_bool(str(key), value):
+            if as_bool(str(key), value):
                 k, value = target, meaning
             else:
                 continue

@@ -9,8 +9,10 @@ run (each believing it is process 0 of 1) is refused with the command that works
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -122,3 +124,27 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
             f"{acc.num_processes} (distributed type {acc.distributed_type}): each would train alone. " + LAUNCH_HELP
         )
     return acc
+
+
+def tracker_config(cfg: TrainConfig, resolved: dict) -> dict[str, Any]:
+    """The run's options as the flat scalars trackers accept (TensorBoard hparams)."""
+    flat: dict[str, Any] = {}
+    for k, v in {**cfg.to_dict(), **{f"adapter.{a}": b for a, b in resolved.get("adapter", {}).items()}}.items():
+        if k == "adapter":
+            continue
+        flat[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return flat
+
+
+def end_tracking(accelerator, summary: dict, step: int) -> None:
+    """The final scores to the trackers (``eval/seen/rougeL``, ...), then close them."""
+    metrics = summary.get("metrics") or {}
+    final = {
+        f"eval/{part}/{k}": v
+        for part in ("seen", "unseen")
+        for k, v in metrics.get(part, {}).get("overall", {}).items()
+        if isinstance(v, (int, float))
+    }
+    if final:
+        accelerator.log(final, step=step)
+    accelerator.end_training()

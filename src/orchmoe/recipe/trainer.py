@@ -22,18 +22,25 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..data import IGNORE_INDEX
 from ..diagnostics import routing_record
 from ..loading import is_encoder_decoder, load_model_and_tokenizer
 from ..model import get_model
 from ..sharding import full_tensor, is_sharded, local_parameter_count, set_gradient_sync, shard_model, unsharded
 from .adapter_options import build_adapter_config
-from .batches import answer_window, device_batch, epoch_batches, first_answer_position, rank_slice, tokens_of
+from .batches import (
+    answer_window,
+    device_batch,
+    epoch_batches,
+    first_answer_position,
+    label_tokens,
+    rank_slice,
+    tokens_of,
+)
 from .data import build_data, run_metadata, train_features
 from .evaluate import evaluate_model
 from .options import SCHEDULES, TrainConfig, TrainConfigError
 from .run_folder import RunFolder
-from .runtime import LAUNCH_HELP, make_accelerator
+from .runtime import LAUNCH_HELP, end_tracking, make_accelerator, tracker_config
 
 __all__ = ["Trainer", "train"]
 
@@ -64,7 +71,8 @@ class Trainer:
             summary = self.finish()
             if self.cfg.eval:
                 summary["metrics"] = self.evaluate()
-            self.end_tracking(summary)
+            if self.cfg.report_to != "none":
+                end_tracking(self.acc, summary, self.state["global_step"])
         finally:
             self.folder.release()  # the run folder's lock, held since prepare_folder
         return summary
@@ -138,7 +146,7 @@ class Trainer:
         self.feats = train_features(cfg, self.data, self.tokenizer, self.decoder_only, self.acc)
         self.lengths = [len(f["input_ids"]) + (0 if self.decoder_only else len(f["labels"])) for f in self.feats]
         self.task_of = [f["task_id"] for f in self.feats]
-        self.n_labels = [_label_tokens(f, self.decoder_only) for f in self.feats]
+        self.n_labels = [label_tokens(f, self.decoder_only) for f in self.feats]
         n_global = math.ceil(len(self.feats) / (cfg.batch_size * self.world)) if self.feats else 0
         self.steps_per_epoch = math.ceil(n_global / cfg.grad_accum) if n_global else 0
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
@@ -226,7 +234,7 @@ class Trainer:
         if self.is_main:
             self.folder.write_config(self.cfg, self.resolved)
         if self.cfg.report_to != "none":
-            self.acc.init_trackers("orchmoe", config=_tracker_config(self.cfg, self.resolved))
+            self.acc.init_trackers("orchmoe", config=tracker_config(self.cfg, self.resolved))
         self.acc.wait_for_everyone()
 
     # -- training --------------------------------------------------------------------------------
@@ -464,37 +472,6 @@ class Trainer:
             accelerator=self.acc,
             decoder_only=self.decoder_only,
         )
-
-    def end_tracking(self, summary: dict) -> None:
-        if self.cfg.report_to == "none":
-            return
-        metrics = summary.get("metrics") or {}
-        final = {
-            f"eval/{part}/{k}": v
-            for part in ("seen", "unseen")
-            for k, v in metrics.get(part, {}).get("overall", {}).items()
-            if isinstance(v, (int, float))
-        }
-        if final:
-            self.acc.log(final, step=self.state["global_step"])
-        self.acc.end_training()
-
-
-def _label_tokens(feature: dict, decoder_only: bool) -> int:
-    """Tokens a feature's LM loss averages over: its labelled tokens (a decoder-only model's loss shifts the labels
-    by one, so the first position never counts)."""
-    labels = feature["labels"][1:] if decoder_only else feature["labels"]
-    return sum(t != IGNORE_INDEX for t in labels)
-
-
-def _tracker_config(cfg: TrainConfig, resolved: dict) -> dict[str, Any]:
-    """The run's options as the flat scalars trackers accept (TensorBoard hparams)."""
-    flat: dict[str, Any] = {}
-    for k, v in {**cfg.to_dict(), **{f"adapter.{a}": b for a, b in resolved.get("adapter", {}).items()}}.items():
-        if k == "adapter":
-            continue
-        flat[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return flat
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ...data import encode_prompt
-from ...diagnostics import UNIFORM_SPREAD
+from ...diagnostics import UNIFORM_SPREAD, allocation_spread
+from ...fileio import atomic_write_text
 from ...loading import load_model_and_tokenizer
 from ...model import RoutedModel, load_adapter
 from ...serialization import AdapterMismatchError, read_adapter_config
@@ -247,7 +248,7 @@ def analyze_model(
     rows = _task_rows(model, matrices, kind, tasks, prompts_by_task, batch_size)
     task_list, profile, mean_pi = rows["tasks"], rows["profile"], rows["mean_pi"]
     cats = {t: str((categories or {}).get(t, "Unknown")) for t in task_list}
-    spread = float(np.mean([np.abs(m - 1.0 / m.shape[1]).mean() for m in matrices.values()]))
+    spread = allocation_spread(model)
     gaps = np.abs(profile[:, None, :] - profile[None, :, :]).sum(-1)  # (T, T) L1 distances of task profiles
     result: dict[str, Any] = {
         "method": cfg.method,
@@ -267,27 +268,11 @@ def analyze_model(
         out, rows, matrices, cats, cfg.method, "abstract task" if kind == "prompt" else "task", max_layers, draw
     )
     if draw:
-        result["dendrogram_leaves"] = leaves
-        n_clusters = min(result["n_categories"], len(task_list))
-        clusters = cluster_tasks(profile, n_clusters)
-        result["cluster_agreement"] = {
-            "n_clusters_requested": n_clusters,
-            **category_agreement(clusters.tolist(), [cats[t] for t in task_list]),
-        }
-        result["clusters"] = {t: int(c) for t, c in zip(task_list, clusters)}
+        result.update(dendrogram_leaves=leaves, **_clusters(profile, task_list, cats, result["n_categories"]))
     result["task_skill_profile"] = {t: _round(r) for t, r in zip(task_list, profile)}
     result["top_skills"] = {t: [s for s, _ in top_skills(r)] for t, r in zip(task_list, profile)}
     if mean_pi is not None:
-        assignment = rows["assignment"]
-        result.update(
-            n_abstract_tasks=cfg.n_abstract_tasks,
-            n_prompts=rows["n_prompts"],
-            assignment={t: int(a) for t, a in zip(task_list, assignment)},
-            mean_pi={t: _round(r) for t, r in zip(task_list, mean_pi)},
-            assignment_consistency={t: round(c, 4) for t, c in zip(task_list, rows["consistency"])},
-            category_agreement=category_agreement(assignment.tolist(), [cats[t] for t in task_list]),
-            abstract_task_sizes={int(k): int(v) for k, v in sorted(Counter(assignment.tolist()).items())},
-        )
+        result.update(n_abstract_tasks=cfg.n_abstract_tasks, **_assignment(rows, cats))
     np.savez_compressed(
         out / "allocations.npz",
         profile=profile,
@@ -296,9 +281,35 @@ def analyze_model(
         **{f"layer:{p}": m for p, m in matrices.items()},
     )
     result["files"].update(allocations="allocations.npz", analysis_md="analysis.md")
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
-    (out / "analysis.md").write_text(analysis_markdown(result, profile, mean_pi))
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "analysis.md", analysis_markdown(result, profile, mean_pi))
     return result
+
+
+def _clusters(profile: np.ndarray, tasks: list[str], cats: dict[str, str], n_categories: int) -> dict[str, Any]:
+    """The dendrogram cut into as many clusters as categories, and its agreement with them."""
+    n_clusters = min(n_categories, len(tasks))
+    clusters = cluster_tasks(profile, n_clusters)
+    return {
+        "cluster_agreement": {
+            "n_clusters_requested": n_clusters,
+            **category_agreement(clusters.tolist(), [cats[t] for t in tasks]),
+        },
+        "clusters": {t: int(c) for t, c in zip(tasks, clusters)},
+    }
+
+
+def _assignment(rows: dict, cats: dict[str, str]) -> dict[str, Any]:
+    """OrchMoE: each task's abstract task, mean pi, consistency; the abstract tasks against the categories."""
+    tasks, assignment = rows["tasks"], rows["assignment"]
+    return {
+        "n_prompts": rows["n_prompts"],
+        "assignment": {t: int(a) for t, a in zip(tasks, assignment)},
+        "mean_pi": {t: _round(r) for t, r in zip(tasks, rows["mean_pi"])},
+        "assignment_consistency": {t: round(c, 4) for t, c in zip(tasks, rows["consistency"])},
+        "category_agreement": category_agreement(assignment.tolist(), [cats[t] for t in tasks]),
+        "abstract_task_sizes": {int(k): int(v) for k, v in sorted(Counter(assignment.tolist()).items())},
+    }
 
 
 def analyze_run(
