@@ -57,6 +57,7 @@ class AdapterStateMixin:
         return adapter, total
 
     def print_trainable_parameters(self) -> None:
+        """Print the adapter's and the whole model's parameter counts, as PEFT models do."""
         trainable, total = self.num_parameters_split()
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
@@ -95,7 +96,14 @@ class AdapterStateMixin:
         ]
 
     def save_adapter(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-        """safetensors weights + JSON (method, sizes, base model, layer shapes), written atomically."""
+        """safetensors weights + JSON (method, sizes, base model, layer shapes), written atomically.
+
+        Args:
+            path: the adapter folder (created if needed).
+            metadata: free-form JSON stored with it (``adapter_metadata`` after `orchmoe.load_adapter`).
+        Returns:
+            The folder.
+        """
         params = self.adapter_state_dict()
         meta = {
             "method": self.adapter_config.method,
@@ -112,7 +120,14 @@ class AdapterStateMixin:
         return write_adapter(path, {**params, **self.adapter_buffers()}, meta)
 
     def load_adapter_weights(self, path: str | os.PathLike, legacy: bool = False) -> None:
-        """Copy saved tensors into this model's adapter; any missing, extra or misshapen tensor is an error."""
+        """Copy saved tensors into this model's adapter; any missing, extra or misshapen tensor is an error.
+
+        Args:
+            path: an adapter folder, or its ``adapter_model.safetensors`` file.
+            legacy: the tensors were saved by orchmoe 0.1 (converted to the 0.2 layout first).
+        Raises:
+            AdapterMismatchError: missing, unexpected or misshapen tensors.
+        """
         weights_file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
         loaded = read_adapter_tensors(weights_file)
         if legacy:

@@ -24,18 +24,39 @@ class BudgetError(ValueError):
 
 
 def model_dims(model: nn.Module, target_modules=None) -> tuple[dict[str, tuple[int, int]], int]:
-    """(layer shapes, embedding width) that the formulas need."""
+    """(layer shapes, embedding width) that the formulas need.
+
+    Args:
+        model: a transformers model.
+        target_modules: as `AdapterConfig.target_modules` (None: the model type's default).
+    Returns:
+        ({layer path: (P, Q)}, d_model).
+    """
     shapes = find_target_layers(model, target_modules)
     return shapes, model.get_input_embeddings().embedding_dim
 
 
 def count_parameters(config: AdapterConfig, shapes: dict[str, tuple[int, int]], d_model: int) -> int:
-    """Trainable parameters of `config` on layers of these (P, Q) shapes (docs/methods.md; the config's own formula)."""
+    """Trainable parameters of `config` on layers of these (P, Q) shapes (docs/methods.md; the config's own formula).
+
+    Args:
+        config: the method's config.
+        shapes: layer path -> (P, Q), input and output width (`model_dims`).
+        d_model: the embedding width (OrchMoE's Task Router).
+    Returns:
+        The count, as a built `RoutedModel` has it.
+    """
     return config.count_parameters(shapes, d_model)
 
 
 def lora_budget(model: nn.Module, rank: int = 8, target_modules=None) -> int:
-    """Trainable parameters of a plain LoRA of this rank: the usual reference budget."""
+    """Trainable parameters of a plain LoRA of this rank: the usual reference budget.
+
+    Args:
+        model: the base model.
+        rank: the LoRA's rank.
+        target_modules: the layers adapted (None: the model type's default).
+    """
     shapes, d = model_dims(model, target_modules)
     return count_parameters(LoraConfig(rank=rank, target_modules=target_modules), shapes, d)
 
@@ -51,8 +72,18 @@ def match_budget(
 ) -> AdapterConfig:
     """The config with `vary` (``rank`` or ``n_skills``) set so its count is closest to `budget`.
 
-    Raises BudgetError when even the closest size is more than `tolerance`
-    (relative) away, naming the closest size it found.
+    Args:
+        config: the method and its other settings (``target_modules`` picks the layers counted).
+        model: the base model.
+        budget: the target count of trainable parameters (e.g. `lora_budget`).
+        vary: the integer size field to search.
+        tolerance: the largest relative gap accepted, in (0, 1).
+        max_value: the largest value of ``vary`` tried (from 1 up).
+    Returns:
+        A copy of ``config`` with ``vary`` set.
+    Raises:
+        BudgetError: even the closest size is more than ``tolerance`` away (it names that size), ``vary``
+            does not change the count, or invalid numbers.
     """
     _check_numbers(budget, tolerance, max_value)
     names = {f.name for f in dataclasses.fields(config)}

@@ -44,7 +44,12 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str) -> Any:
-    """A config field with its help text (the CLI's ``--adapter.NAME`` flags are generated from it)."""
+    """A config field with its help text (the CLI's ``--adapter.NAME`` flags are generated from it).
+
+    Args:
+        default: the field's default (a list or dict is copied for every instance).
+        help: the help text, kept in the field's ``metadata["help"]``.
+    """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -83,6 +88,9 @@ class AdapterConfig:
     target_modules: leaf names matched as a suffix of the module path
     (``["q_proj", "v_proj"]``) or one regular expression matched against the
     whole path; ``None`` picks the usual attention projections of the model type.
+
+    A config validates itself when built (`ConfigError`); ``method`` names it in saved adapters and
+    ``routing`` (one of `ROUTING_KINDS`) says what its router reads.
     """
 
     method: ClassVar[str] = ""
@@ -96,6 +104,7 @@ class AdapterConfig:
     # -- what the method is -------------------------------------------------
     @property
     def n_experts(self) -> int:
+        """Experts (skills) per adapted layer, S."""
         return 1
 
     @property
@@ -110,16 +119,23 @@ class AdapterConfig:
 
     @property
     def needs_task_ids(self) -> bool:
+        """True when every forward needs ``task_ids`` (Poly, MHR)."""
         return self.routing == "task_ids"
 
     @property
     def scale(self) -> float:
+        """The update's factor ``alpha / rank`` (1 when ``alpha`` is unset)."""
         alpha = self.rank if self.alpha is None else self.alpha
         return float(alpha) / self.rank
 
     # -- parameter accounting (what budget.py and the docs state) ---------------
     def layer_parameters(self, P: int, Q: int) -> int:
-        """Trainable parameters this method adds to one (P -> Q) layer."""
+        """Trainable parameters this method adds to one (P -> Q) layer.
+
+        Args:
+            P: the layer's input width.
+            Q: the layer's output width.
+        """
         return self.rank * (P + Q)
 
     def model_parameters(self, d_model: int) -> int:
@@ -127,15 +143,28 @@ class AdapterConfig:
         return 0
 
     def count_parameters(self, shapes: dict[str, tuple[int, int]], d_model: int) -> int:
-        """Trainable parameters on layers of these (P, Q) shapes."""
+        """Trainable parameters on layers of these (P, Q) shapes.
+
+        Args:
+            shapes: adapted layer path -> (P, Q) (`orchmoe.targets.find_target_layers`).
+            d_model: the embedding width (OrchMoE's Task Router reads embeddings).
+        """
         return sum(self.layer_parameters(P, Q) for P, Q in shapes.values()) + self.model_parameters(d_model)
 
     def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
-        """This config fitted to a training run of ``n_tasks`` tasks (``explicit``: fields the user set)."""
+        """This config fitted to a training run of ``n_tasks`` tasks (``explicit``: fields the user set).
+
+        Args:
+            n_tasks: the number of training tasks.
+            explicit: names of the fields the user set, which are kept.
+        Returns:
+            A config (this one when nothing depends on the task count).
+        """
         return self
 
     # -- validation and serialisation ------------------------------------------
     def validate(self) -> None:
+        """Raise `ConfigError` for a field of the wrong type or out of range (run at construction)."""
         owner = type(self).__name__
         for f in dataclasses.fields(self):
             _check_type(owner, f.name, f.type, getattr(self, f.name))
@@ -170,9 +199,11 @@ class AdapterConfig:
         return {"method": self.method, **d}
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> AdapterConfig:
+        """A copy with ``changes`` applied, validated (`ConfigError`)."""
         return dataclasses.replace(self, **changes)  # __post_init__ validates
 
     def __post_init__(self) -> None:
@@ -205,21 +236,26 @@ class MoLoRAConfig(AdapterConfig):
 
     @property
     def n_experts(self) -> int:
+        """S = ``n_skills``."""
         return self.n_skills
 
     @property
     def shares_down_projection(self) -> bool:
+        """``shared_down``."""
         return self.shared_down
 
     @property
     def n_blocks(self) -> int:
+        """Rank blocks routed separately: 1 (one softmax over the experts per token)."""
         return 1
 
     def layer_parameters(self, P: int, Q: int) -> int:
+        """S experts' B and A (one shared A with ``shared_down``) plus the P x S router."""
         S, r = self.n_skills, self.rank
         return (r * P if self.shared_down else S * r * P) + S * r * Q + P * S
 
     def validate(self) -> None:
+        """The shared checks, plus ``n_skills >= 1``, ``top_k`` in [1, n_skills], ``aux_loss_coef >= 0``."""
         super().validate()
         self._positive("n_skills")
         if self.top_k is not None and not 1 <= self.top_k <= self.n_skills:
@@ -242,17 +278,21 @@ class PolyConfig(AdapterConfig):
 
     @property
     def n_experts(self) -> int:
+        """S = ``n_skills``."""
         return self.n_skills
 
     def layer_parameters(self, P: int, Q: int) -> int:
+        """S experts of rank r plus the layer's T x h x S allocation logits."""
         return self.n_skills * self.rank * (P + Q) + self.n_tasks * self.n_splits * self.n_skills
 
     def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
+        """``n_tasks`` set to the run's task count; a different value the user set is a `ConfigError`."""
         if "n_tasks" in explicit and self.n_tasks != n_tasks:
             raise ConfigError(f"{self.method}: n_tasks is the number of training tasks ({n_tasks}); do not set it")
         return self.replace(n_tasks=n_tasks)
 
     def validate(self) -> None:
+        """The shared checks, plus ``n_tasks``, ``n_skills`` and ``n_splits`` >= 1."""
         super().validate()
         self._positive("n_tasks", "n_skills", "n_splits")
 
@@ -279,21 +319,26 @@ class MoDEConfig(AdapterConfig):
 
     @property
     def n_experts(self) -> int:
+        """m = ``n_skills`` experts per rank block."""
         return self.n_skills
 
     @property
     def shares_down_projection(self) -> bool:
+        """Always True: one down-projection A (P x r)."""
         return True
 
     @property
     def n_blocks(self) -> int:
+        """Rank blocks routed separately, r / p."""
         return self.rank // self.expert_rank
 
     def layer_parameters(self, P: int, Q: int) -> int:
+        """The shared A (P x r), m up-projections (r x Q) and the P x (r/p * m) router."""
         m, r = self.n_skills, self.rank
         return r * P + m * r * Q + self.n_blocks * m * P
 
     def validate(self) -> None:
+        """The shared checks, plus ``n_skills, expert_rank >= 1`` and ``expert_rank`` dividing ``rank``."""
         super().validate()
         self._positive("n_skills", "expert_rank")
         if self.rank % self.expert_rank:
@@ -322,12 +367,15 @@ class OrchMoEConfig(AdapterConfig):
 
     @property
     def n_experts(self) -> int:
+        """S = ``n_skills``."""
         return self.n_skills
 
     def layer_parameters(self, P: int, Q: int) -> int:
+        """S experts of rank r plus the layer's K x S Skill Router logits."""
         return self.n_skills * self.rank * (P + Q) + self.n_abstract_tasks * self.n_skills
 
     def model_parameters(self, d_model: int) -> int:
+        """The Task Router: a linear d x K with bias, or d -> hidden -> K with biases."""
         K, H = self.n_abstract_tasks, self.task_router_hidden
         return d_model * H + H + H * K + K if H > 0 else d_model * K + K
 
@@ -336,6 +384,8 @@ class OrchMoEConfig(AdapterConfig):
         return self if "n_abstract_tasks" in explicit else self.replace(n_abstract_tasks=n_tasks)
 
     def validate(self) -> None:
+        """The shared checks, plus ``n_skills``, ``n_abstract_tasks`` >= 1, ``task_temperature`` > 0,
+        ``task_router_hidden``, ``balance_coef`` >= 0 and a known ``prompt_norm``."""
         super().validate()
         self._positive("n_skills", "n_abstract_tasks")
         if self.task_temperature <= 0:
@@ -351,7 +401,11 @@ class OrchMoEConfig(AdapterConfig):
 
 
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
-    """Build a config from ``{"method": ..., **fields}`` (the JSON an adapter is saved with)."""
+    """Build a config from ``{"method": ..., **fields}`` (the JSON an adapter is saved with).
+
+    Raises:
+        ConfigError: not a mapping, an unknown method or field, or invalid values.
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"an adapter config must be a mapping, got {type(d).__name__}")
     d = dict(d)

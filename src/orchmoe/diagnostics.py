@@ -37,7 +37,11 @@ UNIFORM_SPREAD = 0.005
 
 @torch.no_grad()
 def allocation_spread(model) -> float | None:
-    """Mean |w - 1/S| of the evaluation-mode allocations (L, rows, S); None without an allocation matrix."""
+    """Mean |w - 1/S| of the evaluation-mode allocations (L, rows, S); None without an allocation matrix.
+
+    ``model`` is a `RoutedModel`; its model-level router's ``allocation_matrices()`` are read (Poly, MHR,
+    OrchMoE), so LoRA and the per-token methods give None. Below `UNIFORM_SPREAD`: uniform routing.
+    """
     router = getattr(model, "router", None)
     alloc = router.allocation_matrices() if router is not None else None
     if alloc is None:
@@ -49,7 +53,15 @@ def allocation_spread(model) -> float | None:
 def task_router_summary(task_probs: torch.Tensor, task_ids: torch.Tensor | None = None) -> dict[str, float]:
     """Statistics of pi(x) over a set of examples (N, K): ``pi_entropy`` (mean entropy in nats; log K
     is uniform), ``abstract_tasks_used`` (share of K that is some example's argmax) and, with task
-    labels, ``nmi_pi_task`` (NMI of the argmax with the task)."""
+    labels, ``nmi_pi_task`` (NMI of the argmax with the task).
+
+    Args:
+        task_probs: (N, K) pi(x) of N examples.
+        task_ids: (N,) their true tasks, or None.
+    Returns:
+        ``pi_entropy``, ``pi_entropy_max`` (log K), ``abstract_tasks_used`` (0-1) and, with ``task_ids``,
+        ``nmi_pi_task``.
+    """
     pi = task_probs.detach().float()
     K = pi.shape[-1]
     entropy = -(pi * pi.clamp_min(1e-12).log()).sum(-1).mean()
@@ -67,7 +79,16 @@ def task_router_summary(task_probs: torch.Tensor, task_ids: torch.Tensor | None 
 def routing_record(
     model, task_probs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """The diagnostics of one logging window, as flat record fields (only those that apply)."""
+    """The diagnostics of one logging window, as flat record fields (only those that apply).
+
+    Args:
+        model: the `RoutedModel` (for `allocation_spread`).
+        task_probs: (N, K) pi(x) of the window's examples (OrchMoE), or None.
+        task_ids: (N,) their tasks, or None.
+    Returns:
+        ``allocation_spread`` when the model has allocations, plus `task_router_summary`'s fields when
+        ``task_probs`` has rows.
+    """
     rec: dict[str, float] = {}
     spread = allocation_spread(model)
     if spread is not None:
@@ -87,6 +108,14 @@ def normalized_mutual_info(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> 
 
     As in scikit-learn, two labelings that are each a single cluster count as a perfect match
     (1.0), and a zero mutual information is 0.0 whatever the entropies.
+
+    Args:
+        labels_a: one labeling of the items (any hashable labels, compared as strings).
+        labels_b: another labeling of the same items, as long.
+    Returns:
+        NMI in [0, 1]; 1.0 for no items.
+    Raises:
+        ValueError: labelings of different lengths.
     """
     a, b = list(labels_a), list(labels_b)
     if len(a) != len(b):
@@ -112,7 +141,16 @@ def normalized_mutual_info(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> 
 
 
 def purity(clusters: Sequence[Any], classes: Sequence[Any]) -> float:
-    """Share of items whose cluster's majority class is their own class (1 = every cluster pure)."""
+    """Share of items whose cluster's majority class is their own class (1 = every cluster pure).
+
+    Args:
+        clusters: each item's cluster.
+        classes: each item's true class, as long.
+    Returns:
+        Purity in (0, 1]; 1.0 for no items.
+    Raises:
+        ValueError: labelings of different lengths.
+    """
     clusters, classes = list(clusters), list(classes)
     if len(clusters) != len(classes):
         raise ValueError(f"labelings of different lengths: {len(clusters)} and {len(classes)}")
@@ -129,6 +167,13 @@ def nmi_chance(labels_a: Sequence[Any], labels_b: Sequence[Any], n_permutations:
 
     NMI is biased upwards for few items and many groups (a random grouping of 15 tasks
     already scores ~0.3), so the observed NMI means something only next to this baseline.
+
+    Args:
+        labels_a, labels_b: two labelings of the same items (`normalized_mutual_info`).
+        n_permutations: shuffles averaged over.
+        seed: seed of the shuffles (the result is deterministic).
+    Returns:
+        The mean NMI, in [0, 1].
     """
     rng = np.random.default_rng(seed)
     b = np.asarray(list(labels_b), dtype=object)

@@ -110,7 +110,14 @@ def _export_card(peft_config: dict, provenance: dict) -> str:
 @torch.no_grad()
 def merge_and_unload(model, **routing) -> nn.Module:
     """The base model with one routing's update added to its weights and the adapter layers removed
-    (`RoutedModel.unload`)."""
+    (`RoutedModel.unload`).
+
+    Args:
+        model: a `RoutedModel` of a parameter-mixing method (not usable afterwards).
+        **routing: the fixed routing, as `export_peft_lora`.
+    Returns:
+        The base model with merged weights.
+    """
     allocations = model.fixed_weights(**routing)
     for p, layer in model.routed_layers.items():
         delta = layer.delta_weight(allocations[p])  # (P, Q)
@@ -124,7 +131,17 @@ class ExportMixin:
 
     def fixed_weights(self, *, input_ids=None, attention_mask=None, **routing) -> dict[str, torch.Tensor | None]:
         """Evaluation-mode allocation (1, h, S) of every layer for one fixed routing (a Poly/MHR task_id, an
-        OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none."""
+        OrchMoE abstract_task or one prompt's input_ids); None per layer for LoRA. Per-token routing has none.
+
+        Args:
+            input_ids: one prompt, (n,) or (1, n), routed by OrchMoE's Task Router in evaluation mode.
+            attention_mask: that prompt's mask, (n,) or (1, n).
+            **routing: the router's own (``task_id=`` for Poly/MHR, ``abstract_task=`` for OrchMoE).
+        Returns:
+            Layer path -> (1, h, S) weights (None for LoRA).
+        Raises:
+            RoutingError: per-token routing (MoLoRA, MoDE), a batch of prompts, or a routing the router refuses.
+        """
         if self.router is None:
             raise RoutingError(
                 f"{self.adapter_config.method} routes every token separately: it cannot be written as one LoRA adapter"
@@ -145,11 +162,19 @@ class ExportMixin:
         return {p: (None if w is None else w[i]) for i, p in enumerate(self.routed_layers)}
 
     def export_peft_lora(self, path, **routing) -> Path:
-        """Write one fixed routing as a PEFT LoRA folder (`export_peft_lora`)."""
+        """Write one fixed routing as a PEFT LoRA folder (`export_peft_lora`).
+
+        Args:
+            path: the folder to write.
+            **routing: the fixed routing (`fixed_weights`).
+        Returns:
+            The folder.
+        """
         return export_peft_lora(self, path, **routing)
 
     def merge_and_unload(self, **routing) -> nn.Module:
-        """Fold one fixed routing into the base weights and return the base model (`merge_and_unload`)."""
+        """Fold one fixed routing (as `fixed_weights`) into the base weights and return the base model
+        (`merge_and_unload`); this RoutedModel cannot run afterwards."""
         return merge_and_unload(self, **routing)
 
     def unload(self) -> nn.Module:

@@ -44,7 +44,12 @@ def model_source(model: Any) -> str | None:
 
 def base_model_provenance(source: str | None) -> dict[str, Any]:
     """What is known of a base model's origin: its source and, for a checkpoint orchmoe converted
-    from a GGUF file, that file (the weights were dequantised from it, so they are not the hub's)."""
+    from a GGUF file, that file (the weights were dequantised from it, so they are not the hub's).
+
+    Returns:
+        ``{}`` without a source; else ``source`` and, for a GGUF conversion, ``dequantized_from_gguf``,
+        ``converted_checkpoint`` and ``gguf_model_name`` (when known).
+    """
     if not source:
         return {}
     out: dict[str, Any] = {"source": source}
@@ -73,6 +78,12 @@ def resolve_adapter_folder(
 ) -> Path:
     """A local adapter folder, or the adapter files of a Hub repository downloaded to the HF cache.
 
+    Args:
+        path_or_repo: a local folder, or a Hub repository id (``name`` or ``org/name``).
+        revision: the repository's branch, tag or commit.
+        token: the Hub token (``huggingface_hub``'s default when None).
+    Returns:
+        The folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
     Raises:
         FileNotFoundError: neither a local folder nor a repository that could be fetched (offline, unknown).
     """
@@ -133,6 +144,15 @@ def push_adapter(
 ) -> Any:
     """Save the adapter (and a model card) to a temporary folder and upload it to ``repo_id``.
 
+    Args:
+        model: the `RoutedModel`.
+        repo_id: the Hub repository, created if needed.
+        private: visibility of a repository created here (None: the Hub's default).
+        token: the Hub token.
+        revision: the branch to commit to.
+        commit_message: default ``"Upload <method> adapter"``.
+        create_pr: open a pull request instead of committing.
+        metadata: free-form JSON saved in the adapter config.
     Returns:
         `huggingface_hub.HfApi.upload_folder`'s commit info.
     Raises:
@@ -228,7 +248,15 @@ class AdapterHubMixin:
         create_pr: bool = False,
         metadata: dict | None = None,
     ) -> Any:
-        """Upload the adapter (with a model card) to a Hub repository, created if needed; see `push_adapter`."""
+        """Upload the adapter (with a model card) to a Hub repository, created if needed.
+
+        Args:
+            repo_id, private, token, revision, commit_message, create_pr, metadata: as `push_adapter`.
+        Returns:
+            The upload's commit info.
+        Raises:
+            HubError: offline, or the upload failed.
+        """
         return push_adapter(
             self,
             repo_id,

@@ -41,6 +41,7 @@ __all__ = ["RoutedLoraLayer", "layer_shape", "is_adaptable"]
 
 
 def is_adaptable(module: nn.Module) -> bool:
+    """Whether ``module`` can carry routed experts: an ``nn.Linear`` or a transformers (GPT-2) ``Conv1D``."""
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
@@ -54,7 +55,22 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class RoutedLoraLayer(nn.Module):
-    """Wraps a frozen ``nn.Linear`` / ``Conv1D``; expert weights are parameters of this leaf module."""
+    """Wraps a frozen ``nn.Linear`` / ``Conv1D``; expert weights are parameters of this leaf module.
+
+    ``lora_A`` is (D, P, r), D = 1 when the experts share it, else S; ``lora_B`` is (S, r, Q), zero at first,
+    so the layer starts as its base layer. `RoutedModel` builds the layers and sets their ``state``.
+
+    Args:
+        base_layer: the frozen layer, P inputs and Q outputs (experts and router are put on its device).
+        n_experts: S, the number of experts (skills).
+        rank: r, the rank of each expert.
+        scale: the update's factor (``alpha / rank``).
+        router: a per-token `LayerRouter` (output mixing: MoLoRA, MoDE); None: the model's routing.
+        shared_down: one down-projection A for every expert (MoDE, MoLoRA-SD).
+        n_splits: h routing blocks of A's rows and B's columns (MHR); must divide P and Q.
+        dropout: dropout on the adapter's input.
+        index: this layer's row in the model's routing weights.
+    """
 
     def __init__(
         self,
@@ -93,19 +109,32 @@ class RoutedLoraLayer(nn.Module):
     # the wrapped layer answers for the base weights, as a PEFT tuner layer does.
     @property
     def weight(self) -> torch.Tensor:
+        """The base layer's weight."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one)."""
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
+        """The sizes shown in the module's repr."""
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.n_experts}, rank={self.rank}, "
             f"shared_down={self.shared_down}, splits={self.n_splits}, scale={self.scale:g}"
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output plus ``scale`` times the routed update (the base output alone when ``disabled``).
+
+        Args:
+            x: (b, n, P) input; parameter mixing reads a 2-D (n, P) input as one example's tokens.
+            *args, **kwargs: passed to the base layer.
+        Returns:
+            (b, n, Q), shaped and typed like the base layer's output.
+        Raises:
+            RoutingError: the layer mixes several experts and no routing was set (the base model called directly).
+        """
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -124,7 +153,12 @@ class RoutedLoraLayer(nn.Module):
     def mixed_weights(self, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example (A_t, B_t), (b, P, r) and (b, r, Q), from allocation weights w (b, h, S).
 
-        ``w=None``: the single expert."""
+        Args:
+            w: (b, h, S) allocation weights (each block's row sums to one); None: the single expert.
+        Returns:
+            (A_t, B_t), (b, P, r) and (b, r, Q); for ``w=None`` ``lora_A`` and ``lora_B`` themselves, (1, P, r)
+            and (1, r, Q) for a single expert, broadcast over the batch.
+        """
         A, B = self.lora_A, self.lora_B  # (S, P, r), (S, r, Q)
         if w is None:
             return A, B  # (1, P, r), (1, r, Q): broadcast over the batch
@@ -144,7 +178,11 @@ class RoutedLoraLayer(nn.Module):
         return A_t.reshape(b, P, r), B_t.reshape(b, r, Q)
 
     def allocation(self, batch: int) -> torch.Tensor | None:
-        """This layer's allocation weights (b, h, S) from the model's routing; None for a single expert."""
+        """This layer's allocation weights (b, h, S) from the model's routing; None for a single expert.
+
+        Raises:
+            RoutingError: the layer mixes several experts (or MHR blocks) and no routing was set.
+        """
         w = self.state.layer_weights(self.index, batch) if self.state is not None else None
         if w is None and (self.n_experts > 1 or self.n_splits > 1):
             raise RoutingError(
@@ -158,7 +196,13 @@ class RoutedLoraLayer(nn.Module):
         (a generate() call, every decoding step of it), so the mixed weights are built once, at the first
         forward of that batch size (the prefill), kept in the state and then only read: a compiled decoding
         step sees tensors, never a Python key that changes with the routing. In eager mode an in-place change
-        of the experts (an optimizer step between forwards) rebuilds them."""
+        of the experts (an optimizer step between forwards) rebuilds them.
+
+        Args:
+            batch: rows of this forward's input (a multiple of the routed batch).
+        Returns:
+            (A_t, B_t), (batch, P, r) and (batch, r, Q) (see `mixed_weights`).
+        """
         state = self.state
         if torch.is_grad_enabled():
             return self.mixed_weights(self.allocation(batch))
@@ -180,7 +224,16 @@ class RoutedLoraLayer(nn.Module):
         self, h: torch.Tensor, result: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor
     ) -> torch.Tensor:
         """result + scale * (h @ A_t) @ B_t, one (A_t, B_t) per example: two batched GEMMs, the second also
-        adding the scaled update to the base output."""
+        adding the scaled update to the base output.
+
+        Args:
+            h: (b, n, P) adapter input (any other shape is viewed as (b, -1, P)).
+            result: the base layer's output for it, (b, n, Q).
+            A_t: (b, P, r) mixed down-projections; (1, P, r): one pair for every row.
+            B_t: (b, r, Q) mixed up-projections, or (1, r, Q).
+        Returns:
+            ``result`` plus the update, same shape and dtype.
+        """
         b, P, _ = A_t.shape
         if A_t.shape[0] == 1:  # one pair for every row (export's single routing)
             return _add_product(result, h.reshape(-1, P) @ A_t[0], B_t[0], self.scale)
@@ -192,7 +245,14 @@ class RoutedLoraLayer(nn.Module):
 
     def mix_outputs(self, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Per-token gates scale each expert's block of rank columns between ``h @ A`` and ``@ B``. When the
-        router is linear in h (MoLoRA, MoDE) its product shares the down-projection's GEMM."""
+        router is linear in h (MoLoRA, MoDE) its product shares the down-projection's GEMM.
+
+        Args:
+            h: (b, n, P) adapter input.
+            result: the base layer's output for it, (b, n, Q).
+        Returns:
+            ``result`` plus the gated update, same shape and dtype.
+        """
         A, B = self.lora_A, self.lora_B  # (D, P, r) with D in {1, S}; (S, r, Q)
         D, P, r = A.shape
         S, Q = B.shape[0], self.out_features
@@ -214,7 +274,15 @@ class RoutedLoraLayer(nn.Module):
         return _add_product(result, u.reshape(-1, S * r), B.view(S * r, Q), self.scale)  # (N,S*r)@(S*r,Q)
 
     def delta_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The merged update for one routing (parameter-mixing methods), (P, Q), scale included."""
+        """The merged update for one routing (parameter-mixing methods), (P, Q), scale included.
+
+        Args:
+            w: (1, h, S) allocation of that routing (`RoutedModel.fixed_weights`); None: the single expert.
+        Returns:
+            (P, Q), applied as ``x @ delta`` (an ``nn.Linear`` weight takes its transpose).
+        Raises:
+            ValueError: a per-token routed layer (MoLoRA/MoDE) has no single update.
+        """
         if self.router is not None:
             raise ValueError("a per-token routed layer (MoLoRA/MoDE) has no single weight update to merge")
         A_t, B_t = self.mixed_weights(w)

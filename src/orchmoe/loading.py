@@ -1,8 +1,9 @@
 """Loading a base model and its tokenizer, offline: the default SmolLM2, a local checkpoint, a .gguf file
 or a hub id already in the local Hugging Face cache.
 
-``dtype="auto"`` (the default) loads the frozen base weights in bfloat16 on a GPU and float32 on CPU;
-the adapters are always created in float32.
+``dtype="auto"`` (the recipe's default, ``--dtype auto``) loads the frozen base weights in bfloat16 on a
+GPU and float32 on CPU; called without ``dtype`` the function loads float32, as ``from_pretrained`` does.
+The adapters are always created in float32.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ _DTYPES = {
 
 def resolve_dtype(dtype: Any, device: str | torch.device | None = None) -> torch.dtype:
     """A torch dtype from a name; ``None`` is float32 and ``"auto"`` bfloat16 when the model goes to (or,
-    with no device given, a machine has) a GPU that supports it, else float32."""
+    with no device given, a machine has) a GPU that supports it, else float32.
+
+    Args:
+        dtype: None, ``"auto"``, a ``torch.dtype`` or a name (``"bf16"``, ``"torch.float16"``, ...).
+        device: where the model will run (decides ``"auto"``).
+    Returns:
+        The ``torch.dtype``.
+    Raises:
+        ValueError: an unknown name.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -103,15 +113,22 @@ def load_model_and_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[Any, Any, dict]:
-    """Load ``(model, tokenizer, info)`` offline, in eval mode.
+    """Load ``(model, tokenizer, info)`` offline, in eval mode, the tokenizer given a pad token.
 
-    ``model`` is ``None``/``DEFAULT_MODEL`` (SmolLM2 via the cached GGUF conversion),
-    a local transformers checkpoint dir (causal LM, or seq2seq when
-    ``config.is_encoder_decoder``), a ``.gguf`` file (converted and cached like
-    SmolLM2), or a hub id already present in the local HF cache.  ``dtype`` defaults
-    to float32; ``"auto"`` is bfloat16 on a GPU, float32 on CPU; ``cache_dir`` overrides
-    ``$ORCHMOE_CACHE``.  ``info`` = {name, source, is_encoder_decoder, model_type,
-    load_seconds}; ``name`` is stable across machines and meant for adapter files.
+    Args:
+        model: ``None``/``DEFAULT_MODEL`` (SmolLM2 via the cached GGUF conversion), a local transformers
+            checkpoint dir (causal LM, or seq2seq when ``config.is_encoder_decoder``), a ``.gguf`` file
+            (converted and cached like SmolLM2), or a hub id already present in the local HF cache.
+        dtype: of the base weights (`resolve_dtype`): float32 by default; ``"auto"`` is bfloat16 on a GPU,
+            float32 on CPU.
+        cache_dir: where GGUF conversions are cached (overrides ``$ORCHMOE_CACHE``).
+        device: where to move the model (default: where transformers loads it).
+    Returns:
+        ``(model, tokenizer, info)``; ``info`` = {name, source, is_encoder_decoder, model_type,
+        load_seconds}; ``name`` is stable across machines and meant for adapter files.
+    Raises:
+        FileNotFoundError: no such checkpoint, file or cached hub id.
+        ValueError: a path that is neither a checkpoint directory nor a .gguf file.
     """
     t0 = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, device)

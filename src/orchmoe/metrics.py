@@ -45,7 +45,12 @@ def normalize_answer(s: str) -> str:
 
 
 def exact_match(pred: str, ref: str) -> float:
-    """100.0 if the normalised strings are equal, else 0.0."""
+    """100.0 if the normalised strings (`normalize_answer`) are equal, else 0.0.
+
+    Args:
+        pred: the prediction.
+        ref: one reference answer.
+    """
     return 100.0 if normalize_answer(pred) == normalize_answer(ref) else 0.0
 
 
@@ -61,17 +66,32 @@ def _rouge(pred: str, ref: str) -> dict[str, float]:
 
 
 def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F-measure x100 (longest common subsequence of stemmed tokens)."""
+    """ROUGE-L F-measure x100 (longest common subsequence of stemmed tokens).
+
+    Args:
+        pred: the prediction.
+        ref: one reference answer.
+    """
     return _rouge(pred, ref)["rougeL"]
 
 
 def rouge_lsum(pred: str, ref: str) -> float:
-    """ROUGE-Lsum F-measure x100 (union LCS over sentences)."""
+    """ROUGE-Lsum F-measure x100 (union LCS over sentences, split as `sentences` does).
+
+    Args:
+        pred: the prediction.
+        ref: one reference answer.
+    """
     return _rouge(pred, ref)["rougeLsum"]
 
 
 def rouge1(pred: str, ref: str) -> float:
-    """ROUGE-1 F-measure x100 (unigram overlap of stemmed tokens)."""
+    """ROUGE-1 F-measure x100 (unigram overlap of stemmed tokens).
+
+    Args:
+        pred: the prediction.
+        ref: one reference answer.
+    """
     return _rouge(pred, ref)["rouge1"]
 
 
@@ -84,7 +104,16 @@ def _refs(refs: str | Sequence[str]) -> list[str]:
 
 def score_example(pred: str, refs: str | Sequence[str]) -> dict[str, float]:
     """``{"rougeL", "rougeLsum", "rouge1", "exact_match"}`` for one prediction: max over the references of
-    each metric separately (as the official script does)."""
+    each metric separately (as the official script does).
+
+    Args:
+        pred: the prediction (leading and trailing white space dropped).
+        refs: one reference or several.
+    Returns:
+        The four scores, each 0-100.
+    Raises:
+        ValueError: no reference.
+    """
     pred = pred.strip()
     best = {k: 0.0 for k in METRIC_NAMES}
     for ref in _refs(refs):

@@ -1,9 +1,8 @@
 """`RoutedModel`: a frozen transformers model with routed LoRA experts injected.
 
-It behaves like a PEFT model: `get_model(base, config)`, `print_trainable_parameters()`,
-`forward(...)`/`generate(...)` with the base model's arguments (plus `task_ids` for Poly/MHR),
-`save_pretrained()` / `RoutedModel.from_pretrained()` / `push_to_hub()` for the adapter only,
-`get_base_model()`, `unload()`, `merge_and_unload()`.
+It behaves like a PEFT model: `get_model(base, config)`, `print_trainable_parameters()`, `forward(...)`/`generate(...)`
+with the base model's arguments (plus `task_ids` for Poly/MHR), `save_pretrained()` / `RoutedModel.from_pretrained()` /
+`push_to_hub()` for the adapter only, `get_base_model()`, `unload()`, `merge_and_unload()`.
 
 What a method needs is asked of its config and its registered router, never of the config's
 class: a `ModelRouter` routes every layer at once before the base model runs (one batched
@@ -14,19 +13,16 @@ How it fits the Hugging Face tools (a design PEFT's tuner shares):
 * the wrapped transformers model is ``self.model`` (`get_base_model()`); ``self.base_model`` is,
   as on any `PreTrainedModel`, its *backbone* (``LlamaModel`` of a ``LlamaForCausalLM``), which
   TRL's fused LM head calls directly before projecting through ``get_output_embeddings()``;
-* `forward` routes from its inputs (``labels`` too, so OrchMoE routes from the prompt tokens only),
-  runs the transformers model and puts the auxiliary losses (MoLoRA's balance loss) in the
-  output's ``aux_loss`` field (`orchmoe.outputs`), adding them to ``loss``. When a library replaces
-  the instance's ``forward`` (TRL's ``add_fused_lm_head``), module hooks do the same around the
-  replacement (`orchmoe.calls`): every call routes first, whatever forward runs. ``task_ids`` and
-  ``routing_mask`` never reach the transformers model;
-* a trainer that computes its own loss from other fields (TRL's SFTTrainer uses the fused
-  ``log_probs``) collects the auxiliary losses instead (`aux_loss_collector`, as
-  `orchmoe.integrations.RoutedTrainer` does);
-* ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` are the adapter's, never forwarded
-  to the base model; nor are transformers' own PEFT-adapter methods (``load_adapter``,
-  ``add_adapter``, ...), which would inject a second kind of adapter. Other attributes
-  (``config``, ``generation_config``, ``device``, ...) are the base model's.
+* `forward` routes from its inputs (``labels`` too, so OrchMoE routes from the prompt tokens only), runs the
+  transformers model and puts the auxiliary losses (MoLoRA's balance loss) in the output's ``aux_loss`` field
+  (`orchmoe.outputs`), adding them to ``loss``. When a library replaces the instance's ``forward`` (TRL's
+  ``add_fused_lm_head``), module hooks do the same around the replacement (`orchmoe.calls`): every call routes
+  first, whatever forward runs. ``task_ids`` and ``routing_mask`` never reach the transformers model;
+* a trainer that computes its own loss from other fields (TRL's SFTTrainer uses the fused ``log_probs``) collects
+  the auxiliary losses instead (`aux_loss_collector`, as `orchmoe.integrations.RoutedTrainer` does);
+* ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` are the adapter's, never forwarded to the base model;
+  nor are transformers' own PEFT-adapter methods (``load_adapter``, ``add_adapter``, ...), which would inject a
+  second kind of adapter. Other attributes (``config``, ``generation_config``, ``device``, ...) are the base model's.
 """
 
 from __future__ import annotations
@@ -89,7 +85,7 @@ def _model_name(model: nn.Module) -> str:
 
 
 class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
-    """A base model whose target layers carry routed low-rank experts; everything else frozen.
+    """A base model whose target layers carry routed low-rank experts; everything else frozen (see `get_model`).
 
     Attributes:
         model: the wrapped transformers model (also `get_base_model()`).
@@ -189,6 +185,7 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
 
     @property
     def routed_layers(self) -> dict[str, RoutedLoraLayer]:
+        """The adapted layers by module path in the base model, in model order."""
         return {p: m for p, m in self.model.named_modules() if isinstance(m, RoutedLoraLayer)}
 
     def _routers(self) -> list[nn.Module]:
@@ -196,6 +193,7 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
         return layer_routers + ([self.router] if self.router is not None else [])
 
     def set_adapters_enabled(self, enabled: bool) -> None:
+        """Turn every routed layer on or off (off: the base model's outputs); see also `disable_adapter`."""
         for layer in self.routed_layers.values():
             layer.disabled = not enabled
 
@@ -241,7 +239,8 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
 
     # -- routing -----------------------------------------------------------
     def prompt_summary(self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None) -> torch.Tensor:
-        """u(x): masked mean of the frozen input embeddings over the prompt tokens, (b, d)."""
+        """u(x): masked mean of the frozen input embeddings over the prompt tokens, (b, d) fp32. From
+        ``input_ids`` (b, n) or ``inputs_embeds`` (b, n, d), over ``prompt_mask`` (b, n), else ``attention_mask``."""
         with torch.no_grad():
             emb = (
                 inputs_embeds if inputs_embeds is not None else self.model.get_input_embeddings()(input_ids)
@@ -255,7 +254,7 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
     def task_probabilities(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, prompt_mask=None
     ) -> torch.Tensor:
-        """pi(x) over abstract tasks for a batch of prompts (OrchMoE only), (b, K)."""
+        """pi(x) over abstract tasks for a batch of prompts (OrchMoE only), (b, K); arguments as `prompt_summary`."""
         if self.task_router is None:
             raise ConfigError(f"{self.adapter_config.method} has no task router")
         return self.task_router(self.prompt_summary(input_ids, attention_mask, inputs_embeds, prompt_mask))
@@ -293,7 +292,12 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
         routing_mask=None,
         decoder_attention_mask=None,
     ) -> None:
-        """Fill the routing context for the next forward(s): once per prompt batch."""
+        """Fill the routing context for the next forward(s): once per prompt batch.
+
+        Args:
+            input_ids, attention_mask, labels, task_ids, routing_mask: as `forward`; inputs_embeds: (b, n, d).
+            decoder_attention_mask: (b, m) an encoder-decoder's real decoder tokens (default: ``labels != -100``).
+        """
         cfg = self.adapter_config
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
@@ -335,10 +339,9 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
         """The base model's forward under the routing of these inputs (see `orchmoe.calls.route_call`).
 
         Args:
-            input_ids, attention_mask, labels, **kwargs: the base model's arguments.
-            task_ids: one task id per example (Poly/MHR; -1 for an unseen task).
-            routing_mask: which tokens are the prompt OrchMoE routes from (default: the attended tokens
-                without a label).
+            input_ids, attention_mask, labels, **kwargs: the base model's arguments (``input_ids`` (b, n)).
+            task_ids: (b,) one task id per example (Poly/MHR; -1 for an unseen task).
+            routing_mask: (b, n) the prompt tokens OrchMoE routes from (default: attended tokens without a label).
         Returns:
             The base model's output with an ``aux_loss`` field (`orchmoe.outputs`): the auxiliary losses
             (None without any), also added to ``loss`` (unless `aux_loss_collector` collects them).
@@ -377,14 +380,14 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, routing_mask=None, **kwargs):
         """Routing computed once from the prompt and held for every decoding step and beam.
 
-        The routers run in evaluation mode whatever the model's mode: a training-mode
-        router would draw a new Gumbel sample at every decoding step, so the tokens
-        already in the KV cache would have been computed under another routing.
+        Arguments as `forward` plus the base model's ``generate`` options; returns its ``generate`` output. The
+        routers run in evaluation mode whatever the model's mode: a training-mode router would draw a new Gumbel
+        sample at every decoding step, so the tokens already in the KV cache would have been computed under
+        another routing.
 
-        Parameter-mixing layers build their mixed ``(A_t, B_t)`` at the prefill and the
-        decoding steps only read them (tensors held by the routing state), so a compiled
-        decoding step (``cache_implementation="static"``, transformers' ``compile_config``)
-        is compiled once, not once per prompt batch.
+        Parameter-mixing layers build their mixed ``(A_t, B_t)`` at the prefill and the decoding steps only read
+        them (tensors held by the routing state), so a compiled decoding step (``cache_implementation="static"``,
+        transformers' ``compile_config``) is compiled once, not once per prompt batch.
         """
         routers = self._routers()
         modes = [r.training for r in routers]
@@ -409,7 +412,7 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
     # -- persistence -------------------------------------------------------
     @classmethod
     def load_folder(cls, base_model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> RoutedModel:
-        """`load_adapter` (what `from_pretrained` calls once the folder is local)."""
+        """`load_adapter(base_model, path, **kwargs)`: what `from_pretrained` calls once the folder is local."""
         return load_adapter(base_model, path, **kwargs)
 
 

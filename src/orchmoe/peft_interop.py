@@ -89,6 +89,11 @@ def from_peft_config(cfg: Any, base_model: nn.Module | None = None) -> AdapterCo
     setting orchmoe does not have (DoRA, biases, rank/alpha patterns, modules_to_save, another
     initialisation, ...) is an error naming it.
 
+    Args:
+        cfg: a ``peft.LoraConfig`` / ``peft.PolyConfig``; an orchmoe config is returned as it is.
+        base_model: resolves ``target_modules="all-linear"`` (required then) and PEFT's default targets.
+    Returns:
+        The orchmoe config (PEFT's Poly scale 1/r kept: ``alpha=1``).
     Raises:
         ConfigError: a PEFT setting without an orchmoe counterpart, or a PEFT method orchmoe does not have.
         TypeError: ``cfg`` is neither an orchmoe nor a PEFT config.
@@ -189,7 +194,11 @@ def init_from_peft_lora(model: Any, path: str | os.PathLike) -> None:
     The LoRA's rank must be the config's ``rank`` and its layers the adapted layers; a different scale
     (PEFT's ``lora_alpha / r`` vs ``alpha / rank``) is folded into B, so the update is the LoRA's.
 
+    Args:
+        model: the `RoutedModel`, changed in place (its cached mixed weights dropped).
+        path: a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
     Raises:
+        FileNotFoundError: not a PEFT adapter folder (or no safetensors weights).
         AdapterMismatchError: another rank, other layers, or shapes that do not fit.
     """
     peft_cfg, pairs = read_peft_lora(path)

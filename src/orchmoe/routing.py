@@ -25,6 +25,22 @@ class RoutingError(ValueError):
 
 
 class RoutingState:
+    """The routing of the current prompt batch, shared by every adapted layer of a `RoutedModel`.
+
+    The model fills it (`set`) before the base model runs; each layer reads its part, expanded to its own
+    batch when beam search or ``num_return_sequences`` repeat every example.
+
+    Attributes:
+        task_ids: (b,) long task ids (Poly/MHR), or None.
+        task_probs: (b, K) OrchMoE's pi(x), or None.
+        weights: (L, b, h, S) allocation of every adapted layer (parameter mixing), or None.
+        token_mask: (b, n) 1 for the real tokens of the (encoder) input, or None.
+        decoder_token_mask: (b, m) real decoder tokens of an encoder-decoder model, or None.
+        aux_losses: the auxiliary loss terms of the current forward (balance losses).
+        mixed: layer index -> (A_t, B_t) mixed once per routing without gradients (decoding).
+        ready: True once `set` has filled it.
+    """
+
     def __init__(self) -> None:
         # layer index -> (A_t, B_t) mixed under this routing without gradients (decoding); cleared in place by
         # every set(), so a compiled decoding step reads tensors and never a key that changes with the routing
@@ -33,6 +49,7 @@ class RoutingState:
         self.clear()
 
     def clear(self) -> None:
+        """Forget the routing, its cached expansions and the mixed weights (``mixed`` emptied in place)."""
         self.task_ids: torch.Tensor | None = None  # (b,) long
         self.task_probs: torch.Tensor | None = None  # (b, K) pi(x)
         self.weights: torch.Tensor | None = None  # (L, b, h, S) allocation of every layer
@@ -47,6 +64,15 @@ class RoutingState:
         self.ready = False
 
     def set(self, *, task_ids=None, task_probs=None, weights=None, token_mask=None, decoder_token_mask=None) -> None:
+        """Replace the routing with a new prompt batch's (everything else cleared).
+
+        Args:
+            task_ids: (b,) long task ids, -1 for an unseen task.
+            task_probs: (b, K) pi(x) of OrchMoE's Task Router.
+            weights: (L, b, h, S) allocation of every adapted layer; None when no model-level router mixes.
+            token_mask: (b, n) attention mask of the (encoder) input.
+            decoder_token_mask: (b, m) real decoder tokens (encoder-decoder models).
+        """
         self.clear()
         self.task_ids = task_ids
         self.task_probs = task_probs
@@ -69,7 +95,16 @@ class RoutingState:
     def layer_weights(self, index: int, batch: int) -> torch.Tensor | None:
         """Allocation weights (b, h, S) of adapted layer ``index``; None when nothing routes (LoRA).
 
-        All layers' weights are unbound once per forward (one op, and one stack in the backward)."""
+        All layers' weights are unbound once per forward (one op, and one stack in the backward).
+
+        Args:
+            index: the layer's row of ``weights`` (`RoutedLoraLayer.index`).
+            batch: the layer's batch; a multiple of the routed batch is expanded with ``repeat_interleave``.
+        Returns:
+            (batch, h, S), or None.
+        Raises:
+            RoutingError: ``batch`` is not a multiple of the routed batch.
+        """
         if self.weights is None:
             return None
         if batch not in self._per_layer:
@@ -77,11 +112,20 @@ class RoutingState:
         return self._per_layer[batch][index]
 
     def task_probs_for(self, batch: int) -> torch.Tensor | None:
+        """pi(x) expanded to ``batch`` rows as `layer_weights` expands, (batch, K); None without a Task Router."""
         return None if self.task_probs is None else self._for_batch("task_probs", self.task_probs, batch)
 
     def token_mask_for(self, shape: torch.Size, decoder: bool = False) -> torch.Tensor | None:
         """The padding mask when it describes these (b, n) tokens; ``decoder``: a layer of an
-        encoder-decoder model's decoder, whose tokens are not those of the input mask."""
+        encoder-decoder model's decoder, whose tokens are not those of the input mask.
+
+        Args:
+            shape: (b, n): batch and length of the layer's tokens.
+            decoder: read the decoder's mask instead of the input's.
+        Returns:
+            The (b, n) mask, expanded to b rows; None when there is none, its length is not n or b is not a
+            multiple of its rows.
+        """
         name = "decoder_token_mask" if decoder else "token_mask"
         m = getattr(self, name)
         if m is None or m.dim() != 2 or m.shape[1] != shape[1] or shape[0] % m.shape[0]:
@@ -92,7 +136,12 @@ class RoutingState:
         self, shape: torch.Size, decoder: bool = False, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor | None:
         """The padding mask of these (b, n) tokens as weights summing to one over the real tokens, (b, n, 1, 1);
-        computed once per forward and shared by every layer's balance loss. None without a matching mask."""
+        computed once per forward and shared by every layer's balance loss. None without a matching mask.
+
+        Args:
+            shape, decoder: as `token_mask_for`.
+            dtype: the weights' dtype.
+        """
         m = self.token_mask_for(shape, decoder)
         if m is None:
             return None
@@ -103,6 +152,7 @@ class RoutingState:
         return self._expanded[key]
 
     def add_aux_loss(self, loss: torch.Tensor) -> None:
+        """Record an auxiliary loss term (a scalar with its graph): the forward's output carries their sum."""
         self.aux_losses.append(loss)
 
 
@@ -112,6 +162,15 @@ def prompt_token_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor 
     The one rule for it (the model's routing and the recipe's answer window use it). ``labels``
     only for decoder-only batches whose labels align with the tokens; a row where every token is
     labelled (plain language modelling) counts every attended token as prompt.
+
+    Args:
+        attention_mask: (b, n), or None: every token attended.
+        labels: (b, n) with -100 on unlabelled tokens, or None; ignored when its shape is not the mask's.
+        shape: (b, n) of the batch, for a mask of ones when ``attention_mask`` is None.
+        device: where that mask of ones is made.
+    Returns:
+        (b, n) prompt-token mask: bool, or the attention mask (ones without one) itself when ``labels`` is
+        None or not shaped like it.
     """
     mask = attention_mask if attention_mask is not None else torch.ones(tuple(shape), dtype=torch.long, device=device)
     if labels is None or labels.shape != mask.shape:

@@ -45,6 +45,10 @@ class RoutedTrainerMixin:
     """What a `transformers.Trainer` subclass needs to train a `RoutedModel` (see the module docstring).
 
     Put it first among the bases: ``class MyTrainer(RoutedTrainerMixin, SomeTrainer)``.
+
+    Args:
+        *args, **kwargs: the trainer's own (``model`` must be a `RoutedModel`, else TypeError).
+        router_lr: learning rate of the allocation logits; None: ``args.learning_rate``.
     """
 
     def __init__(self, *args: Any, router_lr: float | None = DEFAULT_ROUTER_LR, **kwargs: Any) -> None:
@@ -65,7 +69,15 @@ class RoutedTrainerMixin:
 
     # -- optimiser -------------------------------------------------------------------------------
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-        """``args.optim``'s optimizer over `RoutedModel.parameter_groups` (two learning rates)."""
+        """``args.optim``'s optimizer over `RoutedModel.parameter_groups` (two learning rates).
+
+        Args:
+            model: unused (`Trainer`'s signature); the groups are `routed_model`'s.
+        Returns:
+            The optimizer, also ``self.optimizer`` (an existing one is returned as it is).
+        Raises:
+            ValueError: an ``optim`` that manages its parameters itself (not a ``torch.optim.Optimizer``).
+        """
         if self.optimizer is not None:
             return self.optimizer
         routed = self.routed_model
@@ -94,7 +106,14 @@ class RoutedTrainerMixin:
     def compute_loss(
         self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The parent's loss plus the auxiliary losses of its forward(s), scaled as the parent's loss is."""
+        """The parent's loss plus the auxiliary losses of its forward(s), scaled as the parent's loss is.
+
+        Args:
+            model, inputs, return_outputs, num_items_in_batch: as `transformers.Trainer.compute_loss`.
+        Returns:
+            The loss (a scalar tensor), or ``(loss, outputs)`` with ``return_outputs``; in evaluation mode
+            the parent's result unchanged.
+        """
         routed = self.routed_model
         with routed.aux_loss_collector() as aux:
             result = super().compute_loss(
@@ -143,6 +162,9 @@ class RoutedTrainerMixin:
         Args:
             learning_rate: the logged learning rate of the experts; the router's is reported at the same point
                 of the schedule (both groups follow one schedule, each from its own initial rate).
+        Returns:
+            ``aux_loss``, ``router_learning_rate`` and the `orchmoe.diagnostics.routing_record` fields, each
+            only when it applies.
         """
         out: dict[str, float] = {}
         if self._aux_window:
@@ -161,6 +183,7 @@ class RoutedTrainerMixin:
         return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The parent's ``log``, a training log (not an evaluation's) extended with `routing_logs`."""
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):  # a training log
             logs = {**logs, **self.routing_logs(logs.get("learning_rate"))}
         super().log(logs, *args, **kwargs)

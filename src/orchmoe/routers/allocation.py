@@ -22,14 +22,29 @@ EPS = 1e-12
 
 
 def logistic_noise(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Logistic noise log(u) - log(1 - u), u ~ U(0, 1): what RelaxedBernoulli.rsample adds to the logits."""
+    """Logistic noise log(u) - log(1 - u), u ~ U(0, 1): what RelaxedBernoulli.rsample adds to the logits.
+
+    Args:
+        shape: the noise's shape.
+        like: a tensor whose device and dtype the noise takes.
+    Returns:
+        A tensor of ``shape``, finite (u is kept inside (eps, 1 - eps) of the dtype).
+    """
     tiny = torch.finfo(like.dtype).eps
     u = torch.rand(shape, device=like.device, dtype=like.dtype).clamp_(tiny, 1 - tiny)
     return u.log() - (-u).log1p()
 
 
 def relaxed_allocation(logits: torch.Tensor, training: bool, temperature: float = 1.0) -> torch.Tensor:
-    """Gumbel-sigmoid sample (train) or sigmoid (eval) of ``logits``, normalised over the last (skill) axis."""
+    """Gumbel-sigmoid sample (train) or sigmoid (eval) of ``logits``, normalised over the last (skill) axis.
+
+    Args:
+        logits: (..., S) allocation logits.
+        training: draw fresh logistic noise (one sample per element) instead of the plain sigmoid.
+        temperature: the relaxation temperature of the training sample.
+    Returns:
+        (..., S) weights, each row summing to one.
+    """
     if training:
         z = torch.sigmoid((logits + logistic_noise(logits.shape, logits)) / temperature)
     else:
@@ -48,9 +63,11 @@ class ConstantRouter(ModelRouter):
 
     @classmethod
     def from_config(cls, config, n_layers: int, d_model: int) -> ConstantRouter:
+        """The router of a `LoraConfig`; the arguments are those of every model router and unused here."""
         return cls()
 
     def forward(self, inputs: RoutingInputs) -> Route:
+        """``Route(None)``: no allocation, every layer uses its one expert."""
         return Route(None)
 
 
@@ -60,6 +77,12 @@ class PolyRouter(ModelRouter):
     """Task-skill logits Z (L, T, h*S): one row per training task in each of L layers (h = 1: Poly, h > 1: MHR).
 
     Task id -1 routes an unseen task by the mean evaluation-mode allocation of the training tasks.
+
+    Args:
+        n_layers: L, the adapted layers.
+        n_tasks: T, the training tasks.
+        n_skills: S, the skills (experts) per layer.
+        n_splits: h, routing blocks per layer (MHR).
     """
 
     def __init__(self, n_layers: int, n_tasks: int, n_skills: int, n_splits: int = 1) -> None:
@@ -69,6 +92,13 @@ class PolyRouter(ModelRouter):
 
     @classmethod
     def from_config(cls, config: PolyConfig, n_layers: int, d_model: int) -> PolyRouter:
+        """The router of a `PolyConfig` / `MHRConfig`.
+
+        Args:
+            config: its ``n_tasks``, ``n_skills`` and ``n_splits`` size the logits.
+            n_layers: L, the adapted layers.
+            d_model: the embedding width (unused: Poly routes by task id).
+        """
         return cls(n_layers, config.n_tasks, config.n_skills, config.n_splits)
 
     def _blocks(self, logits: torch.Tensor) -> torch.Tensor:
@@ -79,6 +109,15 @@ class PolyRouter(ModelRouter):
         return relaxed_allocation(self._blocks(self.logits), False).mean(1)
 
     def forward(self, inputs: RoutingInputs) -> Route:
+        """Each example's task row in every layer (a fresh Gumbel-sigmoid sample per example in training).
+
+        Args:
+            inputs: ``task_ids`` (b,) long, -1 for an unseen task.
+        Returns:
+            ``Route`` with weights (L, b, h, S).
+        Raises:
+            RoutingError: no task ids.
+        """
         task_ids = inputs.task_ids
         if task_ids is None:
             raise RoutingError("Poly/MHR route by task id: pass task_ids=... (one per example) to forward()/generate()")
@@ -89,6 +128,7 @@ class PolyRouter(ModelRouter):
         return Route(torch.where(unseen, self.mean_allocation().unsqueeze(1), w))  # (L, b, h, S)
 
     def allocation_parameters(self) -> list[nn.Parameter]:
+        """``[Z]``: the task-skill logits, trained at ``router_lr``."""
         return [self.logits]
 
     def allocation(self, task_id: int) -> torch.Tensor:
@@ -100,6 +140,16 @@ class PolyRouter(ModelRouter):
         return relaxed_allocation(self._blocks(self.logits), False).mean(2)
 
     def fixed_weights(self, task_id: int | None = None, **other) -> torch.Tensor:
+        """Evaluation-mode weights of one training task, for export and merging.
+
+        Args:
+            task_id: the task, 0..T-1 (required).
+            **other: must be empty (other routing arguments are an error).
+        Returns:
+            (L, 1, h, S).
+        Raises:
+            RoutingError: no task id, one out of range, or other arguments.
+        """
         if other:
             raise RoutingError(f"Poly/MHR export takes task_id=..., not {sorted(other)}")
         if task_id is None:

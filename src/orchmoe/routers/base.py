@@ -50,6 +50,13 @@ class ModelRouter(nn.Module):
     row_label = "task"  # what a row of the allocation matrix stands for
 
     def forward(self, inputs: RoutingInputs) -> Route:  # pragma: no cover - abstract
+        """Route one batch: every adapted layer's allocation at once.
+
+        Args:
+            inputs: what the method needs of the batch (task ids, prompt summary).
+        Returns:
+            The `Route`: weights (L, b, h, S) or None, and OrchMoE's pi(x) and balance term.
+        """
         raise NotImplementedError
 
     def allocation_parameters(self) -> list[nn.Parameter]:
@@ -79,6 +86,14 @@ class LayerRouter(nn.Module):
     decoder_side = False  # set by the model on routers inside an encoder-decoder model's decoder
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:  # pragma: no cover - abstract
+        """Gates of every token of the layer's input.
+
+        Args:
+            x: (b, n, P) the layer's (adapter) input.
+            state: the model's `RoutingState` (padding mask, auxiliary losses), or None.
+        Returns:
+            (b, n, k, S) gates: for each of k rank blocks, weights over the S experts.
+        """
         raise NotImplementedError
 
     def input_weight(self) -> torch.Tensor | None:
@@ -86,5 +101,10 @@ class LayerRouter(nn.Module):
         return None
 
     def gates_from_logits(self, logits: torch.Tensor, state) -> torch.Tensor:  # pragma: no cover - abstract
-        """Gates (b, n, k, S) from ``x @ input_weight()`` (b, n, k*S)."""
+        """Gates (b, n, k, S) from ``x @ input_weight()`` (b, n, k*S).
+
+        Args:
+            logits: (b, n, k*S), ``x @ input_weight()``.
+            state: the model's `RoutingState`, or None.
+        """
         raise NotImplementedError

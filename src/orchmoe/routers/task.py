@@ -29,6 +29,14 @@ class TaskRouter(nn.Module):
     with running statistics of the training prompts (buffers, saved with the adapter, not
     trained, always fp32) before a parameter-free layer norm, so the router sees what tells
     tasks apart; ``"layernorm"`` only applies the layer norm, ``"none"`` neither.
+
+    Args:
+        d_model: d, the width of the prompt summary (the embedding width).
+        n_abstract_tasks: K, the abstract tasks.
+        temperature: tau, the softmax temperature.
+        hidden: 0: a linear router; > 0: one GELU hidden layer of this width.
+        hard: one-hot pi (straight-through Gumbel-softmax in training, argmax in evaluation).
+        prompt_norm: ``"standardize"``, ``"layernorm"`` or ``"none"`` (above).
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class TaskRouter(nn.Module):
         return total, mean, m2 / total.clamp_min(1)
 
     def normalized(self, summary: torch.Tensor) -> torch.Tensor:
+        """norm(u(x)) (b, d) in the router's dtype; in training ``"standardize"`` first updates the statistics."""
         u = summary.float()  # (b, d)
         if self.prompt_norm == "standardize":
             if self.training:
@@ -119,9 +128,17 @@ class TaskRouter(nn.Module):
         return u.to(next(self.parameters()).dtype)
 
     def logits(self, summary: torch.Tensor) -> torch.Tensor:
+        """The router's logits over abstract tasks divided by tau, (b, K), from summaries (b, d)."""
         return self.net(self.normalized(summary)) / self.temperature  # (b, d) @ (d, K) -> (b, K)
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        """pi(x) over the K abstract tasks.
+
+        Args:
+            summary: (b, d) prompt summaries u(x) (`RoutedModel.prompt_summary`).
+        Returns:
+            (b, K): a softmax, or one-hot with ``hard``.
+        """
         logits = self.logits(summary)
         if self.hard:
             if self.training:
@@ -133,7 +150,13 @@ class TaskRouter(nn.Module):
 
     @staticmethod
     def balance_loss(pi: torch.Tensor) -> torch.Tensor:
-        """K * sum_k mean(pi_k)^2: 1 when the batch spreads evenly, K when it collapses onto one task."""
+        """K * sum_k mean(pi_k)^2: 1 when the batch spreads evenly, K when it collapses onto one task.
+
+        Args:
+            pi: (b, K) task probabilities.
+        Returns:
+            A scalar tensor.
+        """
         mean = pi.mean(0)
         return pi.shape[-1] * (mean * mean).sum()
 
@@ -144,6 +167,11 @@ class SkillRouter(nn.Module):
     The allocation of an example is pi(x) @ Z_hat, a convex mix of abstract-task rows. In training
     Z_hat is a Gumbel-sigmoid sample drawn per example (as Poly draws per example), so OrchMoE with
     a one-hot pi is Poly in training too.
+
+    Args:
+        n_layers: L, the adapted layers.
+        n_abstract_tasks: K, the abstract tasks.
+        n_skills: S, the skills per layer.
     """
 
     def __init__(self, n_layers: int, n_abstract_tasks: int, n_skills: int) -> None:
@@ -152,6 +180,13 @@ class SkillRouter(nn.Module):
         self.logits = init_logits(n_layers, n_abstract_tasks, n_skills)
 
     def forward(self, pi: torch.Tensor) -> torch.Tensor:
+        """Every layer's allocation, pi(x) @ Z_hat.
+
+        Args:
+            pi: (b, K) task probabilities.
+        Returns:
+            (L, b, 1, S) weights, each row summing to one.
+        """
         pi = pi.to(self.logits.dtype)  # (b, K)
         if self.training:
             L, K, S = self.logits.shape
@@ -168,7 +203,13 @@ class SkillRouter(nn.Module):
 
 @register_method(OrchMoEConfig)
 class OrchMoERouter(ModelRouter):
-    """pi(x) from the prompt (Task Router), then pi(x) @ Z_hat in every layer (Skill Router)."""
+    """pi(x) from the prompt (Task Router), then pi(x) @ Z_hat in every layer (Skill Router).
+
+    Args:
+        config: the `OrchMoEConfig` (K, S, the Task Router's settings, ``balance_coef``).
+        n_layers: L, the adapted layers.
+        d_model: d, the embedding width.
+    """
 
     row_label = "abstract task"
 
@@ -187,9 +228,20 @@ class OrchMoERouter(ModelRouter):
 
     @classmethod
     def from_config(cls, config: OrchMoEConfig, n_layers: int, d_model: int) -> OrchMoERouter:
+        """The router of an `OrchMoEConfig` (arguments as the class's)."""
         return cls(config, n_layers, d_model)
 
     def forward(self, inputs: RoutingInputs) -> Route:
+        """Route a batch of prompts.
+
+        Args:
+            inputs: ``prompt_summary`` (b, d), u(x).
+        Returns:
+            ``Route`` with weights (L, b, 1, S), task_probs pi (b, K) and, in training with ``balance_coef > 0``,
+            the balance term as aux_loss.
+        Raises:
+            RoutingError: no prompt summary (the base model called directly).
+        """
         if inputs.prompt_summary is None:
             raise RoutingError("OrchMoE routes from the prompt: call the RoutedModel, not its base model")
         pi = self.task_router(inputs.prompt_summary)  # (b, K)
@@ -199,15 +251,27 @@ class OrchMoERouter(ModelRouter):
         return Route(self.skill_router(pi), pi, aux)
 
     def allocation_parameters(self) -> list[nn.Parameter]:
+        """``[W_skill]``: the Skill Router's logits, trained at ``router_lr`` (the Task Router is not)."""
         return [self.skill_router.logits]
 
     def allocation_matrices(self) -> torch.Tensor:
+        """Evaluation-mode allocation per abstract task, (L, K, S)."""
         return self.skill_router.allocation()
 
     def fixed_weights(
         self, abstract_task: int | None = None, task_probs: torch.Tensor | None = None, **other
     ) -> torch.Tensor:
-        """(L, 1, 1, S) for one abstract task, or for a given pi (1, K)."""
+        """(L, 1, 1, S) for one abstract task, or for a given pi (1, K).
+
+        Args:
+            abstract_task: k in 0..K-1.
+            task_probs: (1, K) pi of one prompt (`RoutedModel.fixed_weights` computes it from ``input_ids``).
+            **other: must be empty.
+        Returns:
+            (L, 1, 1, S) evaluation-mode weights.
+        Raises:
+            RoutingError: not exactly one of the two, k out of range, or other arguments.
+        """
         if other:
             raise RoutingError(f"OrchMoE export takes abstract_task=k or a prompt, not {sorted(other)}")
         K = self.skill_router.n_abstract_tasks

@@ -24,6 +24,13 @@ class TokenRouter(LayerRouter):
     (W_R: P x k*m), computed as one matrix product. With top-k the kept gates are
     renormalised; every expert still takes part in the (dense) product, so each
     parameter receives a gradient every step and DDP needs no unused-parameter search.
+
+    Args:
+        in_features: P, the layer's input width.
+        n_experts: S (MoLoRA) or m (MoDE), the experts per block.
+        n_blocks: k, the rank blocks routed separately (MoDE's r / p; 1 for MoLoRA).
+        top_k: keep this many experts per token and block (renormalised); None: all.
+        aux_loss_coef: weight of the Switch load-balancing loss added in training (0: none).
     """
 
     def __init__(
@@ -37,6 +44,12 @@ class TokenRouter(LayerRouter):
 
     @classmethod
     def from_config(cls, config: MoLoRAConfig | MoDEConfig, in_features: int) -> TokenRouter:
+        """The router of one layer of a `MoLoRAConfig` / `MoDEConfig`.
+
+        Args:
+            config: its ``n_skills``, ``n_blocks`` and (MoLoRA only) ``top_k``, ``aux_loss_coef`` set the router.
+            in_features: P, the layer's input width.
+        """
         return cls(
             in_features,
             config.n_skills,
@@ -46,13 +59,30 @@ class TokenRouter(LayerRouter):
         )
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Gates of the tokens of x, computed from ``x @ W_g``.
+
+        Args:
+            x: (b, n, P) the layer's (adapter) input.
+            state: the model's `RoutingState`, as `gates_from_logits`.
+        Returns:
+            (b, n, k, S) gates.
+        """
         return self.gates_from_logits(x @ self.weight.to(x.dtype), state)  # (b,n,P)@(P,k*S) -> (b,n,k*S)
 
     def input_weight(self) -> torch.Tensor:
+        """W_g (P, k*S): the gates are a function of ``x @ W_g``, so the layer fuses it with its down-projection."""
         return self.weight
 
     def gates_from_logits(self, logits: torch.Tensor, state) -> torch.Tensor:
-        """Gates (b, n, k, S) from the router's logits (b, n, k*S); adds the balance loss in training."""
+        """Gates (b, n, k, S) from the router's logits (b, n, k*S); adds the balance loss in training.
+
+        Args:
+            logits: (b, n, k*S) router logits, ``x @ W_g``.
+            state: the model's `RoutingState`: its padding mask weights the balance loss, which is added to it;
+                None: no balance loss.
+        Returns:
+            (b, n, k, S) gates in the logits' dtype: a softmax over S per block (top-k kept and renormalised).
+        """
         probs = F.softmax(logits.unflatten(-1, (self.n_blocks, self.n_experts)).float(), dim=-1)  # (b,n,k,S)
         gates, top = probs, None
         if self.top_k is not None and self.top_k < self.n_experts:
@@ -73,6 +103,8 @@ class TokenRouter(LayerRouter):
             probs: router probabilities (b, n, k, S).
             mask: (b, n) 1 for the tokens that count (padding excluded), or None for all.
             top: the indices of the chosen experts when the gates already picked them (top-k routing).
+        Returns:
+            The loss (a scalar tensor), not multiplied by ``aux_loss_coef``.
         """
         weights = None
         if mask is not None:
