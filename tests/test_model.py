@@ -589,6 +589,9 @@ def test_load_with_missing_tensors(tmp_path):
     tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
     tensors.pop("router.task_router.net.weight")
     save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    del meta["weights_sha256"]  # edited on purpose: the checksum no longer applies
+    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match=r"missing tensors \['router.task_router.net.weight'\]"):
         load_adapter(tiny_base("llama"), tmp_path / "a")
 
@@ -700,6 +703,7 @@ def test_adapters_written_by_orchmoe_0_1_load_with_their_scale_and_layout(method
     model.save_adapter(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
     meta["orchmoe_version"], meta["config"]["alpha"] = "0.1.0", None
+    del meta["weights_sha256"]  # 0.1 wrote no checksum
     (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(meta))
     tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
     stacked = tensors.pop("router.logits", None)

@@ -1,7 +1,8 @@
 """The adapter folder: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 Reading validates everything before a tensor reaches a model: the JSON's structure and types, the
-orchmoe version that wrote it, the tensor file's integrity and that every value is finite.
+orchmoe version that wrote it, the tensor file's integrity (its sha256, recorded in the config) and
+that every value is finite.
 Adapters written by orchmoe 0.1 (per-layer router logits, method-specific default scales) are
 upgraded on the fly.
 """
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, config_from_dict
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, sha256_file
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -74,8 +75,10 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "orchmoe_version": __version__, **meta}
     atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
+    # the weights' checksum: a flipped bit that still reads as a finite number is caught on load
+    checksum = sha256_file(path / ADAPTER_WEIGHTS)
+    meta = {"format": FORMAT, "orchmoe_version": __version__, **meta, "weights_sha256": checksum}
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(meta, indent=2, sort_keys=True))
     return path
 
@@ -150,7 +153,21 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise AdapterMismatchError(f"{file}: tensor {name!r} holds NaN or infinite values")
+    _check_sha256(file)
     return tensors
+
+
+def _check_sha256(file: Path) -> None:
+    """Compare the weights with the checksum their adapter_config.json recorded (older adapters have none)."""
+    try:
+        want = json.loads((file.parent / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config beside it: read_adapter_config reports that where it matters
+    if isinstance(want, str) and sha256_file(file) != want:
+        raise AdapterMismatchError(
+            f"{file} does not match the checksum in its {ADAPTER_CONFIG} (corrupted, or changed after it was "
+            "saved; if you changed it on purpose, delete 'weights_sha256' there)"
+        )
 
 
 def upgrade_legacy_tensors(

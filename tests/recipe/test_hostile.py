@@ -224,6 +224,14 @@ def _nan_tensor(p: Path) -> None:
     save_file(t, str(p))
 
 
+def _flip_bit(p: Path) -> None:
+    """One flipped bit in the first tensor value's lowest mantissa byte: still a finite number."""
+    data = bytearray(p.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    data[8 + header_len] ^= 1
+    p.write_bytes(bytes(data))
+
+
 def _bad_header(p: Path) -> None:
     data = bytearray(p.read_bytes())
     data[8:12] = b"\x00\xff\x00\xff"
@@ -233,6 +241,7 @@ def _bad_header(p: Path) -> None:
 ADAPTER_WEIGHTS = [
     ("truncated", _truncate, "is not a readable safetensors file (truncated or corrupted?)"),
     ("nan", _nan_tensor, "holds NaN or infinite values"),
+    ("bit-flip", _flip_bit, "does not match the checksum in its adapter_config.json"),
     ("header", _bad_header, "is not a readable safetensors file"),
     ("empty", lambda p: p.write_bytes(b""), "is not a readable safetensors file"),
     ("missing", lambda p: p.unlink(), "no adapter weights at"),
@@ -246,6 +255,16 @@ def test_bad_adapter_weights_are_refused(name, spoil, message, adapter_run, tiny
     with pytest.raises((AdapterMismatchError, FileNotFoundError), match="adapter_model.safetensors") as info:
         load_adapter(_base(tiny_llama), adapter)
     assert message in str(info.value)
+
+
+def test_weights_changed_on_purpose_load_once_the_checksum_is_removed(adapter_run, tiny_llama, tmp_path):
+    """The error names the way out: without 'weights_sha256' (as in adapters from before it) the file loads."""
+    adapter = shutil.copytree(adapter_run / "adapter", tmp_path / "adapter")
+    _flip_bit(adapter / "adapter_model.safetensors")
+    with pytest.raises(AdapterMismatchError, match="delete 'weights_sha256'"):
+        load_adapter(_base(tiny_llama), adapter)
+    _spoil_config(adapter, _cfg_edit(["weights_sha256"], _DELETE))
+    assert load_adapter(_base(tiny_llama), adapter) is not None
 
 
 def test_newer_minor_version_loads_with_a_warning(adapter_run, tiny_llama, tmp_path):
