@@ -383,6 +383,28 @@ def test_a_locked_run_folder_is_refused_naming_the_holder(extra, reference, tiny
     assert rc == 0 and "resuming from" in out and same_adapter(run, reference), err
 
 
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_eval_and_analyze_wait_for_no_one_and_write_nothing_into_a_locked_folder(
+    command, reference, tiny_llama, superni, tmp_path, capsys
+):
+    """`orchmoe eval` / `analyze` write into the run folder: not while another process (a training) holds it."""
+    run = shutil.copytree(reference, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run / ".orchmoe-run.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        before = tree_bytes(run)
+        rc, _, err = run_cli([command, str(run), "--model", str(tiny_llama), "--data", str(superni)], capsys)
+        assert_clear_error(rc, err, f"is in use by another orchmoe run (pid {holder.pid} on host ")
+        assert tree_bytes(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, _, err = run_cli([command, str(run), "--model", str(tiny_llama), "--data", str(superni)], capsys)
+    assert rc == 0, err
+    assert (run / ("metrics.json" if command == "eval" else "analysis/analysis.json")).is_file()
+    assert (run / ".orchmoe-run.lock").read_text() == ""  # released
+
+
 def test_two_trainings_into_one_folder(tiny_llama, superni, tmp_path, capsys):
     """The second `orchmoe train` on a folder in use is refused; the first finishes untouched."""
     run = tmp_path / "run"

@@ -328,21 +328,26 @@ def evaluate_run(
     if not ds.eval and not ds.unseen:
         raise ValueError("nothing to evaluate: eval_per_task is 0 and there are no unseen tasks")
     accelerator = make_accelerator(cfg)
-    base, tokenizer, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=accelerator.device)
-    routed = load_adapter(base, run.adapter_dir, base_model_name=info["name"]).to(accelerator.device)
-    saved_ids = getattr(routed, "adapter_metadata", {}).get("task_to_id")
-    if saved_ids is not None and saved_ids != ds.task_to_id:
-        raise ValueError(
-            f"the tasks rebuilt from {run / RunFolder.CONFIG} ({sorted(ds.task_to_id)[:5]}...) are not the ones "
-            f"the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data"
+    if accelerator.is_main_process:
+        run.claim()  # a training into the same folder, or another eval of it, would race for its results files
+    try:
+        base, tokenizer, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=accelerator.device)
+        routed = load_adapter(base, run.adapter_dir, base_model_name=info["name"]).to(accelerator.device)
+        saved_ids = getattr(routed, "adapter_metadata", {}).get("task_to_id")
+        if saved_ids is not None and saved_ids != ds.task_to_id:
+            raise ValueError(
+                f"the tasks rebuilt from {run / RunFolder.CONFIG} ({sorted(ds.task_to_id)[:5]}...) are not the "
+                f"ones the adapter was trained on ({sorted(saved_ids)[:5]}...); check --data"
+            )
+        return evaluate_model(
+            routed,
+            tokenizer,
+            ds,
+            cfg,
+            run.path,
+            accelerator=accelerator,
+            decoder_only=not is_encoder_decoder(base),
+            print_table=print_table,
         )
-    return evaluate_model(
-        routed,
-        tokenizer,
-        ds,
-        cfg,
-        run.path,
-        accelerator=accelerator,
-        decoder_only=not is_encoder_decoder(base),
-        print_table=print_table,
-    )
+    finally:
+        run.release()

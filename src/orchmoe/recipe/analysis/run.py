@@ -350,16 +350,21 @@ def analyze_run(
     if info.metrics is not None:
         extra["metrics"] = _headline_metrics(info.metrics)
     out = Path(out_dir) if out_dir is not None else info.folder / RunFolder.ANALYSIS
-    return analyze_model(
-        routed,
-        out,
-        tasks=info.tasks,
-        categories=info.categories,
-        prompts_by_task=prompts,
-        batch_size=batch_size,
-        max_layers=max_layers,
-        extra=extra,
-    )
+    if out_dir is None:
+        info.folder.claim()  # writing into the run folder: not while a training or an eval writes there
+    try:
+        return analyze_model(
+            routed,
+            out,
+            tasks=info.tasks,
+            categories=info.categories,
+            prompts_by_task=prompts,
+            batch_size=batch_size,
+            max_layers=max_layers,
+            extra=extra,
+        )
+    finally:
+        info.folder.release()
 
 
 def _headline_metrics(metrics: Any) -> dict:
