@@ -1,4 +1,4 @@
-"""Shared helpers of the core test-suite: tiny random models built straight from their configs.
+"""Shared helpers of the core test-suite: the tiny base model at its settings, method configs, toy batches.
 
 Import from any test module with ``from core_helpers import ...`` (tests/ is on the import path,
 see ``pythonpath`` in pyproject.toml).
@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
+from tiny_models import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, tiny_model
 
 VOCAB = 64
-PAD, EOS, BOS = 0, 1, 2
+PAD, EOS, BOS = TINY_PAD_ID, TINY_EOS_ID, TINY_BOS_ID
 N_TASKS = 3
 
 ARCHS = ("llama", "gpt2", "t5")
@@ -19,65 +20,21 @@ METHOD_NAMES = ("lora", "molora", "poly", "mhr", "mode", "orchmoe")
 
 
 def tiny_base(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer, width-32 random model in eval mode (dropout 0)."""
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        T5Config,
-        T5ForConditionalGeneration,
+    """:func:`tiny_models.tiny_model` at the core suite's settings: a 2-layer, width-32 random model of
+    vocabulary :data:`VOCAB` in eval mode (dropout 0), 128 positions, ``initializer_range`` 0.2 (weights large
+    enough that adapters and routing move the logits), untied Llama embeddings. Like it always has, it seeds
+    the global RNG with ``torch.manual_seed(seed)`` (and leaves it advanced by the initialisation)."""
+    return tiny_model(
+        arch,
+        vocab_size=VOCAB,
+        width=32,
+        seed=seed,
+        init_range=0.2,
+        max_positions=128,
+        tie_embeddings=arch != "llama",
+        dtype=dtype,
+        global_seed=True,
     )
-
-    torch.manual_seed(seed)
-    ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            initializer_range=0.2,
-            **ids,
-        )
-        model = LlamaForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            initializer_range=0.2,
-            **ids,
-        )
-        model = GPT2LMHeadModel(cfg)
-    elif arch == "t5":
-        cfg = T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            dropout_rate=0.0,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            decoder_start_token_id=PAD,
-            **ids,
-        )
-        model = T5ForConditionalGeneration(cfg)
-    else:  # pragma: no cover
-        raise ValueError(arch)
-    model.generation_config.pad_token_id = PAD
-    return model.to(dtype).eval()
 
 
 def method_config(method: str, target_modules=None, **overrides):

@@ -6,6 +6,8 @@ Usage from a test module anywhere under tests/ (tests/ is on the import path, se
 
 It is a byte-level BPE (every string is encodable, as with GPT-2/SmolLM tokenizers) trained on a
 few prompt-like strings, with ``<pad>`` (id 0), ``</s>`` (eos, id 1) and ``<s>`` (bos, id 2).
+These are the special ids of ``tiny_models.tiny_model``; build the model with ``vocab_size=len(tok)``
+(``recipe_helpers.save_tiny`` writes both to a folder). The suite's one tiny tokenizer.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import tiny_models
 from orchmoe import gguf_cache
 from orchmoe.gguf_cache import DEFAULT_MODEL, atomic_materialize
 from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer, resolve_dtype
-from tiny_models import tiny_model, tiny_tokenizer
+from recipe_helpers import save_tiny
+from tiny_models import tiny_model
 
 ARCHS = ["llama", "gpt2", "t5"]
 EXPECTED_MODULES = {
@@ -98,9 +99,7 @@ def test_load_saved_tiny_checkpoint(tmp_path, arch):
 
 
 def test_load_with_dtype_and_device(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    tiny_model("llama").save_pretrained(ckpt)
-    tiny_tokenizer().save_pretrained(ckpt)
+    ckpt = save_tiny(tmp_path / "ckpt", "llama")
     model, tok, info = load_model_and_tokenizer(str(ckpt), dtype="bf16", device="cpu")
     assert model.dtype == torch.bfloat16
     assert tok.pad_token_id == tiny_models.TINY_PAD_ID
@@ -138,8 +137,7 @@ def _dead_pid() -> int:
 
 
 def _tiny_writer(tmp: Path) -> None:
-    tiny_model("llama").save_pretrained(tmp)
-    tiny_tokenizer().save_pretrained(tmp)
+    save_tiny(tmp, "llama")
 
 
 def test_atomic_cache_ignores_and_cleans_leftover_tmp(tmp_path):
