@@ -389,7 +389,8 @@ def hardware(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, torch.dtype]:
+    """The options, with the device, dtype and timer resolved (and --timer cpu refused on a GPU)."""
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -427,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         args.timer = "wall"
     if args.timer == "cpu" and device.type == "cuda":
         ap.error("--timer cpu measures host CPU time: use wall on a GPU")
+    return args, device, dtype
+
+
+def describe_run(args, argv: list[str] | None, device: torch.device, dtype: torch.dtype) -> dict:
+    """Print the header and return the run's metadata for the JSON (falls back to --no-peft without peft)."""
     meta = {
         "command": " ".join(["python", "benchmarks/layer_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -453,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         f"# layer_speed  {meta['date']}\n{meta['hardware']} | device {device} | {meta['dtype']} | torch {meta['torch']}"
         f" | batch {args.batch} x seq {args.seq} | reps {args.reps} x inner {args.inner} | timer {args.timer}\n"
     )
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every shape, print its table and the targets; the exit code is 1 when a target fails."""
+    args, device, dtype = parse_args(argv)
+    meta = describe_run(args, argv, device, dtype)
     results, checks = {}, []
     for shape in args.shapes.split(","):
         P, Q = (int(v) for v in shape.lower().split("x"))

@@ -46,13 +46,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
-import gc
+import functools
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models
-import orchmoe  # noqa: E402
 from orchmoe import (  # noqa: E402
     LoraConfig,
     MHRConfig,
@@ -74,6 +68,14 @@ from orchmoe import (  # noqa: E402
     get_model,
     lora_budget,
     match_budget,
+)
+from speed_memory import measure_peak, probe_peaks  # noqa: E402
+from speed_report import (  # noqa: E402
+    describe_run,
+    hardware,  # noqa: F401  (serving.py imports it from here)
+    print_results,
+    result_rows,
+    write_json,
 )
 
 ALL_METHODS = ["lora", "molora", "poly", "mhr", "mode", "orchmoe", "peft-lora", "peft-poly"]
@@ -271,48 +273,11 @@ def train_batch(tok, args) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-# ----------------------------------------------------------------------------- memory
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def measure_peak(meth: Method, batch: dict, device) -> tuple[float, str]:
-    """(peak MiB of one training step over what was allocated before it, how it was measured)."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        train_step(meth, batch, device)
-        sync(device)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated"
-    if _reset_hwm() and _status_kb("VmHWM") is not None:
-        before = _status_kb("VmRSS")
-        train_step(meth, batch, device)
-        return (_status_kb("VmHWM") - before) / 1024, "VmHWM - VmRSS"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    train_step(meth, batch, device)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "ru_maxrss delta (a lower bound)"
+# ----------------------------------------------------------------------------- memory (the rest in speed_memory.py)
 
 
 def probe_main(args) -> int:
-    """Subprocess entry: one method, one (first) training step, print its peak memory as JSON."""
+    """Subprocess entry (``--probe METHOD``): one method, one (first) training step, print its peak memory as JSON."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -324,96 +289,16 @@ def probe_main(args) -> int:
     with torch.no_grad():  # fault in every weight page (safetensors loads lazily through mmap): not step memory
         for p in meth.model.parameters():
             p.sum()
-    peak, how = measure_peak(meth, batch, args.device)
+    peak, how = measure_peak(functools.partial(train_step, meth, batch, args.device), args.device)
     print("PROBE " + json.dumps({"method": args.probe, "peak_mb": peak, "how": how}))
     return 0
 
 
-def probe_memory(method: str, argv: list[str]) -> tuple[float | None, str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--probe", method]
-    # A fixed glibc mmap threshold: big tensors are unmapped when freed, so the RSS high-water mark follows the
-    # live tensors (with the default dynamic threshold the same step measured 860 or 1,056 MiB from run to run).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in res.stdout.splitlines():
-        if line.startswith("PROBE "):
-            d = json.loads(line[6:])
-            return d["peak_mb"], d["how"]
-    print(f"memory probe for {method} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-    return None, "failed"
+# ----------------------------------------------------------------------------- command line
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def hardware(device) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name()
-    name = "cpu"
-    try:
-        name = next(
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
-
-
-def markdown(rows: list[dict]) -> str:
-    out = [
-        "| method | trainable params | train step s (median) | train tok/s | train vs LoRA (paired) | train vs PEFT LoRA "
-        "| peak mem MiB | generate s (median) | gen new tok/s | gen vs LoRA (paired) | gen vs PEFT LoRA | = base tokens "
-        "| decode step ms (median) | decode step vs LoRA (paired) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    for r in rows:
-        out.append(
-            f"| {r['label']} | {r['params']:,} | {f(r['train_s'], '.2f')} | {f(r['train_tok_s'], ',.0f')} | "
-            f"{f(r['train_vs_lora'], '.3f')}x ({f(r['train_vs_lora_paired'], '.3f')}x) | {f(r['train_vs_peft_lora'], '.3f')}x | "
-            f"{f(r['peak_mb'], ',.0f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_tok_s'], ',.1f')} | "
-            f"{f(r['gen_vs_lora'], '.3f')}x ({f(r['gen_vs_lora_paired'], '.3f')}x) | "
-            f"{f(r['gen_vs_peft_lora'], '.3f')}x | {'-' if r['same_as_base'] is None else ('yes' if r['same_as_base'] else 'NO')} | "
-            f"{f(r['decode_ms'], '.1f')} | {f(r['decode_vs_lora_paired'], '.3f')}x |"
-        )
-    return "\n".join(out).replace("-x", "-").replace("(-)", "")
-
-
-def target_checks(by: dict, by_name: dict, args) -> list[tuple[str, bool, float]]:
-    """(target, passed, value) for each method of --check against LoRA (and PEFT's LoRA with --vs-peft).
-
-    Training: the paired ratio with >= 3 repetitions, else the ratio of medians; generation: the paired
-    ratio of single decoding steps when measured (new-tokens x decode-reps pairs), else that of generate().
-    """
-    checks: list[tuple[str, bool, float]] = []
-    if "lora" not in by:
-        return checks
-    lora, train_limit = by["lora"], args.train_limit or args.limit
-    for name in [m for m in args.check.split(",") if m in by and m != "lora"]:
-        o, label = by[name], by[name]["label"]
-        v = o["train_vs_lora_paired"] if len(by_name["lora"].train_s) >= 3 else o["train_vs_lora"]
-        if v is not None:
-            checks.append((f"{label}: training step <= {train_limit}x LoRA", v <= train_limit, v))
-        if args.vs_peft and o["train_vs_peft_lora"] is not None:
-            v = o["train_vs_peft_lora"]  # time ratio: <= 1 is tokens/s >= PEFT's
-            checks.append((f"{label}: training tokens/s >= PEFT LoRA (time ratio <= 1)", v <= 1.0, v))
-        if args.mem_limit and o["peak_mb"] and lora["peak_mb"]:
-            v = o["peak_mb"] / lora["peak_mb"]
-            checks.append((f"{label}: peak training memory <= {args.mem_limit}x LoRA", v <= args.mem_limit, v))
-        v, what = o["decode_vs_lora_paired"], "decoding step, paired"
-        if v is None:
-            v, what = (o["gen_vs_lora_paired"] if len(by_name["lora"].gen_s) >= 3 else o["gen_vs_lora"]), "generate()"
-        if v is not None:
-            checks.append((f"{label}: generation <= {args.limit}x LoRA ({what})", v <= args.limit, v))
-    return checks
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options: model, methods, workload sizes and timer (skips, targets and output in _add_target_options)."""
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -456,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["wall", "cpu"],
         help="wall clock, or process CPU time (robust on a shared CPU; use with --threads 1)",
     )
+    _add_target_options(ap)
+    return ap
+
+
+def _add_target_options(ap: argparse.ArgumentParser) -> None:
+    """The options after --timer (kept in this order: --help lists them as before)."""
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--no-train", action="store_true")
@@ -472,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", default="orchmoe", help="comma-separated methods the targets apply to")
     ap.add_argument("--json", default=None, metavar="PATH")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The options, normalised and checked, and the raw argv (the memory probes rerun it)."""
+    ap = build_parser()
     raw = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(raw)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -480,99 +376,80 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--timer cpu measures host CPU time: use wall on a GPU")
     if args.autocast:
         AUTOCAST["dtype"] = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    if args.probe:
-        return probe_main(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not args.probe:  # a probe reruns its parent's command line, checked there
+        bad = sorted({m for m in args.methods.split(",") if m} - set(ALL_METHODS))
+        if bad:
+            ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    return args, raw
+
+
+def available_methods(args) -> tuple[list[str], str | None]:
+    """--methods and PEFT's version; PEFT's methods are dropped when peft is not installed."""
     methods = [m for m in args.methods.split(",") if m]
-    bad = sorted(set(methods) - set(ALL_METHODS))
-    if bad:
-        ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
     try:
         import peft
 
-        peft_version = peft.__version__
+        return methods, peft.__version__
     except ImportError:
-        peft_version = None
-        methods = [m for m in methods if not m.startswith("peft-")]
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
-    base, tok, model_name = load_base(args)
-    args.vocab, args.pad_id = base.config.vocab_size, bench_models.pad_id(tok, base)
-    cfgs = configs(base, args.targets)
-    meta = {
-        "command": "python benchmarks/speed.py " + " ".join(raw),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "hardware": hardware(args.device),
-        "device": args.device,
-        "dtype": args.dtype,
-        "timer": args.timer,
-        "autocast": args.autocast,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "peft": peft_version,
-        "orchmoe": orchmoe.__version__,
-        "model": model_name,
-        "targets": args.targets,
-        "train": f"{args.batch} x {args.seq} tokens, {args.steps} steps (+{args.warmup} warm-up)",
-        "generate": f"{args.gen_batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.gen_reps} reps",
-        "budget": lora_budget(base, 8, args.targets),
-    }
-    print(
-        f"# speed  {meta['date']}\n{meta['model']} | {meta['hardware']} | {args.device} {args.dtype} | torch {meta['torch']} | "
-        f"timer {args.timer}\ntrain {meta['train']} | generate {meta['generate']} | budget (LoRA r=8) {meta['budget']:,}\n",
-        flush=True,
-    )
+        return [m for m in methods if not m.startswith("peft-")], None
 
-    # Memory first, each method in a fresh process (CPU): RSS high-water marks do not come back down.
-    mem_how, peaks = None, {}
-    if not args.no_memory and torch.device(args.device).type == "cpu":
-        for name in methods:
-            peaks[name], mem_how = probe_memory(name, raw)
-            print(f"  peak memory {name}: {peaks[name] if peaks[name] is None else round(peaks[name])} MiB", flush=True)
 
+# ----------------------------------------------------------------------------- the run
+
+
+def build_methods(methods: list[str], base, cfgs: dict, args, peaks: dict) -> list[Method]:
+    """Every method on the shared base (the bare base first when generating: the reference tokens), with its peak."""
     ms = [build(name, base, cfgs, args.targets) for name in methods]
     if not args.no_generate:
         ms = [build("base", base, cfgs, args.targets)] + ms
     for m in ms:
         m.peak_mb = peaks.get(m.name)
-    batch = train_batch(tok, args)
-    trainable = [m for m in ms if m.opt is not None] if not args.no_train else []
+    return ms
 
-    # generation first, while every adapter is as initialised (B = 0): every method must give the base tokens
+
+def measure_generation(ms: list[Method], tok, args, t_start: float) -> torch.Tensor | None:
+    """Time generate() while every adapter is as initialised (B = 0, so each must give the base tokens); the prompts."""
+    if args.no_generate:
+        return None
     base_tokens = None
-    if not args.no_generate:
-        prompts = token_rows(tok, args.gen_batch, args.prompt_len, args.device, seed=2, vocab=args.vocab)
-        for m in ms:
-            generate(m, prompts, 2, args.pad_id, args.device)  # warm-up
-        for rep in range(args.gen_reps):
-            k = rep % len(ms)
-            for m in ms[k:] + ms[:k]:
-                sync(args.device)
-                t0 = clock(args.timer)
-                out = generate(m, prompts, args.new_tokens, args.pad_id, args.device)
-                sync(args.device)
-                m.gen_s.append(clock(args.timer) - t0)
-                assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
-                if m.name == "base":
-                    base_tokens = out
-                m.__dict__.setdefault("_out", out)
-            print(f"  generate rep {rep + 1}/{args.gen_reps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
-        for m in ms:
-            m.same_as_base = bool(torch.equal(m.__dict__.pop("_out"), base_tokens)) if m.name != "base" else None
+    prompts = token_rows(tok, args.gen_batch, args.prompt_len, args.device, seed=2, vocab=args.vocab)
+    for m in ms:
+        generate(m, prompts, 2, args.pad_id, args.device)  # warm-up
+    for rep in range(args.gen_reps):
+        k = rep % len(ms)
+        for m in ms[k:] + ms[:k]:
+            sync(args.device)
+            t0 = clock(args.timer)
+            out = generate(m, prompts, args.new_tokens, args.pad_id, args.device)
+            sync(args.device)
+            m.gen_s.append(clock(args.timer) - t0)
+            assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
+            if m.name == "base":
+                base_tokens = out
+            m.__dict__.setdefault("_out", out)
+        print(f"  generate rep {rep + 1}/{args.gen_reps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    for m in ms:
+        m.same_as_base = bool(torch.equal(m.__dict__.pop("_out"), base_tokens)) if m.name != "base" else None
+    return prompts
 
-    if not args.no_generate and args.decode_reps > 0:
+
+def measure_decoding(ms: list[Method], prompts: torch.Tensor | None, args, t_start: float) -> None:
+    """Time paired single decoding steps (the generation target's estimator), unless skipped."""
+    if prompts is not None and args.decode_reps > 0:
         decode_paired(ms, prompts, args.new_tokens, args.decode_reps, args.timer, args.device)
         print(f"  paired decoding steps done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
-    # training: warm-up, then interleaved timed steps
+
+def measure_training(ms: list[Method], batch: dict, args, t_start: float, mem_how: str | None) -> str | None:
+    """Warm up, then time interleaved training steps (on CUDA also each step's peak memory); returns mem_how."""
+    trainable = [m for m in ms if m.opt is not None] if not args.no_train else []
     mid = args.seq // 2  # warm-up on a small batch (16 prompt + 16 answer tokens): optimizer state, lazy init
     small = {k: v[:1, max(0, mid - 16) : mid + 16] for k, v in batch.items()}
     for m in trainable:
         for _ in range(args.warmup):
             train_step(m, small, args.device)
         if not args.no_memory and torch.device(args.device).type == "cuda":
-            m.peak_mb, mem_how = measure_peak(m, batch, args.device)
+            m.peak_mb, mem_how = measure_peak(functools.partial(train_step, m, batch, args.device), args.device)
     for rep in range(args.steps if trainable else 0):
         k = rep % len(trainable)
         for m in trainable[k:] + trainable[:k]:
@@ -582,76 +459,35 @@ def main(argv: list[str] | None = None) -> int:
             sync(args.device)
             m.train_s.append(clock(args.timer) - t0)
         print(f"  train rep {rep + 1}/{args.steps} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    return mem_how
 
-    med = {
-        m.name: (statistics.median(m.train_s) if m.train_s else None, statistics.median(m.gen_s) if m.gen_s else None)
-        for m in ms
-    }
-    lora_t, lora_g = med.get("lora", (None, None))
-    peft_t, peft_g = med.get("peft-lora", (None, None))
-    ntok_train, ntok_gen = args.batch * args.seq, args.gen_batch * args.new_tokens
-    by_name = {m.name: m for m in ms}
 
-    def paired(m: Method, attr: str) -> float | None:
-        """Median over repetitions of (this method / LoRA) within the same repetition: drift cancels."""
-        ref = getattr(by_name["lora"], attr) if "lora" in by_name else []
-        mine = getattr(m, attr)
-        if not ref or len(ref) != len(mine):
-            return None
-        return statistics.median(a / b for a, b in zip(mine, ref))
-
-    rows = []
-    for m in ms:
-        t, g = med[m.name]
-        rows.append(
-            {
-                "method": m.name,
-                "label": m.label,
-                "params": m.params,
-                "train_s": t,
-                "train_tok_s": ntok_train / t if t else None,
-                "train_vs_lora": t / lora_t if t and lora_t else None,
-                "train_vs_peft_lora": t / peft_t if t and peft_t else None,
-                "train_all_s": m.train_s,
-                "peak_mb": m.peak_mb,
-                "gen_s": g,
-                "gen_tok_s": ntok_gen / g if g else None,
-                "gen_vs_lora": g / lora_g if g and lora_g else None,
-                "gen_vs_peft_lora": g / peft_g if g and peft_g else None,
-                "gen_all_s": m.gen_s,
-                "same_as_base": m.same_as_base,
-                "train_vs_lora_paired": paired(m, "train_s"),
-                "gen_vs_lora_paired": paired(m, "gen_s"),
-                "decode_ms": statistics.median(m.decode_s) * 1e3 if m.decode_s else None,
-                "decode_vs_lora_paired": paired(m, "decode_s"),
-            }
-        )
-    print()
-    print(markdown(rows))
-    if mem_how:
-        print(
-            f"\npeak memory: one training step (the first, optimizer state included) over the memory before it, {mem_how}"
-        )
-    checks = target_checks({r["method"]: r for r in rows}, by_name, args)
-    if checks:
-        print("\n## targets\n")
-        for name, ok, v in checks:
-            print(f"- {'PASS' if ok else 'FAIL'}: {name} ({v:.3f}x)")
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark end to end; the exit code is 1 when a target fails, so scripts can gate on it."""
+    args, raw = parse_args(argv)
+    if args.probe:
+        return probe_main(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods, peft_version = available_methods(args)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    base, tok, model_name = load_base(args)
+    args.vocab, args.pad_id = base.config.vocab_size, bench_models.pad_id(tok, base)
+    cfgs = configs(base, args.targets)
+    meta = describe_run(args, raw, model_name, peft_version, lora_budget(base, 8, args.targets))
+    peaks, mem_how = probe_peaks(Path(__file__).resolve(), methods, raw, args)
+    ms = build_methods(methods, base, cfgs, args, peaks)
+    batch = train_batch(tok, args)
+    prompts = measure_generation(ms, tok, args, t_start)
+    measure_decoding(ms, prompts, args, t_start)
+    mem_how = measure_training(ms, batch, args, t_start, mem_how)
+    rows = result_rows(ms, args)
+    checks = print_results(rows, ms, mem_how, args)
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
     print(f"\ntotal {meta['total_s']} s")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "meta": meta,
-                    "results": rows,
-                    "memory": mem_how,
-                    "targets": [{"target": n, "pass": ok, "value": v} for n, ok, v in checks],
-                },
-                indent=2,
-            )
-        )
-        print(f"wrote {args.json}")
+        write_json(args.json, meta, rows, mem_how, checks)
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
