@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from orchmoe.recipe.cli import main
-from recipe_helpers import SEEN, UNSEEN
+from recipe_helpers import SMALL_DATA, tiny_train_argv
 
 # An error line that starts with an exception class name is an error the CLI did not expect.
 _RAW_TYPE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b:")
@@ -45,44 +45,18 @@ def assert_clear_error(rc: int, err: str, message: str) -> None:
 
 def train_args(model: Path, data: Path, out: Path | str, *extra: str) -> list[str]:
     """A tiny run: 3 tasks x 8 instances, 6 steps of 4, checkpoints at steps 2 and 4, no evaluation."""
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--tasks",
-        ",".join(SEEN),
-        "--train-per-task",
-        "8",
-        "--eval-per-task",
-        "2",
-        "--unseen-tasks",
-        UNSEEN,
-        "--unseen-per-task",
-        "2",
-        "--max-source-len",
-        "80",
-        "--max-target-len",
-        "6",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--max-steps",
-        "6",
-        "--checkpoint-every",
-        "2",
-        "--keep-checkpoints",
-        "3",
-        "--log-every",
-        "1",
-        "--no-eval",
-        "--no-progress",
-        "--out",
-        str(out),
+    return tiny_train_argv(
+        model,
+        data,
+        out,
         *extra,
-    ]
+        **SMALL_DATA,
+        checkpoint_every=2,
+        max_steps=6,
+        keep_checkpoints=3,
+        log_every=1,
+        eval=False,
+    )
 
 
 def adapter_of(run: Path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchmoe.recipe.cli import main
-from recipe_helpers import SEEN
+from recipe_helpers import tiny_train_argv
 
 pytest.importorskip("tensorboard")
 
@@ -14,41 +14,21 @@ def test_tensorboard_event_file_has_loss_lr_and_routing_scalars(tiny_llama, supe
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(tiny_llama),
-                "--data",
-                str(superni),
-                "--tasks",
-                ",".join(SEEN),
-                "--train-per-task",
-                "8",
-                "--eval-per-task",
-                "1",
-                "--unseen-per-task",
-                "1",
-                "--max-source-len",
-                "64",
-                "--max-target-len",
-                "8",
-                "--batch-size",
-                "4",
-                "--lr",
-                "1e-2",
-                "--log-every",
-                "2",
-                "--no-progress",
-                "--out",
-                str(run),
-                "--report-to",
-                "tensorboard",
-            ]
-        )
-        == 0
+    args = tiny_train_argv(
+        tiny_llama,
+        superni,
+        run,
+        train_per_task=8,
+        eval_per_task=1,
+        unseen_tasks=None,
+        unseen_per_task=1,
+        max_source_len=64,
+        max_target_len=8,
+        checkpoint_every=None,
+        log_every=2,
+        report_to="tensorboard",
     )
+    assert main(args) == 0
     events = sorted(run.rglob("events.out.tfevents.*"))  # accelerate: the scalars, and the hparams in a subfolder
     assert events, f"no TensorBoard event file under {run}"
     accs = [EventAccumulator(str(e)) for e in events]

@@ -13,38 +13,11 @@ import yaml
 
 from orchmoe.config import METHODS
 from orchmoe.recipe.cli import main
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
+from recipe_helpers import REPO, SMALL_DATA, save_tiny, tiny_train_argv  # noqa: F401
 
 
 def base_args(tiny_llama: Path, superni: Path, out: Path) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(tiny_llama),
-        "--data",
-        str(superni),
-        "--tasks",
-        ",".join(SEEN),
-        "--train-per-task",
-        "8",
-        "--eval-per-task",
-        "2",
-        "--unseen-tasks",
-        UNSEEN,
-        "--unseen-per-task",
-        "2",
-        "--max-source-len",
-        "80",
-        "--max-target-len",
-        "6",
-        "--batch-size",
-        "4",
-        "--no-progress",
-        "--checkpoint-every",
-        "0",
-        "--out",
-        str(out),
-    ]
+    return tiny_train_argv(tiny_llama, superni, out, **SMALL_DATA, lr=None)
 
 
 @pytest.fixture(scope="module")

@@ -17,45 +17,29 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from orchmoe.recipe import TrainConfig, TrainConfigError, train
+from orchmoe.recipe import TrainConfigError, train
 from orchmoe.recipe.evaluate import process_batches
 from orchmoe.recipe.runtime import env_world_size, launch_problem
-from recipe_helpers import REPO, SEEN, UNSEEN
+from recipe_helpers import REPO, tiny_train_argv, tiny_train_config
 
 STEPS, PER_PROCESS, WORLD = 4, 2, 2
-# LoRA without dropout: nothing random in training, so one process and two see the same computation.
+# The tiny run (recipe_helpers) with LoRA without dropout: nothing random in training, so one process and two
+# see the same computation.
 OPTIONS = dict(
-    tasks=",".join(SEEN),
     train_per_task=8,
     eval_per_task=2,
-    unseen_tasks=UNSEEN,
     unseen_per_task=2,
-    max_source_len=96,
-    max_target_len=12,
     eval_batch_size=3,
     lr=1e-3,
     warmup_steps=0,
     method="lora",
     max_steps=STEPS,
     log_every=1,
-    checkpoint_every=0,
-    progress=False,
 )
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def cli_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
-    opts = {**OPTIONS, **overrides}
-    args = ["train", "--model", str(model), "--data", str(data), "--out", str(out)]
-    for k, v in opts.items():
-        if isinstance(v, bool):
-            args.append(_flag(k) if v else "--no-" + _flag(k)[2:])
-        else:
-            args += [_flag(k), str(v)]
-    return args
+    return tiny_train_argv(model, data, out, **{**OPTIONS, **overrides})
 
 
 def _free_port() -> int:
@@ -116,9 +100,7 @@ def predictions(run: Path) -> dict[str, str]:
 def one_process(tiny_llama, superni, tmp_path_factory) -> Path:
     """The reference: one process running the global batch (per-process batch x processes)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    train(
-        TrainConfig(model=str(tiny_llama), data=str(superni), out=str(out), batch_size=PER_PROCESS * WORLD, **OPTIONS)
-    )
+    train(tiny_train_config(tiny_llama, superni, out, batch_size=PER_PROCESS * WORLD, **OPTIONS))
     return out
 
 
@@ -284,7 +266,7 @@ def test_launch_problem_names_unsupported_engines_and_one_process_launches():
 
 def test_fsdp_with_one_process_is_refused(tiny_llama, superni, tmp_path):
     with pytest.raises(TrainConfigError, match=r"--fsdp shards the model across processes.*torchrun"):
-        train(TrainConfig(model=str(tiny_llama), data=str(superni), out=str(tmp_path / "run"), fsdp=True, **OPTIONS))
+        train(tiny_train_config(tiny_llama, superni, tmp_path / "run", fsdp=True, batch_size=8, **OPTIONS))
 
 
 @pytest.mark.parametrize("n_batches", range(0, 8))

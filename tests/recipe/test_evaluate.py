@@ -11,39 +11,20 @@ import torch
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
 from orchmoe.metrics import score_example
 from orchmoe.model import RoutedModel
-from orchmoe.recipe import TrainConfig, train
+from orchmoe.recipe import train
 from orchmoe.recipe.data import build_data
 from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
 from orchmoe.recipe.tables import markdown_table
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
+from recipe_helpers import REPO, UNSEEN, save_tiny, tiny_train_config  # noqa: F401
 
-
-def cfg_for(model, data, out, **kw) -> TrainConfig:
-    base = dict(
-        model=str(model),
-        data=str(data),
-        tasks=",".join(SEEN),
-        train_per_task=12,
-        eval_per_task=3,
-        unseen_tasks=UNSEEN,
-        unseen_per_task=3,
-        max_source_len=96,
-        max_target_len=8,
-        batch_size=4,
-        eval_batch_size=4,
-        lr=3e-2,
-        progress=False,
-        out=str(out),
-        checkpoint_every=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+# The tiny run with short targets, small generation batches and a higher learning rate.
+OPTIONS = dict(max_target_len=8, eval_batch_size=4, lr=3e-2)
 
 
 @pytest.fixture(scope="module")
 def run(tiny_llama, superni, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "orch"
-    train(cfg_for(tiny_llama, superni, out, max_steps=6))
+    train(tiny_train_config(tiny_llama, superni, out, max_steps=6, **OPTIONS))
     return out
 
 
@@ -100,7 +81,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, t
     routed = get_model(model, LoraConfig(rank=4))
     for layer in routed.routed_layers.values():  # a non-trivial adapter
         torch.nn.init.normal_(layer.lora_B, std=0.5)
-    data = build_data(cfg_for(tiny_llama, superni, tmp_path))
+    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS))
     examples = data.eval + data.unseen
     kw = dict(n_pos=1, max_source_len=96, max_new_tokens=6, progress=False)
     batched = generate_predictions(routed, tok, examples, data.task_defs, batch_size=5, **kw)
@@ -111,7 +92,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, t
 
 def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny_llama, superni, tmp_path, monkeypatch):
     model, tok, _ = _load(tiny_llama)
-    data = build_data(cfg_for(tiny_llama, superni, tmp_path))
+    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS))
     routed = get_model(model, PolyConfig(n_tasks=data.num_tasks))
     seen_ids = []
     real = RoutedModel.generate

@@ -6,29 +6,14 @@ from __future__ import annotations
 import pytest
 
 from orchmoe.opcount import OpCounter
-from orchmoe.recipe import TrainConfig, Trainer
-from recipe_helpers import SEEN, UNSEEN
+from orchmoe.recipe import Trainer
+from recipe_helpers import tiny_train_config
 
 
 def _syncs(tiny_llama, superni, tmp_path, method: str, steps: int) -> tuple[int, int]:
-    cfg = TrainConfig(
-        model=str(tiny_llama),
-        data=str(superni),
-        tasks=",".join(SEEN),
-        train_per_task=12,
-        eval_per_task=3,
-        unseen_tasks=UNSEEN,
-        unseen_per_task=3,
-        max_source_len=96,
-        max_target_len=12,
-        batch_size=4,
-        max_steps=steps,
-        log_every=1000,
-        checkpoint_every=0,
-        eval=False,
-        progress=False,
-        method=method,
-        out=str(tmp_path / f"{method}-{steps}"),
+    out = tmp_path / f"{method}-{steps}"
+    cfg = tiny_train_config(
+        tiny_llama, superni, out, lr=1e-3, max_steps=steps, log_every=1000, eval=False, method=method
     )
     trainer = Trainer(cfg)
     trainer.setup()

@@ -20,7 +20,7 @@ from orchmoe.recipe import RunFolder, TrainConfig, TrainConfigError, train
 from orchmoe.recipe.batches import epoch_batches, rank_slice
 from orchmoe.recipe.cli import main
 from orchmoe.recipe.data import build_data
-from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny  # noqa: F401
+from recipe_helpers import REPO, SEEN, UNSEEN, save_tiny, tiny_train_argv, tiny_train_config  # noqa: F401
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -28,57 +28,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def cfg_for(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model=str(model),
-        data=str(data),
-        tasks=",".join(SEEN),
-        train_per_task=12,
-        eval_per_task=3,
-        unseen_tasks=UNSEEN,
-        unseen_per_task=3,
-        max_source_len=96,
-        max_target_len=12,
-        batch_size=4,
-        eval_batch_size=8,
-        lr=1e-2,
-        progress=False,
-        out=str(out),
-        checkpoint_every=0,
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def cli_args(model: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--tasks",
-        ",".join(SEEN),
-        "--train-per-task",
-        "12",
-        "--eval-per-task",
-        "3",
-        "--unseen-tasks",
-        UNSEEN,
-        "--unseen-per-task",
-        "3",
-        "--max-source-len",
-        "96",
-        "--max-target-len",
-        "12",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    return tiny_train_config(model, data, out, **{"eval_batch_size": 8, "log_every": 1, **kw})
 
 
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -90,7 +40,7 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     run = tmp_path / "run"
-    assert main(cli_args(tiny_llama, superni, run) + ["--checkpoint-every", "3", "--log-every", "2"]) == 0
+    assert main(tiny_train_argv(tiny_llama, superni, run, checkpoint_every=3, log_every=2)) == 0
     for name in (
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
@@ -223,41 +173,16 @@ def test_batches_mix_tasks_and_still_group_lengths():
 
 def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
     """A real SIGKILL after the first checkpoint, then a resume: bit-identical final adapter."""
-    opts = dict(
-        train_per_task=16,
-        epochs=2,
-        grad_accum=2,
-        batch_size=2,
-        checkpoint_every=4,
-        eval=False,
-        method="orchmoe",
-        adapter={"balance_coef": 0.01},
-        log_every=3,
-    )
+    opts = dict(train_per_task=16, epochs=2, grad_accum=2, batch_size=2, checkpoint_every=4, eval=False, log_every=3)
+    train_opts = dict(opts, method="orchmoe", adapter={"balance_coef": 0.01})  # the CLI run's, for train()
     killed = tmp_path / "killed"
-    args = cli_args(tiny_llama, superni, killed) + [
-        "--train-per-task",
-        "16",
-        "--epochs",
-        "2",
-        "--grad-accum",
-        "2",
-        "--batch-size",
-        "2",
-        "--checkpoint-every",
-        "4",
-        "--no-eval",
-        "--adapter-arg",
-        "balance_coef=0.01",
-        "--log-every",
-        "3",
-    ]
+    args = tiny_train_argv(tiny_llama, superni, killed, "--adapter-arg", "balance_coef=0.01", **opts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchmoe", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         unbroken = tmp_path / "unbroken"  # trained here while the subprocess starts up
-        train(cfg_for(tiny_llama, superni, unbroken, **opts))
+        train(cfg_for(tiny_llama, superni, unbroken, **train_opts))
         deadline = time.monotonic() + 120
         while latest_checkpoint(killed) is None:
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()
@@ -272,7 +197,7 @@ def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
     first = latest_checkpoint(killed)
     assert first is not None and int(first.name.split("-")[1]) < 24
 
-    train(cfg_for(tiny_llama, superni, killed, **opts))  # same options: resumes from the checkpoint
+    train(cfg_for(tiny_llama, superni, killed, **train_opts))  # same options: resumes from the checkpoint
     a, b = adapter_tensors(unbroken), adapter_tensors(killed)
     assert set(a) == set(b)
     for k in a:
