@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recipe_helpers import tiny_train_argv
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -69,3 +71,20 @@ def test_quality_runs_skip_finished_ones_and_summarise(shared_superni, tiny_llam
     again = _run("quality.py", *args, "--out", str(tmp_path))  # finished: nothing is retrained
     assert (tmp_path / "orchmoe-s0" / "metrics.json").stat().st_mtime_ns == stamp
     assert "| orchmoe |" in again
+
+
+def test_routing_control_reports_step_0_trained_and_frozen_runs(tiny_llama, superni, tmp_path):
+    """The Task Router's NMI with the tasks before training, after, and with the allocation logits frozen."""
+    from orchmoe.recipe.cli import main
+
+    for name, extra in (("run", []), ("frozen", ["--router-lr", "0"])):
+        assert main(tiny_train_argv(tiny_llama, superni, tmp_path / name, *extra, max_steps=3, eval=False)) == 0
+    out = _run("routing_control.py", str(tmp_path / "run"), str(tmp_path / "frozen"), "--per-task", "4")
+    rows = [line for line in out.splitlines() if line.startswith(("| run:", "| frozen:"))]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "run: step 0 (statistics only)",
+        "run: trained",
+        "frozen: trained (allocation logits frozen)",
+    ]
+    assert rows[0].split("|")[6].strip() == "0.000"  # before training every allocation is uniform
+    assert rows[2].split("|")[6].strip() == "0.000"  # and frozen logits keep it so
