@@ -252,3 +252,16 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     print("SmolLM2 says:", repr(text))
     assert "Paris" in text
+
+
+def test_the_0_1_module_path_still_imports_and_says_where_things_went():
+    import importlib
+    import sys
+
+    sys.modules.pop("orchmoe.models", None)
+    with pytest.warns(DeprecationWarning, match="orchmoe.loading"):
+        models = importlib.import_module("orchmoe.models")
+    from orchmoe import gguf_cache, loading
+
+    assert models.load_model_and_tokenizer is loading.load_model_and_tokenizer
+    assert models.convert_gguf is gguf_cache.convert_gguf
