@@ -121,7 +121,7 @@ SIZES: dict[str, dict] = {
     },
     # Fewer, more different tasks and ten times the steps: 5 tasks of 5 categories x 320 training
     # instances, two epochs (400 steps of 8) at the references' learning rates (adapters 1e-3,
-    # allocation logits 0.1, the defaults); 35-48 minutes per run on one shared CPU core.
+    # allocation logits 0.1, the defaults); 30-48 minutes per run on one shared CPU core.
     "cpu-long": {
         "data": str(SHARED),
         "args": [
