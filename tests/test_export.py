@@ -9,13 +9,12 @@ import warnings
 import pytest
 import torch
 
-from core_helpers import N_TASKS, randomize_adapter, tiny_base
+from core_helpers import CROSS_PATH, N_TASKS, randomize_adapter, tiny_base
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, RoutingError, get_model
 
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj"]
-ATOL = 1e-5
 
 
 def _ids(b=3, n=7, seed=0):
@@ -60,7 +59,7 @@ def test_poly_and_mhr_equal_peft_poly(n_splits):
     a = _logits(ours, ids, task_ids=tasks)
     b = _logits(pm, ids, task_ids=tasks)
     assert not torch.allclose(a, _logits(tiny_base("llama"), ids), atol=1e-3)  # the adapter matters
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a, b, **CROSS_PATH)
 
 
 def test_lora_equals_peft_lora():
@@ -74,7 +73,7 @@ def test_lora_equals_peft_lora():
             theirs.lora_B["default"].weight.copy_(layer.lora_B[0].T)  # (Q, r)
     pm.eval()
     ids = _ids()
-    torch.testing.assert_close(_logits(ours, ids), _logits(pm, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(ours, ids), _logits(pm, ids), **CROSS_PATH)
 
 
 # ----------------------------------------------------------------------------- export to a PEFT LoRA folder
@@ -148,7 +147,7 @@ def test_exported_peft_lora_reproduces_task(case, tmp_path):
     loaded = _load_peft(arch, folder)
     got = _logits(loaded, ids)
     assert not torch.allclose(got, _logits(tiny_base(arch), ids), atol=1e-3)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, expected, **CROSS_PATH)
 
 
 def test_exported_orchmoe_prompt_reproduces_that_prompt(tmp_path):
@@ -158,7 +157,7 @@ def test_exported_orchmoe_prompt_reproduces_that_prompt(tmp_path):
     prompt = _ids(1, 9, seed=5)
     expected = _logits(model, prompt)
     loaded = _load_peft("llama", model.export_peft_lora(tmp_path / "p", input_ids=prompt[0]))
-    torch.testing.assert_close(_logits(loaded, prompt), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(loaded, prompt), expected, **CROSS_PATH)
 
 
 def test_export_errors(tmp_path):
@@ -216,4 +215,4 @@ def test_merge_and_unload_equals_routed_output(case):
     from orchmoe import RoutedLoraLayer
 
     assert not any(isinstance(m, RoutedLoraLayer) for m in merged.modules())
-    torch.testing.assert_close(_logits(merged, ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(merged, ids), expected, **CROSS_PATH)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from core_helpers import (
     ARCHS,
+    CROSS_PATH,
     METHOD_NAMES,
     N_TASKS,
     PAD,
@@ -134,13 +135,13 @@ def test_mode_m1_equals_lora_and_mode_p_eq_r_equals_molora_sd():
     lora = _routed("llama", "lora", rank=4)
     mode1 = get_model(tiny_base("llama"), MoDEConfig(n_skills=1, rank=4, expert_rank=2)).eval()
     _copy_adapter(lora, mode1, extra_ok=[".router.weight"])  # a softmax over one expert: its router is inert
-    torch.testing.assert_close(_lm_logits(mode1, batch), _lm_logits(lora, batch), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_lm_logits(mode1, batch), _lm_logits(lora, batch), **CROSS_PATH)
 
     sd = get_model(tiny_base("llama"), MoLoRAConfig(n_skills=3, rank=4, shared_down=True)).eval()
     randomize_adapter(sd)
     mode = get_model(tiny_base("llama"), MoDEConfig(n_skills=3, rank=4, expert_rank=4)).eval()
     _copy_adapter(sd, mode)
-    torch.testing.assert_close(_lm_logits(mode, batch), _lm_logits(sd, batch), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_lm_logits(mode, batch), _lm_logits(sd, batch), **CROSS_PATH)
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
@@ -162,7 +163,7 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
         got = orch.get_base_model()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)
         ).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, expected, **CROSS_PATH)
 
 
 # ----------------------------------------------------------------------------- training

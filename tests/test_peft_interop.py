@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from core_helpers import N_TASKS, task_kwargs, tiny_base
+from core_helpers import CROSS_PATH, N_TASKS, task_kwargs, tiny_base
 from orchmoe import (
     AdapterMismatchError,
     ConfigError,
@@ -119,7 +119,7 @@ def test_every_mixture_starts_equal_to_the_peft_lora(case, mode, peft_lora):
     ours.train(mode == "train")
     got = _logits(ours, ids, **task_kwargs(case, [0, 2, 1]))
     assert not torch.allclose(got, _logits(tiny_base("llama"), ids), atol=1e-3)  # the LoRA matters
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, expected, **CROSS_PATH)
 
 
 def test_init_from_lora_checks_rank_and_layers(peft_lora, tmp_path):
@@ -164,9 +164,7 @@ def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
     assert "dequantized_from_gguf" not in json.loads((folder / "orchmoe_export.json").read_text())
     auto = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()  # finds the base by itself
     ids = torch.randint(3, 60, (2, 7))
-    torch.testing.assert_close(
-        _logits(auto, ids), _logits(model, ids, task_ids=torch.tensor([1, 1])), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(_logits(auto, ids), _logits(model, ids, task_ids=torch.tensor([1, 1])), **CROSS_PATH)
     # the source travels with the adapter: a base built from a config has no path, the adapter's is kept
     config = copy.deepcopy(base.config)
     config._name_or_path = ""

@@ -55,8 +55,20 @@ def _clean_env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+#: what a C++ runtime prints when a thread is still joinable as the process ends: seen once under load, as a
+#: SIGABRT of one gloo process after its work had finished (the same run passed alone)
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def launch(cmd: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+    """Run a launcher; retried once, saying so, when a process aborted in the C++ teardown (any other failure
+    is returned as it is)."""
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, cwd=REPO, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr or attempt == 2:
+            return proc
+        print(f"launch: a process aborted at teardown ({TEARDOWN_ABORT!r}); retrying once: {' '.join(cmd[:6])} ...")
+    return proc
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
