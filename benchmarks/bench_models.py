@@ -104,7 +104,7 @@ def load_base(model: str | None, shape: str | None, dtype: torch.dtype, device: 
         base, tok = random_model(shape, dtype, device), None
         name = f"{shape} shape, random weights"
     else:
-        from orchmoe.loading import load_model_and_tokenizer
+        from orchmoe.loading.pretrained import load_model_and_tokenizer
 
         base, tok, info = load_model_and_tokenizer(model, dtype=dtype, device=device)
         name = info.get("name", model)

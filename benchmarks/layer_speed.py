@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 import orchmoe  # noqa: E402
 from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, count_parameters  # noqa: E402
-from orchmoe.layer import RoutedLoraLayer  # noqa: E402
-from orchmoe.registry import router_class  # noqa: E402
-from orchmoe.routers import LayerRouter, RoutingInputs  # noqa: E402
-from orchmoe.routing import RoutingState  # noqa: E402
+from orchmoe.core.layer import RoutedLoraLayer  # noqa: E402
+from orchmoe.core.registry import router_class  # noqa: E402
+from orchmoe.core.routers import LayerRouter, RoutingInputs  # noqa: E402
+from orchmoe.core.routing import RoutingState  # noqa: E402
 
 DTYPES = {
     "fp32": torch.float32,

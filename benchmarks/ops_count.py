@@ -38,16 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from orchmoe import (
-    LoraConfig,
-    MHRConfig,
-    MoDEConfig,
-    MoLoRAConfig,
-    OrchMoEConfig,
-    PolyConfig,
-    get_model,
-)
-from orchmoe.opcount import OpCounter
+from opcount import OpCounter
+from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, get_model
 
 N_TASKS = 8
 TARGETS = ["q_proj", "v_proj"]

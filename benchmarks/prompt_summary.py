@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from orchmoe.core.diagnostics import normalized_mutual_info  # noqa: E402
+from orchmoe.core.routers import TaskRouter  # noqa: E402
 from orchmoe.data.builtin import builtin_data_dir, builtin_task_names  # noqa: E402
 from orchmoe.data.prompts import encode_prompt  # noqa: E402
 from orchmoe.data.superni import load_task  # noqa: E402
-from orchmoe.diagnostics import normalized_mutual_info  # noqa: E402
-from orchmoe.loading import load_model_and_tokenizer  # noqa: E402
-from orchmoe.routers import TaskRouter  # noqa: E402
+from orchmoe.loading.pretrained import load_model_and_tokenizer  # noqa: E402
 from quality import CPU_TASKS, SHARED  # noqa: E402
 
 

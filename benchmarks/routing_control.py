@@ -24,14 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
+from orchmoe.core.diagnostics import allocation_spread, nmi_chance, normalized_mutual_info  # noqa: E402
 from orchmoe.data import encode_prompt  # noqa: E402
-from orchmoe.diagnostics import allocation_spread, nmi_chance, normalized_mutual_info  # noqa: E402
-from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer  # noqa: E402
-from orchmoe.model import get_model, load_adapter  # noqa: E402
+from orchmoe.loading.pretrained import (
+    is_encoder_decoder,  # noqa: E402
+    load_model_and_tokenizer,
+)
 from orchmoe.recipe.adapter_options import build_adapter_config  # noqa: E402
 from orchmoe.recipe.data import build_data, prompt_settings  # noqa: E402
 from orchmoe.recipe.run_folder import RunFolder  # noqa: E402
-from orchmoe.recipe.tables import markdown_table  # noqa: E402
+from orchmoe.tuner.model import get_model, load_adapter  # noqa: E402
+from orchmoe.utils.markdown import markdown_table  # noqa: E402
 
 
 def prompts_of(cfg, data, tokenizer, decoder_only: bool, per_task: int) -> tuple[list[list[int]], list[int]]:

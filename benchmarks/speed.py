@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models
-from orchmoe import (  # noqa: E402
+from orchmoe import (
     LoraConfig,
     MHRConfig,
     MoDEConfig,

@@ -24,7 +24,7 @@ from orchmoe import (
     lora_budget,
     match_budget,
 )
-from orchmoe.budget import model_dims
+from orchmoe.core.budget import model_dims
 
 CONFIGS = {
     "lora": LoraConfig(rank=3),

@@ -28,15 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchmoe import (
-    LoraConfig,
-    MHRConfig,
-    MoDEConfig,
-    MoLoRAConfig,
-    OrchMoEConfig,
-    PolyConfig,
-    get_model,
-)
+from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, get_model
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from core_helpers import method_config, randomize_adapter, task_kwargs, tiny_base, toy_batch
 from orchmoe import HubError, RoutedModel, get_model, load_adapter
-from orchmoe.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe.tuner.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def _routed(method, arch="llama", **overrides):

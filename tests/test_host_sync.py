@@ -25,8 +25,8 @@ from core_helpers import (
     tiny_base,
     toy_batch,
 )
+from opcount import OpCounter
 from orchmoe import get_model
-from orchmoe.opcount import OpCounter
 
 HOST_CHECKS = ("_task_ids",)  # see the module docstring
 BASE_SYNC_SITES = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")

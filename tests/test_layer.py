@@ -14,8 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from orchmoe import RoutedLoraLayer
-from orchmoe.routers import LayerRouter, TokenRouter
-from orchmoe.routing import RoutingError, RoutingState
+from orchmoe.core.routers import LayerRouter, TokenRouter
+from orchmoe.core.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Base-model loading (`orchmoe.loading`) and the GGUF cache (`orchmoe.gguf_cache`): checkpoints, the
+"""Base-model loading (`orchmoe.loading`) and the GGUF cache (`orchmoe.loading.gguf`): checkpoints, the
 atomic cache, SmolLM2's GGUF."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import tiny_models
-from orchmoe import gguf_cache
-from orchmoe.gguf_cache import DEFAULT_MODEL, atomic_materialize
-from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer, resolve_dtype
+from orchmoe.loading import gguf as gguf_cache
+from orchmoe.loading.gguf import DEFAULT_MODEL, atomic_materialize
+from orchmoe.loading.pretrained import is_encoder_decoder, load_model_and_tokenizer, resolve_dtype
 from recipe_helpers import save_tiny
 from tiny_models import tiny_model
 
@@ -252,16 +252,3 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     print("SmolLM2 says:", repr(text))
     assert "Paris" in text
-
-
-def test_the_0_1_module_path_still_imports_and_says_where_things_went():
-    import importlib
-    import sys
-
-    sys.modules.pop("orchmoe.models", None)
-    with pytest.warns(DeprecationWarning, match="orchmoe.loading"):
-        models = importlib.import_module("orchmoe.models")
-    from orchmoe import gguf_cache, loading
-
-    assert models.load_model_and_tokenizer is loading.load_model_and_tokenizer
-    assert models.convert_gguf is gguf_cache.convert_gguf

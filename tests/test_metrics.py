@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchmoe.metrics import aggregate, exact_match, normalize_answer, rouge1, rouge_l, score_example
+from orchmoe.evaluation.metrics import aggregate, exact_match, normalize_answer, rouge1, rouge_l, score_example
 
 
 def f1(p, r):
@@ -97,7 +97,7 @@ def test_rouge_lsum_is_the_union_lcs_over_sentences():
     ROUGE-L (one LCS over the whole text) matches 3 of 6 tokens each way: F = 0.5. ROUGE-Lsum takes,
     for each reference sentence, the union of its LCS with every predicted sentence: all 3 tokens of
     each, so P = R = 6/6."""
-    from orchmoe.metrics import rouge_lsum, sentences
+    from orchmoe.evaluation.metrics import rouge_lsum, sentences
 
     pred, ref = "The dog ran. The cat sat.", "The cat sat. The dog ran."
     assert rouge_l(pred, ref) == pytest.approx(50.0)

@@ -33,7 +33,7 @@ from orchmoe import (
     get_model,
     load_adapter,
 )
-from orchmoe.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe.tuner.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def _routed(arch, method, seed=0, **overrides):
@@ -408,7 +408,7 @@ def test_task_router_statistics_stay_fp32_and_keep_updating_after_a_bf16_cast():
     """model.to(torch.bfloat16) casts everything but the Task Router's running statistics: in bf16 a
     running mean stops moving once the count is large (1/n below bf16's resolution). They keep
     accumulating every training prompt's fp32 summary exactly."""
-    from orchmoe.routing import prompt_token_mask
+    from orchmoe.core.routing import prompt_token_mask
 
     model = _routed("llama", "orchmoe").to(torch.bfloat16)
     tr = model.task_router

@@ -143,7 +143,7 @@ def test_init_from_lora_checks_rank_and_layers(peft_lora, tmp_path):
 def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from orchmoe.loading import load_model_and_tokenizer
+    from orchmoe.loading.pretrained import load_model_and_tokenizer
 
     base, _, info = load_model_and_tokenizer(tiny_llama)
     model = get_model(
@@ -177,8 +177,8 @@ def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
 
 
 def test_export_says_when_the_base_was_dequantised_from_gguf(tiny_llama, tmp_path):
-    from orchmoe.gguf_cache import CACHE_MARKER
-    from orchmoe.loading import load_model_and_tokenizer
+    from orchmoe.loading.gguf import CACHE_MARKER
+    from orchmoe.loading.pretrained import load_model_and_tokenizer
 
     cached = tmp_path / "cache" / "models" / "smollm2-q8"
     shutil.copytree(tiny_llama, cached)  # stands for the checkpoint convert_gguf writes, with its marker

@@ -21,7 +21,7 @@ def test_readme_has_the_python_examples():
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_python_example_runs(index, tmp_path, monkeypatch):
-    from orchmoe.gguf_cache import smollm2_gguf_path
+    from orchmoe.loading.gguf import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from core_helpers import tiny_base  # noqa: F401  (sets the single-threaded test setup)
 from orchmoe import OrchMoEConfig
-from orchmoe.routers import (
+from orchmoe.core.routers import (
     ConstantRouter,
     OrchMoERouter,
     PolyRouter,
@@ -22,7 +22,7 @@ from orchmoe.routers import (
     TokenRouter,
     relaxed_allocation,
 )
-from orchmoe.routing import RoutingError, RoutingState
+from orchmoe.core.routing import RoutingError, RoutingState
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -133,7 +133,7 @@ def test_skill_router_is_a_convex_mix_of_rows(L, K, S, b, training, seed):
 def test_skill_router_with_onehot_pi_equals_poly_router_with_the_same_noise(training, monkeypatch):
     """OrchMoE with pi = the one-hot true task is Poly, in training too: both draw one noise sample per
     example, and given the same noise they give the same allocations."""
-    import orchmoe.routers.allocation as allocation
+    import orchmoe.core.routers.allocation as allocation
 
     L, T, S = 2, 4, 3
     poly, skill = PolyRouter(L, T, S).train(training), SkillRouter(L, T, S).train(training)
@@ -348,7 +348,7 @@ def test_task_router_statistics_are_global_under_torch_distributed(tmp_path):
 
 
 def test_task_router_summary_diagnostics():
-    from orchmoe.diagnostics import task_router_summary
+    from orchmoe.core.diagnostics import task_router_summary
 
     pi = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     s = task_router_summary(pi, torch.tensor([5, 5, 7, 7]))

@@ -1,10 +1,10 @@
 """orchmoe: multi-task parameter-efficient fine-tuning with routed mixtures of LoRA experts."""
 
-__version__ = "0.2.0"
-
-from . import routers  # noqa: E402,F401  (registers every method)
-from .budget import BudgetError, count_parameters, lora_budget, match_budget  # noqa: E402
-from .config import (  # noqa: E402
+from orchmoe.adapters.hub import HubError
+from orchmoe.adapters.peft_lora import from_peft_config, init_from_peft_lora
+from orchmoe.core import routers  # noqa: F401  (importing the routers registers every method)
+from orchmoe.core.budget import BudgetError, count_parameters, lora_budget, match_budget
+from orchmoe.core.config import (
     METHODS,
     AdapterConfig,
     ConfigError,
@@ -16,14 +16,14 @@ from .config import (  # noqa: E402
     PolyConfig,
     config_from_dict,
 )
-from .hub import HubError  # noqa: E402
-from .layer import RoutedLoraLayer  # noqa: E402
-from .model import AdapterMismatchError, RoutedModel, get_model, load_adapter  # noqa: E402
-from .peft_interop import from_peft_config, init_from_peft_lora  # noqa: E402
-from .registry import register_method  # noqa: E402
-from .routing import RoutingError  # noqa: E402
+from orchmoe.core.layer import RoutedLoraLayer
+from orchmoe.core.registry import register_method
+from orchmoe.core.routing import RoutingError
+from orchmoe.tuner.model import AdapterMismatchError, RoutedModel, get_model, load_adapter
+from orchmoe.version import __version__
 
 __all__ = [
+    "__version__",
     "AdapterConfig",
     "AdapterMismatchError",
     "BudgetError",
@@ -55,7 +55,7 @@ __all__ = [
 def __getattr__(name: str):
     """`RoutedTrainer` imports `transformers.Trainer` (and its training stack) only when asked for."""
     if name == "RoutedTrainer":
-        from .integrations.trainer import RoutedTrainer
+        from orchmoe.integrations.trainer import RoutedTrainer
 
         return RoutedTrainer
     raise AttributeError(f"module 'orchmoe' has no attribute {name!r}")

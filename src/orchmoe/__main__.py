@@ -2,6 +2,6 @@
 
 import sys
 
-from .recipe.cli import main
+from orchmoe.recipe.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from orchmoe.config import METHODS
+from orchmoe.core.config import METHODS
 from orchmoe.recipe.cli import main
 from recipe_helpers import REPO, SMALL_DATA, save_tiny, tiny_train_argv  # noqa: F401
 

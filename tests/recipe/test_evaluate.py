@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
-from orchmoe.metrics import score_example
-from orchmoe.model import RoutedModel
+from orchmoe.evaluation.metrics import score_example
 from orchmoe.recipe import train
 from orchmoe.recipe.data import build_data
 from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
-from orchmoe.recipe.tables import markdown_table
+from orchmoe.tuner.model import RoutedModel
+from orchmoe.utils.markdown import markdown_table
 from recipe_helpers import REPO, UNSEEN, save_tiny, tiny_train_config  # noqa: F401
 
 # The tiny run with short targets, small generation batches and a higher learning rate.
@@ -29,7 +29,7 @@ def run(tiny_llama, superni, tmp_path_factory) -> Path:
 
 
 def _load(tiny_llama):
-    from orchmoe.loading import load_model_and_tokenizer
+    from orchmoe.loading.pretrained import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(tiny_llama))
 

@@ -17,12 +17,12 @@ import torch
 
 from hostile_helpers import assert_clear_error, run_cli, train_args
 from orchmoe import MoLoRAConfig, PolyConfig, get_model, load_adapter
-from orchmoe.budget import BudgetError, lora_budget, match_budget
+from orchmoe.adapters.folder import AdapterMismatchError
+from orchmoe.core.budget import BudgetError, lora_budget, match_budget
+from orchmoe.core.routing import RoutingError
 from orchmoe.data import DataError
 from orchmoe.recipe import TrainConfig, TrainConfigError
 from orchmoe.recipe.data import build_data
-from orchmoe.routing import RoutingError
-from orchmoe.serialization import AdapterMismatchError
 from recipe_helpers import SEEN, UNSEEN
 
 # -- 1. command-line options: every bad value is one clear line before anything is loaded ----------------------
@@ -193,7 +193,7 @@ def _spoil_config(adapter: Path, how) -> None:
 
 
 def _base(tiny_llama):
-    from orchmoe.loading import load_model_and_tokenizer
+    from orchmoe.loading.pretrained import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(tiny_llama))[0]
 

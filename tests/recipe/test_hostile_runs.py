@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from hostile_helpers import assert_clear_error, run_cli, same_adapter, train_args, tree_bytes
-from orchmoe.fileio import DiskFullError, FolderLock, is_disk_full, reporting_disk_full, write_manifest
 from orchmoe.recipe import RunFolder
 from orchmoe.recipe.run_folder import _Log
+from orchmoe.utils.fileio import DiskFullError, FolderLock, is_disk_full, reporting_disk_full, write_manifest
 
 CKPT = "checkpoints/step-{:08d}"
 
@@ -361,7 +361,7 @@ def test_overwrite_deletes_only_orchmoe_files(reference, tiny_llama, superni, tm
 
 # -- locks ---------------------------------------------------------------------------------------------------
 _HOLDER = (
-    "import sys, time; from orchmoe.fileio import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('x'); "
+    "import sys, time; from orchmoe.utils.fileio import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('x'); "
     "print('locked', flush=True); time.sleep(120)"
 )
 
@@ -454,7 +454,7 @@ def _full_torch_save(monkeypatch, when: str) -> None:
 def _full_safetensors(monkeypatch, when: str) -> None:
     from safetensors import SafetensorError
 
-    import orchmoe.serialization as ser
+    import orchmoe.adapters.folder as ser
 
     real = ser.save_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchmoe.opcount import OpCounter
+from opcount import OpCounter
 from orchmoe.recipe import Trainer
 from recipe_helpers import tiny_train_config
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from orchmoe.config import METHODS
+from orchmoe.core.config import METHODS
 from orchmoe.recipe import RunFolder, TrainConfig, TrainConfigError, train
 from orchmoe.recipe.batches import epoch_batches, rank_slice
 from orchmoe.recipe.cli import main

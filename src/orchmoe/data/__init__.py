@@ -15,20 +15,8 @@ from orchmoe.data.builtin import (
     generate_task,
     write_builtin,
 )
-from orchmoe.data.core import (
-    BUILTIN,
-    DataError,
-    Example,
-    MultiTaskData,
-    SuperNITask,
-    TaskSource,
-    cache_root,
-)
-from orchmoe.data.features import (
-    default_features_dir,
-    tokenized_features,
-    tokenizer_fingerprint,
-)
+from orchmoe.data.core import BUILTIN, DataError, Example, MultiTaskData, SuperNITask, TaskSource, cache_root
+from orchmoe.data.features import default_features_dir, tokenized_features, tokenizer_fingerprint
 from orchmoe.data.multitask import (
     available_tasks,
     load_multitask,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fileio import cache_root  # noqa: F401  (re-exported for the data modules)
+from orchmoe.utils.fileio import cache_root  # noqa: F401  (re-exported for the data modules)
 
 PathLike = str | Path
 

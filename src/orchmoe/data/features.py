@@ -21,14 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe.data import prompts
-from orchmoe.data.core import (
-    DataError,
-    Example,
-    MultiTaskData,
-    PathLike,
-    SuperNITask,
-    cache_root,
-)
+from orchmoe.data.core import DataError, Example, MultiTaskData, PathLike, SuperNITask, cache_root
 
 #: Bump when the feature layout changes (the prompt code's source is part of the fingerprint anyway).
 FEATURES_VERSION = 1

@@ -33,14 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchmoe.data.core import (
-    DataError,
-    Example,
-    MultiTaskData,
-    PathLike,
-    SuperNITask,
-    TaskSource,
-)
+from orchmoe.data.core import DataError, Example, MultiTaskData, PathLike, SuperNITask, TaskSource
 from orchmoe.data.sources import open_source
 from orchmoe.data.superni import read_name_file
 

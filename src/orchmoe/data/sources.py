@@ -62,7 +62,7 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
         if is_superni_dir(path):
             return FolderSource(path)
         from orchmoe.data.reading import parts_from_path
-        from orchmoe.data.tables import TableSource
+        from orchmoe.data.tabular import TableSource
 
         key = ("path", str(path.resolve()), task_column, str(cache_dir), _signature(path))
         return _remember(
@@ -75,7 +75,7 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
             ),
         )
     from orchmoe.data.reading import BUILDERS, HUB_ID, parts_from_hub
-    from orchmoe.data.tables import TableSource
+    from orchmoe.data.tabular import TableSource
 
     text = str(data)
     if HUB_ID.match(text) and path.suffix.lower() not in BUILDERS:

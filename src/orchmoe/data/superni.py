@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe.data.builtin import builtin_data_dir
-from orchmoe.data.core import (  # noqa: F401  (re-exported: older code imports them from here)
+from orchmoe.data.core import (
     BUILTIN,
-    UNKNOWN_CATEGORY,
     DataError,
-    Example,
-    MultiTaskData,
     PathLike,
     SuperNITask,
     TaskSource,

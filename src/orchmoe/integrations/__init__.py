@@ -10,11 +10,11 @@ __all__ = ["RoutedSFTTrainer", "RoutedTrainer", "RoutedTrainerMixin"]
 
 def __getattr__(name: str):
     if name in ("RoutedTrainer", "RoutedTrainerMixin"):
-        from . import trainer
+        from orchmoe.integrations import trainer
 
         return getattr(trainer, name)
     if name == "RoutedSFTTrainer":
-        from .trl import RoutedSFTTrainer
+        from orchmoe.integrations.trl import RoutedSFTTrainer
 
         return RoutedSFTTrainer
     raise AttributeError(f"module 'orchmoe.integrations' has no attribute {name!r}")

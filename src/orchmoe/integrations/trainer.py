@@ -18,7 +18,7 @@ changes exactly those, nothing else:
   accumulated batch, never multiplied by the process count (DDP averages them across processes).
   TRL's SFTTrainer computes its loss from the fused LM head's ``log_probs`` and would drop them.
 * **Logs** gain ``aux_loss`` (mean over the window and the processes), ``router_learning_rate`` and
-  the routing diagnostics of `orchmoe.diagnostics.routing_record` (allocation spread; OrchMoE's
+  the routing diagnostics of `orchmoe.core.diagnostics.routing_record` (allocation spread; OrchMoE's
   Task Router entropy, abstract tasks used and, when batches carry ``task_ids``, NMI with the
   task), from this process's batches.
 """
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..diagnostics import routing_record
-from ..model import DEFAULT_ROUTER_LR, RoutedModel
-from ..serialization import AdapterMismatchError, adapter_config_from_meta, read_adapter_config
+from orchmoe.adapters.folder import AdapterMismatchError, adapter_config_from_meta, read_adapter_config
+from orchmoe.core.diagnostics import routing_record
+from orchmoe.tuner.model import DEFAULT_ROUTER_LR, RoutedModel
 
 __all__ = ["RoutedTrainer", "RoutedTrainerMixin"]
 
@@ -163,7 +163,7 @@ class RoutedTrainerMixin:
             learning_rate: the logged learning rate of the experts; the router's is reported at the same point
                 of the schedule (both groups follow one schedule, each from its own initial rate).
         Returns:
-            ``aux_loss``, ``router_learning_rate`` and the `orchmoe.diagnostics.routing_record` fields, each
+            ``aux_loss``, ``router_learning_rate`` and the `orchmoe.core.diagnostics.routing_record` fields, each
             only when it applies.
         """
         out: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """`RoutedSFTTrainer`: TRL's `SFTTrainer` for a `RoutedModel`.
 
 A plain ``trl.SFTTrainer(model=routed_model, ...)`` already trains a routed model: every call routes
-first (`orchmoe.calls`), also through the fused LM head TRL installs (it calls ``model.base_model``,
+first (`orchmoe.tuner.calls`), also through the fused LM head TRL installs (it calls ``model.base_model``,
 the transformers backbone, then ``model.get_output_embeddings()``). It lacks what `RoutedTrainer`
 adds: its checkpoints are the whole model's ``state_dict()`` (refused for tied embeddings), one
 learning rate for every parameter, and its loss comes from the fused ``log_probs``, so MoLoRA's
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
-from .trainer import RoutedTrainerMixin
+from orchmoe.integrations.trainer import RoutedTrainerMixin
 
 __all__ = ["RoutedSFTTrainer"]
 

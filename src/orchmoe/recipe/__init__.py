@@ -4,11 +4,11 @@ the training loop, evaluation, reports and routing analyses.
 Import the analysis from `orchmoe.recipe.analysis` (it needs matplotlib and scipy).
 """
 
-from .evaluate import evaluate_model, evaluate_run, generate_predictions
-from .options import TrainConfig, TrainConfigError, load_config_file
-from .report import build_report, write_report
-from .run_folder import RunFolder
-from .trainer import Trainer, train
+from orchmoe.recipe.evaluate import evaluate_model, evaluate_run, generate_predictions
+from orchmoe.recipe.options import TrainConfig, TrainConfigError, load_config_file
+from orchmoe.recipe.report import build_report, write_report
+from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.recipe.trainer import Trainer, train
 
 __all__ = [
     "RunFolder",

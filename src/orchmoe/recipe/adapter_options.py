@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..budget import BudgetError, lora_budget, match_budget
-from ..config import AdapterConfig, ConfigError
-from ..registry import METHODS
-from .options import RECIPE_SET, TrainConfig, TrainConfigError, coerce_value, parse_target_modules
+from orchmoe.core.budget import BudgetError, lora_budget, match_budget
+from orchmoe.core.config import AdapterConfig, ConfigError
+from orchmoe.core.registry import METHODS
+from orchmoe.recipe.options import RECIPE_SET, TrainConfig, TrainConfigError, coerce_value, parse_target_modules
 
 __all__ = ["build_adapter_config"]
 

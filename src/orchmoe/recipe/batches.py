@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..data import IGNORE_INDEX, length_grouped_batches, pad_batch
-from ..routing import prompt_token_mask
+from orchmoe.core.routing import prompt_token_mask
+from orchmoe.data import IGNORE_INDEX, length_grouped_batches, pad_batch
 
 __all__ = ["epoch_batches", "rank_slice", "answer_window", "first_answer_position", "device_batch", "tokens_of"]
 
@@ -84,7 +84,7 @@ def answer_window(batch: dict[str, Any], first_answer: int) -> dict[str, Any]:
     answer on a small model, and those positions carry no loss. ``first_answer`` (the earliest
     position of an answer token in the batch) comes from the host-side features, so no sync. The
     prompt mask for OrchMoE's routing is passed explicitly (the trimmed labels no longer mark the
-    prompt), by the model's own rule (`orchmoe.routing.prompt_token_mask`).
+    prompt), by the model's own rule (`orchmoe.core.routing.prompt_token_mask`).
     """
     labels, mask = batch["labels"], batch["attention_mask"]
     start = max(min(first_answer, labels.shape[1]) - 1, 0)  # logits at t predict token t+1

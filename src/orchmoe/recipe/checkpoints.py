@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import (
+from orchmoe.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_tensors
+from orchmoe.recipe.options import TrainConfig, TrainConfigError
+from orchmoe.tuner.sharding import full_optimizer_state, is_sharded, load_full_optimizer_state, unsharded
+from orchmoe.utils.fileio import (
     atomic_torch_save,
     atomic_write_text,
     fsync_dir,
@@ -24,9 +27,6 @@ from ..fileio import (
     verify_manifest,
     write_manifest,
 )
-from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_tensors
-from ..sharding import full_optimizer_state, is_sharded, load_full_optimizer_state, unsharded
-from .options import TrainConfig, TrainConfigError
 
 __all__ = ["CheckpointError", "CheckpointMixin", "rng_state", "set_rng_state", "STEP_DIR"]
 

@@ -23,8 +23,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import __version__
-from .options import GROUPS, TrainConfig, adapter_fields, config_from_mapping, load_config_file, option_names
+from orchmoe.recipe.options import (
+    GROUPS,
+    TrainConfig,
+    adapter_fields,
+    config_from_mapping,
+    load_config_file,
+    option_names,
+)
+from orchmoe.version import __version__
 
 __all__ = ["main", "build_parser", "train_config_from_args"]
 
@@ -188,11 +195,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        from .trainer import train
+        from orchmoe.recipe.trainer import train
 
         train(train_config_from_args(args))
     elif args.command == "eval":
-        from .evaluate import evaluate_run
+        from orchmoe.recipe.evaluate import evaluate_run
 
         evaluate_run(
             args.run,
@@ -204,12 +211,12 @@ def _run(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
         )
     elif args.command == "report":
-        from .report import write_report
+        from orchmoe.recipe.report import write_report
 
         write_report(args.runs, args.out)
     elif args.command == "analyze":
         try:
-            from .analysis import analyze_run
+            from orchmoe.recipe.analysis import analyze_run
         except ImportError as e:
             raise RuntimeError(
                 f"routing analysis needs matplotlib and scipy (pip install 'orchmoe[analysis]'): {e}"

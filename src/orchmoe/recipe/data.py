@@ -6,8 +6,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from ..data import MultiTaskData, load_multitask, tokenized_features
-from .options import TrainConfig
+from orchmoe.data import MultiTaskData, load_multitask, tokenized_features
+from orchmoe.recipe.options import TrainConfig
 
 __all__ = ["build_data", "train_features", "quiet_length_warning", "run_metadata", "prompt_settings"]
 

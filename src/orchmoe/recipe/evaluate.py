@@ -4,7 +4,7 @@ Prompts are built exactly as in training (same demonstrations, token budget, cha
 left-padded and sorted by length so a batch wastes little compute; each prompt's routing is
 computed once from the prompt by `RoutedModel.generate` and held for every decoding step.
 Poly/MHR get the seen task's id and -1 (the mean allocation) for an unseen task; the other
-methods route from the input alone. Scores come from `orchmoe.metrics` (ROUGE-L, ROUGE-Lsum,
+methods route from the input alone. Scores come from `orchmoe.evaluation.metrics` (ROUGE-L, ROUGE-Lsum,
 ROUGE-1, exact match; best over the references; x100).
 
 Writes into the run folder: ``predictions.jsonl`` (one record per instance), ``metrics.json``
@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from ..data import encode_prompt, pad_batch
-from ..loading import is_encoder_decoder, load_model_and_tokenizer
-from ..metrics import aggregate, score_example
-from ..model import load_adapter
-from .data import build_data, prompt_settings, quiet_length_warning
-from .run_folder import RunFolder
-from .runtime import make_accelerator
-from .tables import markdown_table
+from orchmoe.data import encode_prompt, pad_batch
+from orchmoe.evaluation.metrics import aggregate, score_example
+from orchmoe.loading.pretrained import is_encoder_decoder, load_model_and_tokenizer
+from orchmoe.recipe.data import build_data, prompt_settings, quiet_length_warning
+from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.recipe.runtime import make_accelerator
+from orchmoe.tuner.model import load_adapter
+from orchmoe.utils.markdown import markdown_table
 
 __all__ = ["generate_predictions", "evaluate_model", "evaluate_run", "format_metrics_markdown", "process_batches"]
 

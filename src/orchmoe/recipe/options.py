@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from ..registry import METHODS
-from .values import (  # noqa: F401  (TrainConfigError, coerce_value and none_word are re-exported)
+from orchmoe.core.registry import METHODS
+from orchmoe.recipe.values import (
     TrainConfigError,
     as_bool,
     coerce_value,

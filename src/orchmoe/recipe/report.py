@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..fileio import atomic_write_text
-from .run_folder import RunFolder
-from .tables import markdown_table
+from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.utils.fileio import atomic_write_text
+from orchmoe.utils.markdown import markdown_table
 
 __all__ = ["load_run", "build_report", "write_report"]
 

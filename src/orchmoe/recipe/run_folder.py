@@ -13,7 +13,7 @@ Layout (``--out``)::
     predictions.jsonl, metrics.json, metrics.md   (written by the evaluation)
     analysis/              written by `orchmoe analyze`
 
-Every write is atomic (`orchmoe.fileio`); a checkpoint is written into a temporary folder and renamed
+Every write is atomic (`orchmoe.utils.fileio`); a checkpoint is written into a temporary folder and renamed
 into place once complete. Resuming takes the newest checkpoint whose manifest, step and configuration
 check out (a corrupted one is set aside as ``corrupt-step-N``); a run killed before its first
 checkpoint starts again. Files are only deleted in a folder carrying the marker (or written by an
@@ -33,15 +33,11 @@ from typing import Any
 
 import yaml
 
-from .. import __version__
-from ..fileio import (
-    FolderLock,
-    atomic_write_text,
-    reporting_disk_full,
-)
-from ..serialization import ADAPTER_CONFIG
-from .checkpoints import STEP_DIR, CheckpointError, CheckpointMixin, rng_state, set_rng_state  # noqa: F401
-from .options import RESUME_FREE, TrainConfig, TrainConfigError, config_from_mapping, yaml_error_line
+from orchmoe.adapters.folder import ADAPTER_CONFIG
+from orchmoe.recipe.checkpoints import STEP_DIR, CheckpointError, CheckpointMixin, rng_state, set_rng_state  # noqa: F401
+from orchmoe.recipe.options import RESUME_FREE, TrainConfig, TrainConfigError, config_from_mapping, yaml_error_line
+from orchmoe.utils.fileio import FolderLock, atomic_write_text, reporting_disk_full
+from orchmoe.version import __version__
 
 __all__ = ["RunFolder", "ResumePlan", "CheckpointError", "rng_state", "set_rng_state"]
 

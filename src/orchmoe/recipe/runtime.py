@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .options import TrainConfig, TrainConfigError
+from orchmoe.recipe.options import TrainConfig, TrainConfigError
 
 __all__ = ["LAUNCH_HELP", "LaunchError", "env_world_size", "launch_problem", "make_accelerator", "mixed_precision"]
 

@@ -2,8 +2,8 @@
 
 `Trainer(cfg).run()` prepares the run folder (fresh, or resumed from its latest checkpoint), loads
 the data and the base model, builds the adapter and the two-speed optimiser groups, trains, saves
-the adapter and evaluates. Infrastructure lives in the library (`orchmoe.model`, `orchmoe.data`,
-`orchmoe.diagnostics`) and in the recipe's own modules (options, run folder, batches, evaluation).
+the adapter and evaluates. Infrastructure lives in the library (`orchmoe.tuner.model`, `orchmoe.data`,
+`orchmoe.core.diagnostics`) and in the recipe's own modules (options, run folder, batches, evaluation).
 
 Per step nothing waits for the device: losses, the gradient norm and the routing statistics stay
 on it and are read once per logging window; token counts come from the host-side features.
@@ -21,13 +21,10 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..diagnostics import routing_record
-from ..loading import is_encoder_decoder, load_model_and_tokenizer
-from ..model import get_model
-from ..sharding import full_tensor, is_sharded, local_parameter_count, set_gradient_sync, shard_model, unsharded
-from .adapter_options import build_adapter_config
-from .batches import (
+from orchmoe.core.diagnostics import routing_record
+from orchmoe.loading.pretrained import is_encoder_decoder, load_model_and_tokenizer
+from orchmoe.recipe.adapter_options import build_adapter_config
+from orchmoe.recipe.batches import (
     answer_window,
     device_batch,
     epoch_batches,
@@ -36,11 +33,21 @@ from .batches import (
     rank_slice,
     tokens_of,
 )
-from .data import build_data, run_metadata, train_features
-from .evaluate import evaluate_model
-from .options import SCHEDULES, TrainConfig, TrainConfigError
-from .run_folder import RunFolder
-from .runtime import LAUNCH_HELP, end_tracking, make_accelerator, tracker_config
+from orchmoe.recipe.data import build_data, run_metadata, train_features
+from orchmoe.recipe.evaluate import evaluate_model
+from orchmoe.recipe.options import SCHEDULES, TrainConfig, TrainConfigError
+from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.recipe.runtime import LAUNCH_HELP, end_tracking, make_accelerator, tracker_config
+from orchmoe.tuner.model import get_model
+from orchmoe.tuner.sharding import (
+    full_tensor,
+    is_sharded,
+    local_parameter_count,
+    set_gradient_sync,
+    shard_model,
+    unsharded,
+)
+from orchmoe.version import __version__
 
 __all__ = ["Trainer", "train"]
 
@@ -182,7 +189,7 @@ class Trainer:
 
     def describe(self) -> None:
         """The adapter's metadata (tasks, prompt settings) and the resolved facts of the run for config.yaml."""
-        from ..data import batch_mix
+        from orchmoe.data import batch_mix
 
         cfg = self.cfg
         self.metadata = run_metadata(cfg, self.data, self.info)

@@ -10,8 +10,8 @@
 `analyze_run` runs everything on a training run folder (``orchmoe analyze RUN``).
 """
 
-from ...diagnostics import nmi_chance, normalized_mutual_info, purity
-from .allocations import (
+from orchmoe.core.diagnostics import nmi_chance, normalized_mutual_info, purity
+from orchmoe.recipe.analysis.allocations import (
     AnalysisError,
     TaskAssignment,
     abstract_task_assignment,
@@ -21,9 +21,21 @@ from .allocations import (
     prompt_task_probabilities,
     task_skill_profile,
 )
-from .markdown import redundancy_table
-from .plots import plot_allocation_heatmaps, plot_dendrogram, plot_score_vs_params, plot_task_heatmap
-from .run import RunInfo, analyze_model, analyze_run, build_task_prompts, load_run_model, read_run
+from orchmoe.recipe.analysis.markdown import redundancy_table
+from orchmoe.recipe.analysis.plots import (
+    plot_allocation_heatmaps,
+    plot_dendrogram,
+    plot_score_vs_params,
+    plot_task_heatmap,
+)
+from orchmoe.recipe.analysis.run import (
+    RunInfo,
+    analyze_model,
+    analyze_run,
+    build_task_prompts,
+    load_run_model,
+    read_run,
+)
 
 __all__ = [
     "AnalysisError",

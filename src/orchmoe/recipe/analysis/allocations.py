@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ...diagnostics import nmi_chance, normalized_mutual_info, purity
-from ...model import RoutedModel
+from orchmoe.core.diagnostics import nmi_chance, normalized_mutual_info, purity
+from orchmoe.tuner.model import RoutedModel
 
 __all__ = [
     "AnalysisError",

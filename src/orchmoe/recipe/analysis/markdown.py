@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ...diagnostics import UNIFORM_SPREAD
-from ..tables import markdown_table
-from .allocations import AnalysisError
+from orchmoe.core.diagnostics import UNIFORM_SPREAD
+from orchmoe.recipe.analysis.allocations import AnalysisError
+from orchmoe.utils.markdown import markdown_table
 
 __all__ = ["analysis_markdown", "redundancy_table", "top_skills"]
 

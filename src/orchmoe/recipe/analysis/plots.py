@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .allocations import AnalysisError, linkage_matrix
+from orchmoe.recipe.analysis.allocations import AnalysisError, linkage_matrix
 
 __all__ = ["plot_allocation_heatmaps", "plot_task_heatmap", "plot_dendrogram", "plot_score_vs_params"]
 

@@ -20,16 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data import encode_prompt
-from ...diagnostics import UNIFORM_SPREAD, allocation_spread
-from ...fileio import atomic_write_text
-from ...loading import load_model_and_tokenizer
-from ...model import RoutedModel, load_adapter
-from ...serialization import AdapterMismatchError, read_adapter_config
-from ..data import build_data, prompt_settings
-from ..options import TrainConfig, TrainConfigError
-from ..run_folder import RunFolder
-from .allocations import (
+from orchmoe.adapters.folder import AdapterMismatchError, read_adapter_config
+from orchmoe.core.diagnostics import UNIFORM_SPREAD, allocation_spread
+from orchmoe.data import encode_prompt
+from orchmoe.loading.pretrained import load_model_and_tokenizer
+from orchmoe.recipe.analysis.allocations import (
     AnalysisError,
     allocation_kind,
     allocation_matrices,
@@ -38,8 +33,13 @@ from .allocations import (
     prompt_task_probabilities,
     task_skill_profile,
 )
-from .markdown import analysis_markdown, top_skills
-from .plots import plot_allocation_heatmaps, plot_dendrogram, plot_task_heatmap
+from orchmoe.recipe.analysis.markdown import analysis_markdown, top_skills
+from orchmoe.recipe.analysis.plots import plot_allocation_heatmaps, plot_dendrogram, plot_task_heatmap
+from orchmoe.recipe.data import build_data, prompt_settings
+from orchmoe.recipe.options import TrainConfig, TrainConfigError
+from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.tuner.model import RoutedModel, load_adapter
+from orchmoe.utils.fileio import atomic_write_text
 
 __all__ = ["RunInfo", "read_run", "load_run_model", "build_task_prompts", "analyze_model", "analyze_run"]
 

@@ -15,8 +15,8 @@ How it fits the Hugging Face tools (a design PEFT's tuner shares):
   TRL's fused LM head calls directly before projecting through ``get_output_embeddings()``;
 * `forward` routes from its inputs (``labels`` too, so OrchMoE routes from the prompt tokens only), runs the
   transformers model and puts the auxiliary losses (MoLoRA's balance loss) in the output's ``aux_loss`` field
-  (`orchmoe.outputs`), adding them to ``loss``. When a library replaces the instance's ``forward`` (TRL's
-  ``add_fused_lm_head``), module hooks do the same around the replacement (`orchmoe.calls`): every call routes
+  (`orchmoe.tuner.outputs`), adding them to ``loss``. When a library replaces the instance's ``forward`` (TRL's
+  ``add_fused_lm_head``), module hooks do the same around the replacement (`orchmoe.tuner.calls`): every call routes
   first, whatever forward runs. ``task_ids`` and ``routing_mask`` never reach the transformers model;
 * a trainer that computes its own loss from other fields (TRL's SFTTrainer uses the fused ``log_probs``) collects
   the auxiliary losses instead (`aux_loss_collector`, as `orchmoe.integrations.RoutedTrainer` does);
@@ -34,16 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_state import DEFAULT_ROUTER_LR, AdapterStateMixin
-from .calls import attach_aux, finish_call, route_before_call, route_call
-from .config import AdapterConfig, ConfigError
-from .export import ExportMixin
-from .hub import AdapterHubMixin, model_source
-from .layer import RoutedLoraLayer
-from .registry import router_class
-from .routers import LayerRouter, RoutingInputs
-from .routing import RoutingError, RoutingState, prompt_token_mask
-from .serialization import (
+from orchmoe.adapters.export import ExportMixin
+from orchmoe.adapters.folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterMismatchError,
@@ -51,8 +43,16 @@ from .serialization import (
     model_fingerprint,
     read_adapter_config,
 )
-from .sharding import generation_context
-from .targets import find_target_layers
+from orchmoe.adapters.hub import AdapterHubMixin, model_source
+from orchmoe.adapters.state import DEFAULT_ROUTER_LR, AdapterStateMixin
+from orchmoe.core.config import AdapterConfig, ConfigError
+from orchmoe.core.layer import RoutedLoraLayer
+from orchmoe.core.registry import router_class
+from orchmoe.core.routers import LayerRouter, RoutingInputs
+from orchmoe.core.routing import RoutingError, RoutingState, prompt_token_mask
+from orchmoe.core.targets import find_target_layers
+from orchmoe.tuner.calls import attach_aux, finish_call, route_before_call, route_call
+from orchmoe.tuner.sharding import generation_context
 
 __all__ = [
     "RoutedModel",
@@ -336,18 +336,18 @@ class RoutedModel(AdapterStateMixin, AdapterHubMixin, ExportMixin, nn.Module):
             self.routing_state.add_aux_loss(route.aux_loss)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, routing_mask=None, **kwargs):
-        """The base model's forward under the routing of these inputs (see `orchmoe.calls.route_call`).
+        """The base model's forward under the routing of these inputs (see `orchmoe.tuner.calls.route_call`).
 
         Args:
             input_ids, attention_mask, labels, **kwargs: the base model's arguments (``input_ids`` (b, n)).
             task_ids: (b,) one task id per example (Poly/MHR; -1 for an unseen task).
             routing_mask: (b, n) the prompt tokens OrchMoE routes from (default: attended tokens without a label).
         Returns:
-            The base model's output with an ``aux_loss`` field (`orchmoe.outputs`): the auxiliary losses
+            The base model's output with an ``aux_loss`` field (`orchmoe.tuner.outputs`): the auxiliary losses
             (None without any), also added to ``loss`` (unless `aux_loss_collector` collects them).
         """
         direct, self._routed_call = not self._routed_call, False
-        if direct:  # not a replacement forward calling ours after the pre-hook routed (orchmoe.calls)
+        if direct:  # not a replacement forward calling ours after the pre-hook routed (orchmoe.tuner.calls)
             call = dict(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -429,7 +429,7 @@ def get_model(
     Args:
         base_model: a transformers model (decoder-only or encoder-decoder).
         config: the method's config (``LoraConfig``, ``PolyConfig``, ``OrchMoEConfig``, ...); a
-            ``peft.LoraConfig`` is converted to orchmoe's `LoraConfig` (`orchmoe.peft_interop.from_peft_config`).
+            ``peft.LoraConfig`` is converted to orchmoe's `LoraConfig` (`orchmoe.adapters.peft_lora.from_peft_config`).
         base_model_name: recorded in saved adapters (default: the model's ``name_or_path``).
         base_model_source: the path or hub id the base model loads from, recorded in saved adapters and
             named by PEFT exports (default: the ``name_or_path`` that ``from_pretrained`` recorded).
@@ -437,7 +437,7 @@ def get_model(
     Returns:
         The `RoutedModel` wrapping ``base_model``.
     """
-    from .peft_interop import from_peft_config
+    from orchmoe.adapters.peft_lora import from_peft_config
 
     config = from_peft_config(config, base_model)  # an orchmoe config as it is; a PEFT config converted
     model = RoutedModel(base_model, config, base_model_name, base_model_source)

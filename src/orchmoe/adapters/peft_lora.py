@@ -1,7 +1,7 @@
 """PEFT both ways, inbound: a ``peft.LoraConfig`` where an orchmoe config is expected, and a mixture
 whose skills start from an existing PEFT LoRA adapter.
 
-Outbound (one routing as a PEFT LoRA folder) is `orchmoe.export`.
+Outbound (one routing as a PEFT LoRA folder) is `orchmoe.adapters.export`.
 
 Starting from a LoRA: every skill (expert) of every adapted layer is set to the LoRA's (A, B). The
 mixtures combine their experts with weights that sum to one (parameter mixing: the allocation
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import METHODS, AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
-from .layer import is_adaptable
-from .serialization import AdapterMismatchError
+from orchmoe.adapters.folder import AdapterMismatchError
+from orchmoe.core.config import METHODS, AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
+from orchmoe.core.layer import is_adaptable
 
 __all__ = ["from_peft_config", "init_from_peft_lora", "read_peft_lora"]
 

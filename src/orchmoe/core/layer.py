@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from .routing import RoutingError
+from orchmoe.core.routing import RoutingError
 
 try:  # GPT-2 style (in, out) weights
     from transformers.pytorch_utils import Conv1D

@@ -10,7 +10,7 @@ Two kinds, by what they read:
   output mixing (MoLoRA, MoDE), ``(b, n, k, S)`` gates.
 
 Both are built from their method's config (``from_config``) and registered with it
-(:func:`orchmoe.registry.register_method`).
+(:func:`orchmoe.core.registry.register_method`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..routing import RoutingError
+from orchmoe.core.routing import RoutingError
 
 __all__ = ["ModelRouter", "LayerRouter", "Route", "RoutingInputs"]
 

@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from .layer import is_adaptable, layer_shape
+from orchmoe.core.layer import is_adaptable, layer_shape
 
 # The usual attention projections per model type, as LoRA papers adapt them.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {

@@ -1,7 +1,7 @@
 """Adapter configurations: one dataclass per method.
 
-A method is a config plus its router (paired in :mod:`orchmoe.registry`); every method shares the
-same mixture-of-low-rank-experts layer (:class:`orchmoe.layer.RoutedLoraLayer`). A config answers
+A method is a config plus its router (paired in :mod:`orchmoe.core.registry`); every method shares the
+same mixture-of-low-rank-experts layer (:class:`orchmoe.core.layer.RoutedLoraLayer`). A config answers
 for its method: what routing it needs (``routing``), whether its experts share one down-projection,
 how many trainable parameters it has on given layers, and how it adapts to a task count.
 
@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from .registry import METHODS, config_class
+from orchmoe.core.registry import METHODS, config_class
 
 __all__ = [
     "AdapterConfig",
@@ -146,7 +146,7 @@ class AdapterConfig:
         """Trainable parameters on layers of these (P, Q) shapes.
 
         Args:
-            shapes: adapted layer path -> (P, Q) (`orchmoe.targets.find_target_layers`).
+            shapes: adapted layer path -> (P, Q) (`orchmoe.core.targets.find_target_layers`).
             d_model: the embedding width (OrchMoE's Task Router reads embeddings).
         """
         return sum(self.layer_parameters(P, Q) for P, Q in shapes.values()) + self.model_parameters(d_model)

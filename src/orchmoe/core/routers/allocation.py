@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LoraConfig, MHRConfig, PolyConfig
-from ..registry import register_method
-from ..routing import RoutingError
-from .base import ModelRouter, Route, RoutingInputs
+from orchmoe.core.config import LoraConfig, MHRConfig, PolyConfig
+from orchmoe.core.registry import register_method
+from orchmoe.core.routers.base import ModelRouter, Route, RoutingInputs
+from orchmoe.core.routing import RoutingError
 
 __all__ = ["logistic_noise", "relaxed_allocation", "init_logits", "ConstantRouter", "PolyRouter"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import CACHE_ENV, cache_root  # noqa: F401  (re-exported)
+from orchmoe.utils.fileio import CACHE_ENV, cache_root  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -49,13 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from orchmoe.data.columns import (
-    RowBlock,
-    Schema,
-    detect_schema,
-    needed_columns,
-    task_from_rows,
-)
+from orchmoe.data.columns import RowBlock, Schema, detect_schema, needed_columns, task_from_rows
 from orchmoe.data.core import DataError, SuperNITask, TaskSource
 from orchmoe.data.reading import Part
 from orchmoe.data.superni import read_split_file, split_dirs

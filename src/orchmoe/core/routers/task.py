@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PROMPT_NORMS, OrchMoEConfig
-from ..registry import register_method
-from ..routing import RoutingError
-from .allocation import init_logits, relaxed_allocation
-from .base import ModelRouter, Route, RoutingInputs
+from orchmoe.core.config import PROMPT_NORMS, OrchMoEConfig
+from orchmoe.core.registry import register_method
+from orchmoe.core.routers.allocation import init_logits, relaxed_allocation
+from orchmoe.core.routers.base import ModelRouter, Route, RoutingInputs
+from orchmoe.core.routing import RoutingError
 
 __all__ = ["TaskRouter", "SkillRouter", "OrchMoERouter"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .gguf_cache import DEFAULT_MODEL, convert_gguf, read_marker, smollm2_gguf_path
+from orchmoe.loading.gguf import DEFAULT_MODEL, convert_gguf, read_marker, smollm2_gguf_path
 
 __all__ = ["DEFAULT_MODEL", "load_model_and_tokenizer", "is_encoder_decoder", "resolve_dtype"]
 

@@ -5,7 +5,7 @@ the instance's ``forward`` (TRL's ``add_fused_lm_head`` installs one that runs t
 LM head itself, accelerate wraps it in autocast); then module hooks frame whatever forward runs:
 the pre-hook routes from the call's inputs (``labels`` included, so OrchMoE routes from the prompt
 tokens only) and takes orchmoe's own arguments (``task_ids``, ``routing_mask``) out, and the
-forward hook attaches the auxiliary losses (`orchmoe.outputs.with_aux_loss`). Our forward, when
+forward hook attaches the auxiliary losses (`orchmoe.tuner.outputs.with_aux_loss`). Our forward, when
 the replacement calls it, sees that the call was routed and leaves both to the hooks.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .outputs import with_aux_loss
+from orchmoe.tuner.outputs import with_aux_loss
 
 __all__ = ["CALL_ORDER", "attach_aux", "finish_call", "route_before_call", "route_call"]
 
@@ -63,7 +63,7 @@ def route_call(model: Any, kwargs: dict) -> None:
 
 
 def attach_aux(model: Any, out: Any, labels=None) -> Any:
-    """The output with this call's auxiliary losses (`orchmoe.outputs.with_aux_loss`)."""
+    """The output with this call's auxiliary losses (`orchmoe.tuner.outputs.with_aux_loss`)."""
     aux = model.routing_state.aux_losses
     total = None
     if aux:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import base_model_provenance
-from .serialization import (
+from orchmoe.adapters.folder import (
     ADAPTER_WEIGHTS,
     AdapterMismatchError,
     model_fingerprint,
@@ -17,7 +16,8 @@ from .serialization import (
     upgrade_legacy_tensors,
     write_adapter,
 )
-from .sharding import copy_into
+from orchmoe.adapters.hub import base_model_provenance
+from orchmoe.tuner.sharding import copy_into
 
 __all__ = ["AdapterStateMixin", "DEFAULT_ROUTER_LR"]
 
@@ -148,7 +148,7 @@ class AdapterStateMixin:
 
     def init_from_peft_lora(self, path: str | os.PathLike) -> None:
         """Start every skill (expert) equal to a PEFT LoRA adapter folder, so the model starts equal to it;
-        see `orchmoe.peft_interop.init_from_peft_lora`."""
-        from .peft_interop import init_from_peft_lora
+        see `orchmoe.adapters.peft_lora.init_from_peft_lora`."""
+        from orchmoe.adapters.peft_lora import init_from_peft_lora
 
         init_from_peft_lora(self, path)

@@ -5,10 +5,10 @@ forward (parameter mixing: LoRA, Poly/MHR, OrchMoE); a `LayerRouter` gates each 
 layer (output mixing: MoLoRA, MoDE). Importing this package registers every method.
 """
 
-from .allocation import ConstantRouter, PolyRouter, logistic_noise, relaxed_allocation
-from .base import LayerRouter, ModelRouter, Route, RoutingInputs
-from .task import OrchMoERouter, SkillRouter, TaskRouter
-from .token import TokenRouter
+from orchmoe.core.routers.allocation import ConstantRouter, PolyRouter, logistic_noise, relaxed_allocation
+from orchmoe.core.routers.base import LayerRouter, ModelRouter, Route, RoutingInputs
+from orchmoe.core.routers.task import OrchMoERouter, SkillRouter, TaskRouter
+from orchmoe.core.routers.token import TokenRouter
 
 __all__ = [
     "ConstantRouter",

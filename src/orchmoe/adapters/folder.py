@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import ConfigError, config_from_dict
-from .fileio import atomic_write, atomic_write_text, sha256_file
+from orchmoe.core.config import ConfigError, config_from_dict
+from orchmoe.utils.fileio import atomic_write, atomic_write_text, sha256_file
+from orchmoe.version import __version__
 
 __all__ = [
     "ADAPTER_CONFIG",

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoDEConfig, MoLoRAConfig
-from ..registry import register_method
-from .base import LayerRouter
+from orchmoe.core.config import MoDEConfig, MoLoRAConfig
+from orchmoe.core.registry import register_method
+from orchmoe.core.routers.base import LayerRouter
 
 __all__ = ["TokenRouter"]
 

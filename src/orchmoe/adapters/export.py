@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .fileio import atomic_write, atomic_write_text
-from .hub import base_model_provenance
-from .layer import Conv1D
-from .routing import RoutingError
+from orchmoe.adapters.hub import base_model_provenance
+from orchmoe.core.layer import Conv1D
+from orchmoe.core.routing import RoutingError
+from orchmoe.utils.fileio import atomic_write, atomic_write_text
 
 __all__ = ["EXPORT_NOTE", "ExportMixin", "export_peft_lora", "merge_and_unload"]
 

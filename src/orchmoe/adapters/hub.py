@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 __all__ = [
     "AdapterHubMixin",
@@ -55,7 +55,7 @@ def base_model_provenance(source: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"source": source}
     path = Path(source)
     if path.is_dir():
-        from .gguf_cache import read_marker
+        from orchmoe.loading.gguf import read_marker
 
         marker = read_marker(path) or {}
         if marker.get("source", "").lower().endswith(".gguf"):

@@ -13,8 +13,8 @@ from numbers import Real
 
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, LoraConfig
-from .targets import find_target_layers
+from orchmoe.core.config import AdapterConfig, ConfigError, LoraConfig
+from orchmoe.core.targets import find_target_layers
 
 __all__ = ["BudgetError", "count_parameters", "lora_budget", "match_budget", "model_dims"]
 
