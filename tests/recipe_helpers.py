@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers_tokenizer import make_tiny_tokenizer
-from orchmoe.recipe import TrainConfig
+from orchmoe.recipe.parse import RunOptions, parse_train_args
 from tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,9 @@ TINY_RUN = dict(
 SMALL_DATA = dict(train_per_task=8, eval_per_task=2, unseen_per_task=2, max_source_len=80, max_target_len=6)
 
 
-def tiny_train_config(model: Path, data: Path, out: Path | str, **overrides) -> TrainConfig:
-    """`TINY_RUN` with `overrides` (TrainConfig fields) on top."""
-    return TrainConfig(model=str(model), data=str(data), out=str(out), **{**TINY_RUN, **overrides})
+def tiny_train_config(model: Path, data: Path, out: Path | str, *extra: str, **overrides) -> RunOptions:
+    """`TINY_RUN` with `overrides` (option names) on top, parsed as `orchmoe train` parses them."""
+    return parse_train_args(tiny_train_argv(model, data, out, *extra, **overrides)[1:])
 
 
 def tiny_train_argv(model: Path, data: Path, out: Path | str, *extra: str, **overrides) -> list[str]:

@@ -1,6 +1,6 @@
 """orchmoe: multi-task parameter-efficient fine-tuning with routed mixtures of LoRA experts."""
 
-from orchmoe.adapters.hub import HubError
+from orchmoe.adapters.folder import AdapterMismatchError, load_adapter, save_adapter
 from orchmoe.adapters.peft_lora import from_peft_config, init_from_peft_lora
 from orchmoe.core import routers  # noqa: F401  (importing the routers registers every method)
 from orchmoe.core.budget import BudgetError, count_parameters, lora_budget, match_budget
@@ -19,8 +19,14 @@ from orchmoe.core.config import (
 from orchmoe.core.layer import RoutedLoraLayer
 from orchmoe.core.registry import register_method
 from orchmoe.core.routing import RoutingError
-from orchmoe.tuner.model import AdapterMismatchError, RoutedModel, get_model, load_adapter
+from orchmoe.training.optim import RoutedAdamW, create_routed_optimizer, parameter_groups
+from orchmoe.tuner.build import get_model
+from orchmoe.tuner.calls import accept_task_ids
+from orchmoe.tuner.model import RoutedModel
+from orchmoe.tuner.registration import register_all
 from orchmoe.version import __version__
+
+register_all()  # every orchmoe method is a PEFT method from here on
 
 __all__ = [
     "__version__",
@@ -28,7 +34,6 @@ __all__ = [
     "AdapterMismatchError",
     "BudgetError",
     "ConfigError",
-    "HubError",
     "LoraConfig",
     "METHODS",
     "MHRConfig",
@@ -36,26 +41,21 @@ __all__ = [
     "MoLoRAConfig",
     "OrchMoEConfig",
     "PolyConfig",
+    "RoutedAdamW",
     "RoutedLoraLayer",
     "RoutedModel",
-    "RoutedTrainer",
     "RoutingError",
+    "accept_task_ids",
     "config_from_dict",
     "count_parameters",
+    "create_routed_optimizer",
     "from_peft_config",
     "get_model",
     "init_from_peft_lora",
     "load_adapter",
     "lora_budget",
     "match_budget",
+    "parameter_groups",
     "register_method",
+    "save_adapter",
 ]
-
-
-def __getattr__(name: str):
-    """`RoutedTrainer` imports `transformers.Trainer` (and its training stack) only when asked for."""
-    if name == "RoutedTrainer":
-        from orchmoe.integrations.trainer import RoutedTrainer
-
-        return RoutedTrainer
-    raise AttributeError(f"module 'orchmoe' has no attribute {name!r}")

@@ -1,185 +1,465 @@
-"""The adapter folder: ``adapter_model.safetensors`` + ``adapter_config.json``.
+"""The adapter folder: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, orchmoe's checks.
 
-Reading validates everything before a tensor reaches a model: the JSON's structure and types, the
-orchmoe version that wrote it, the tensor file's integrity (its sha256, recorded in the config) and
-that every value is finite.
-Adapters written by orchmoe 0.1 (per-layer router logits, method-specific default scales) are
-upgraded on the fly.
+The folder is PEFT's: ``peft_type`` (``ORCHMOE_<METHOD>``), ``task_type``, ``base_model_name_or_path`` and
+the method's fields, so ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` load it once orchmoe
+is imported. Beside the method's fields the config carries orchmoe's *record* (its ``orchmoe`` field,
+`adapter_record`): the orchmoe version, the adapted layers and their shapes, the base model's name,
+provenance and fingerprint (`orchmoe.adapters.provenance`), free-form metadata (the recipe's tasks and
+prompt format), and a checksum of the weights.
+
+PEFT reads and writes the files; what goes in and what comes out passes through orchmoe's tuner hooks
+(`orchmoe.tuner.model.RoutedModel._get_adapter_state_dict` / ``_remap_adapter_state_dict_for_load``), which
+call this module: tensors are named as in orchmoe 0.2 (``<layer path>.lora_A``, ``router.<name>``), and a
+load is refused unless every tensor is present, shaped for this model, finite and equal to the checksum.
+
+`save_adapter` writes a folder as one unit (a temporary sibling, then `orchmoe.utils.fileio.replace_dir`):
+a kill leaves the old adapter or the new one. `load_adapter` reads either format (0.1/0.2 folders are
+converted, `orchmoe.adapters.legacy`), checks the base model's fingerprint, and leaves the caller's base
+model as it was when anything fails.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from orchmoe.core.config import ConfigError, config_from_dict
-from orchmoe.utils.fileio import atomic_write, atomic_write_text, sha256_file
+from orchmoe.adapters.legacy import config_from_legacy, is_legacy, upgrade_legacy_tensors, version_tuple
+from orchmoe.adapters.provenance import base_model_provenance, model_fingerprint, model_source
+from orchmoe.core.config import ConfigError
+from orchmoe.core.layer import RoutedLoraLayer
+from orchmoe.core.targets import find_target_layers
+from orchmoe.utils.fileio import (
+    FileFormatError,
+    UnsafePathError,
+    check_replaceable,
+    path_kind,
+    read_json,
+    recover_dir,
+    replace_dir,
+)
 from orchmoe.version import __version__
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdapterMismatchError",
-    "write_adapter",
+    "BaseModelMismatchWarning",
+    "adapter_record",
+    "adapter_tensors_for_load",
+    "adapter_tensors_for_save",
+    "describe_adapter_config",
+    "load_adapter",
     "read_adapter_config",
     "read_adapter_tensors",
-    "adapter_config_from_meta",
-    "upgrade_legacy_tensors",
-    "model_fingerprint",
+    "resolve_adapter_folder",
+    "save_adapter",
+    "tensor_digest",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-FORMAT = "orchmoe-adapter"
-_FINGERPRINT_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "d_model",
-    "n_embd",
-    "num_hidden_layers",
-    "num_layers",
-    "n_layer",
-    "num_decoder_layers",
-    "intermediate_size",
-    "d_ff",
-)
+#: what an adapter folder written by orchmoe may hold besides its two files (PEFT's model card)
+_FOLDER_EXTRAS = {"README.md"}
 
 
 class AdapterMismatchError(ValueError):
-    """An adapter file that does not fit the model it is loaded onto, or cannot be read."""
+    """An adapter folder that does not fit the model it is loaded onto, or cannot be read."""
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    d = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
-    return {k: d[k] for k in _FINGERPRINT_KEYS if k in d}
+class BaseModelMismatchWarning(UserWarning):
+    """An adapter loaded onto a base model whose weights differ from those it was trained on."""
 
 
-def _version(text: Any) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in str(text).split("+")[0].split(".")[:3])
-    except ValueError:
-        return (0,)
+# -- the record and the checksum -----------------------------------------------------------------
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name): equal for equal contents,
+    whichever file or process they came from."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
-def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write both files atomically (weights first: a config never points at missing weights)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
-    # the weights' checksum: a flipped bit that still reads as a finite number is caught on load
-    checksum = sha256_file(path / ADAPTER_WEIGHTS)
-    meta = {"format": FORMAT, "orchmoe_version": __version__, **meta, "weights_sha256": checksum}
-    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(meta, indent=2, sort_keys=True))
-    return path
+def adapter_record(tuner: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a saved adapter records beside its method's fields (the config's ``orchmoe`` field)."""
+    source = tuner.adapter_config.base_model_name_or_path or model_source(tuner.model)
+    return {
+        "orchmoe_version": __version__,
+        "base_model": {
+            "name": tuner.base_model_name,
+            **base_model_provenance(source),
+            **model_fingerprint(tuner.model),
+        },
+        "layers": {k: list(v) for k, v in tuner.layer_shapes.items()},
+        "trainable_parameters": sum(p.numel() for p in tuner.adapter_state_dict().values()),
+        "metadata": dict(tuner.adapter_metadata or {}),
+        "weights_sha256": tensor_digest(tensors),
+    }
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The validated ``adapter_config.json`` of an adapter folder."""
-    file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}: not an orchmoe adapter folder")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterMismatchError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise AdapterMismatchError(f"{file} is not an orchmoe adapter config (format={fmt!r})")
-    bad = [k for k in ("config", "layers") if not isinstance(meta.get(k), dict)]
-    if bad:
-        raise AdapterMismatchError(f"{file}: {' and '.join(repr(k) for k in bad)} must be a mapping")
-    for key, shape in meta["layers"].items():
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
-            raise AdapterMismatchError(
-                f"{file}: layer {key!r} must have a shape [in, out] of two positive integers, got {shape!r}"
-            )
-    for key in ("base_model", "metadata"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise AdapterMismatchError(f"{file}: {key!r} must be a mapping, got {type(meta[key]).__name__}")
-    saved, ours = _version(meta.get("orchmoe_version")), _version(__version__)
-    if saved[:1] > ours[:1]:
+def _key_map(tuner: Any, model: nn.Module) -> dict[str, str]:
+    """orchmoe's tensor name -> its key in ``model.state_dict()`` (``model``: the PeftModel, or the tuner)."""
+    prefix = ""
+    if model is not tuner:
+        names = [n for n, m in model.named_modules() if m is tuner]
+        if not names:
+            raise TypeError(f"{type(model).__name__} does not hold this routed model")
+        prefix = names[0] + "." if names[0] else ""
+    out = {}
+    for key in [*tuner.adapter_state_dict(), *tuner.adapter_buffers()]:
+        out[key] = f"{prefix}router.{key[7:]}" if key.startswith("router.") else f"{prefix}model.{key}"
+    return out
+
+
+def adapter_tensors_for_save(tuner: Any, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The adapter's tensors out of a state dict (PEFT's save hook), and the config's record refreshed.
+
+    Raises:
+        RuntimeError: the model was unloaded (its layers are gone: nothing to save).
+        AdapterMismatchError: the state dict lacks some of the adapter's tensors.
+    """
+    tuner.check_usable()
+    keys = _key_map(tuner, model)
+    missing = [full for full in keys.values() if full not in state_dict]
+    if missing:
+        raise AdapterMismatchError(f"the state dict to save lacks adapter tensors {missing[:3]}")
+    tensors = {ours: state_dict[full] for ours, full in keys.items()}
+    tuner.adapter_config.orchmoe = adapter_record(tuner, tensors)
+    return tensors
+
+
+def _check_tensors(tuner: Any, tensors: dict[str, torch.Tensor], where: str, want_digest: Any) -> None:
+    own = {**tuner.adapter_state_dict(), **tuner.adapter_buffers()}
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise AdapterMismatchError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, p in own.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterMismatchError(f"{where}: {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterMismatchError(f"{where}: tensor {name!r} holds NaN or infinite values")
+    if isinstance(want_digest, str) and tensor_digest(tensors) != want_digest:
         raise AdapterMismatchError(
-            f"{file} was written by orchmoe {meta.get('orchmoe_version')}, a newer major "
-            f"version than this orchmoe {__version__}: upgrade orchmoe to load it"
+            f"{where}: the weights do not match the checksum in its {ADAPTER_CONFIG} (corrupted, or changed after "
+            "it was saved; if you changed them on purpose, delete 'weights_sha256' from its 'orchmoe' record)"
         )
-    if saved > ours:
-        warnings.warn(
-            f"{file} was written by orchmoe {meta.get('orchmoe_version')}, newer than this orchmoe "
-            f"{__version__}; loading it anyway",
-            stacklevel=2,
+
+
+def adapter_tensors_for_load(tuner: Any, model: nn.Module, config: Any, state_dict: dict) -> dict:
+    """The saved tensors checked against this model and keyed for ``model.load_state_dict`` (PEFT's load hook).
+
+    Raises:
+        AdapterMismatchError: missing, unexpected, misshapen or non-finite tensors, or a checksum mismatch.
+    """
+    record = config.orchmoe or {}
+    tensors = dict(state_dict)
+    if record.get("converted_from"):  # a 0.1/0.2 folder: 0.1's per-layer tensors upgraded
+        tensors = upgrade_legacy_tensors(tensors, list(tuner.layer_shapes), tuner.adapter_config.method)
+    where = f"adapter {config.base_model_name_or_path or ''}".strip()
+    digest = record.get("weights_sha256") if not record.get("converted_from") else None
+    _check_tensors(tuner, tensors, where, digest)
+    keys = _key_map(tuner, model)
+    return {keys[name]: t for name, t in tensors.items()}
+
+
+# -- reading a folder ----------------------------------------------------------------------------
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of an adapter folder as a mapping, checked to be one orchmoe reads.
+
+    Raises:
+        FileNotFoundError: no folder or no config in it.
+        AdapterMismatchError: unreadable, not an orchmoe adapter, or written by a newer major orchmoe.
+    """
+    folder = Path(path)
+    recover_dir(folder)
+    if path_kind(folder) not in ("folder", "symbolic link") or not folder.is_dir():
+        raise FileNotFoundError(f"no adapter folder at {folder}")
+    try:
+        meta = read_json(folder / ADAPTER_CONFIG, "adapter config")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}: not an adapter folder") from None
+    except FileFormatError as e:
+        raise AdapterMismatchError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise AdapterMismatchError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
+    if is_legacy(meta):
+        version = meta.get("orchmoe_version")
+    else:
+        peft_type = str(meta.get("peft_type") or "")
+        if not peft_type.startswith("ORCHMOE_"):
+            raise AdapterMismatchError(
+                f"{folder / ADAPTER_CONFIG} is not an orchmoe adapter (peft_type={meta.get('peft_type')!r}); a plain "
+                "PEFT LoRA starts a routed mixture through get_model(base, config, init_lora=folder)"
+            )
+        _check_record(meta, folder / ADAPTER_CONFIG)
+        version = (meta.get("orchmoe") or {}).get("orchmoe_version")
+    if version_tuple(version)[:1] > version_tuple(__version__)[:1]:
+        raise AdapterMismatchError(
+            f"{folder / ADAPTER_CONFIG} was written by orchmoe {version}, a newer major version than this "
+            f"orchmoe {__version__}: upgrade orchmoe to load it"
         )
     return meta
 
 
-def adapter_config_from_meta(meta: dict, where: str | os.PathLike = "adapter"):
-    """The AdapterConfig of an adapter's metadata, with 0.1-era defaults made explicit."""
-    cfg = dict(meta["config"])
-    if _version(meta.get("orchmoe_version")) < (0, 2) and cfg.get("alpha") is None:
-        # before 0.2 Poly, MHR and OrchMoE defaulted to alpha = 1 (scale 1/r), the others to alpha = rank
-        if cfg.get("method") in ("poly", "mhr", "orchmoe"):
-            cfg["alpha"] = 1.0
-    elif "alpha" not in cfg or cfg.get("alpha") is None:
+def _check_record(meta: dict, file: Path) -> None:
+    """The orchmoe fields of a PEFT-format config: typed as orchmoe writes them (a hand edit is named)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = str(meta["peft_type"])
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        method = peft_type.removeprefix("ORCHMOE_").lower()
         raise AdapterMismatchError(
-            f"{Path(where) / ADAPTER_CONFIG}: the config has no 'alpha' (the update scale); "
-            "an adapter written by orchmoe always records it"
+            f"{file}: invalid adapter config: unknown method {method!r} (peft_type {peft_type!r} is not registered)"
         )
-    try:
-        return config_from_dict(cfg)
-    except (ConfigError, TypeError) as e:
-        raise AdapterMismatchError(f"{Path(where) / ADAPTER_CONFIG}: invalid adapter config: {e}") from None
+    if meta.get("alpha") is None:
+        raise AdapterMismatchError(f"{file}: the config has no 'alpha' (the update scale); orchmoe always records it")
+    record = meta.get("orchmoe")
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise AdapterMismatchError(f"{file}: 'orchmoe' must be a mapping")
+    for key in ("layers", "base_model", "metadata"):
+        if key in record and not isinstance(record[key], dict):
+            raise AdapterMismatchError(f"{file}: 'orchmoe.{key}' must be a mapping, got {type(record[key]).__name__}")
+    for key, shape in (record.get("layers") or {}).items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise AdapterMismatchError(
+                f"{file}: layer {key!r} must have a shape [in, out] of two positive integers, got {shape!r}"
+            )
+
+
+def describe_adapter_config(meta: dict) -> dict[str, Any]:
+    """The method, its fields and orchmoe's record of an ``adapter_config.json`` mapping (either format).
+
+    Returns:
+        ``{"method": name, "fields": {field: value}, "record": {...}}``; the record holds ``metadata``
+        (the recipe's tasks and prompt format), ``base_model``, ``layers``.
+    """
+    if is_legacy(meta):
+        record = {k: meta.get(k) for k in ("base_model", "layers", "metadata", "orchmoe_version")}
+        return {"method": str(meta.get("method", "")), "fields": dict(meta.get("config") or {}), "record": record}
+    record = dict(meta.get("orchmoe") or {})
+    method = str(meta.get("peft_type", "")).removeprefix("ORCHMOE_").lower()
+    return {"method": method, "fields": {k: v for k, v in meta.items() if k != "orchmoe"}, "record": record}
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights file of an adapter folder (or a .safetensors file); corrupt or non-finite data is an error."""
+    """The weights of an adapter folder (or a .safetensors file); an unreadable file names itself."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
-    if not file.is_file():
+    if path_kind(file) is None:
         raise FileNotFoundError(f"no adapter weights at {file}")
+    if not file.is_file():
+        raise AdapterMismatchError(f"{file} is a {path_kind(file)}, not a weights file")
     try:
-        tensors = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterMismatchError(
             f"{file} is not a readable safetensors file (truncated or corrupted?): {e}"
         ) from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise AdapterMismatchError(f"{file}: tensor {name!r} holds NaN or infinite values")
-    _check_sha256(file)
-    return tensors
 
 
-def _check_sha256(file: Path) -> None:
-    """Compare the weights with the checksum their adapter_config.json recorded (older adapters have none)."""
-    try:
-        want = json.loads((file.parent / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("weights_sha256")
-    except (OSError, ValueError, AttributeError):
-        return  # no readable config beside it: read_adapter_config reports that where it matters
-    if isinstance(want, str) and sha256_file(file) != want:
-        raise AdapterMismatchError(
-            f"{file} does not match the checksum in its {ADAPTER_CONFIG} (corrupted, or changed after it was "
-            "saved; if you changed it on purpose, delete 'weights_sha256' there)"
+# -- save ------------------------------------------------------------------------------------------
+def save_adapter(model: Any, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write the adapter folder as one unit: a kill at any moment leaves the old folder or the new one.
+
+    Args:
+        model: the PeftModel (`orchmoe.get_model`) or its `RoutedModel`.
+        path: the adapter folder; an existing one is replaced only when it holds an adapter's files alone.
+        metadata: free-form JSON kept in the record (``tuner.adapter_metadata`` after loading).
+    Returns:
+        The folder.
+    Raises:
+        UnsafePathError: ``path`` is not a folder, or holds files that are not an adapter's.
+        RuntimeError: the model was unloaded.
+    """
+    path = Path(path)
+    tuner = _tuner(model)
+    tuner.check_usable()
+    check_replaceable(path, "folder")
+    if path.is_dir():
+        foreign = sorted(
+            p.name for p in path.iterdir() if p.name not in {ADAPTER_CONFIG, ADAPTER_WEIGHTS, *_FOLDER_EXTRAS}
         )
+        if foreign:
+            raise UnsafePathError(
+                17, f"{path} holds files that are not an adapter's ({foreign[:3]}): refusing to replace it"
+            )
+    if metadata is not None:
+        tuner.adapter_metadata = dict(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
-def upgrade_legacy_tensors(
-    tensors: dict[str, torch.Tensor], layer_paths: list[str], method: str
-) -> dict[str, torch.Tensor]:
-    """orchmoe 0.1 kept one allocation matrix per layer (``<layer>.router.logits``) and the Task Router
-    at ``task_router.*``; 0.2 keeps all layers' logits in one (L, rows, h*S) tensor of the model router."""
-    per_layer = [f"{p}.router.logits" for p in layer_paths]
-    out = dict(tensors)
-    if method in ("poly", "mhr", "orchmoe") and all(k in out for k in per_layer):
-        target = "router.logits" if method in ("poly", "mhr") else "router.skill_router.logits"
-        out[target] = torch.stack([out.pop(k) for k in per_layer])
-    for k in [k for k in out if k.startswith("task_router.")]:
-        out["router." + k] = out.pop(k)
-    return out
+# -- load ------------------------------------------------------------------------------------------
+def _check_base(meta: dict, config: Any, base_model: nn.Module, where: Path, base_mismatch: str) -> None:
+    """The adapter's recorded base model against this one: architecture must match; weights warn or refuse."""
+    saved = (config.orchmoe or {}).get("base_model") or {}
+    ours = model_fingerprint(base_model)
+    arch = {k: (saved[k], ours[k]) for k in ours if k in saved and k != "weights_sample" and saved[k] != ours[k]}
+    if arch:
+        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in arch.items())
+        raise AdapterMismatchError(f"adapter in {where} was saved for another model ({saved.get('name')!r}): {details}")
+    shapes = find_target_layers(base_model, config.target_modules)
+    want = {k: tuple(v) for k, v in ((config.orchmoe or {}).get("layers") or {}).items()}
+    if want and shapes != want:
+        off = sorted(set(shapes.items()) ^ set(want.items()))[:3]
+        raise AdapterMismatchError(f"adapter in {where} was saved for other layers than this model has ({off})")
+    sample = saved.get("weights_sample")
+    if sample and ours.get("weights_sample") and sample != ours["weights_sample"]:
+        msg = (
+            f"adapter in {where} was trained on another base model than this one ({saved.get('name')!r}, "
+            f"{saved.get('source')!r}): same architecture, different weights (a fine-tune, another quantisation "
+            "or dtype?); its outputs will not be what was trained"
+        )
+        if base_mismatch == "error":
+            raise AdapterMismatchError(msg + " (refused: base_mismatch='error')")
+        if base_mismatch == "warn":
+            warnings.warn(msg + " (pass base_mismatch='error' to refuse)", BaseModelMismatchWarning, stacklevel=4)
+
+
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    base_model_name: str | None = None,
+    base_model_source: str | None = None,
+    base_mismatch: str = "warn",
+) -> Any:
+    """Rebuild a saved adapter onto ``base_model`` as a ``peft.PeftModel``; a model of another shape is an error.
+
+    Args:
+        base_model: a fresh base model of the shape the adapter was saved for (left as it was on failure).
+        path: the adapter folder (PEFT format, or an orchmoe 0.1/0.2 folder, converted with a note).
+        is_trainable: keep the adapter trainable (default: frozen, eval mode).
+        base_model_name: overrides the base model name recorded in the adapter.
+        base_model_source: where this base model loads from (default: recorded, else its ``name_or_path``).
+        base_mismatch: what a base of the same shape but other weights gets: "warn" (default), "error", "ignore".
+    Returns:
+        The PeftModel (``.base_model`` is the `RoutedModel`).
+    Raises:
+        FileNotFoundError / AdapterMismatchError: not an adapter folder, or one that does not fit.
+    """
+    if base_mismatch not in ("warn", "error", "ignore"):
+        raise ValueError(f"base_mismatch must be 'warn', 'error' or 'ignore', got {base_mismatch!r}")
+    if any(isinstance(m, RoutedLoraLayer) for m in base_model.modules()):
+        raise ValueError(
+            f"{type(base_model).__name__} already carries routed adapters: load onto a fresh base model "
+            "(or the result of unload())"
+        )
+    folder = resolve_adapter_folder(path)
+    meta = read_adapter_config(folder)
+    config = _config_of(meta, folder)
+    _check_base(meta, config, base_model, folder, base_mismatch)
+    if base_model_source:
+        config.base_model_name_or_path = base_model_source
+    config.inference_mode = not is_trainable
+    try:
+        model = _build_and_fill(base_model, config, folder, meta)
+    except BaseException:
+        _restore(base_model)
+        raise
+    tuner = _tuner(model)
+    if base_model_name:
+        tuner.base_model_name = base_model_name
+    model.train(is_trainable)
+    return model
+
+
+def _config_of(meta: dict, folder: Path) -> Any:
+    from peft import PeftConfig
+
+    if is_legacy(meta):
+        try:
+            return config_from_legacy(meta, folder)
+        except ValueError as e:
+            raise AdapterMismatchError(str(e)) from None
+    try:
+        return PeftConfig.from_peft_type(**meta)
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise AdapterMismatchError(f"{folder / ADAPTER_CONFIG}: invalid adapter config: {e}") from None
+
+
+def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, meta: dict) -> Any:
+    """A PeftModel of ``config`` on ``base_model`` with the folder's tensors (PEFT's set_peft_model_state_dict)."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    tensors = read_adapter_tensors(folder)
+    model = get_peft_model(base_model, config)
+    if config.base_model_name_or_path:  # get_peft_model records the model's own name_or_path
+        model.peft_config["default"].base_model_name_or_path = config.base_model_name_or_path
+    set_peft_model_state_dict(model, tensors)  # the tuner's load hook checks them (adapter_tensors_for_load)
+    return model
+
+
+def _restore(base_model: nn.Module) -> None:
+    """Undo a half-finished load: the routed layers taken out of ``base_model`` again."""
+    for path, module in list(base_model.named_modules()):
+        if isinstance(module, RoutedLoraLayer):
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(base_model.get_submodule(parent_path) if parent_path else base_model, leaf, module.base_layer)
+    for hook_dict in (base_model._forward_pre_hooks, base_model._forward_hooks):
+        for key in [
+            k for k, h in hook_dict.items() if getattr(getattr(h, "func", None), "__module__", "").startswith("orchmoe")
+        ]:
+            del hook_dict[key]
+    base_model.__dict__.pop("peft_config", None)
+
+
+def _tuner(model: Any) -> Any:
+    """The routed tuner of a PeftModel (its ``base_model``) or the tuner itself (it holds the routing state)."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        if candidate is not None and "routing_state" in vars(candidate):
+            return candidate
+    raise TypeError(f"{type(model).__name__} is not an orchmoe model (build it with orchmoe.get_model)")
+
+
+def resolve_adapter_folder(
+    path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A local adapter folder, or the adapter files of a Hub repository downloaded to the HF cache.
+
+    Raises:
+        FileNotFoundError: neither a local folder nor a repository that could be fetched (offline, unknown).
+    """
+    path = Path(path_or_repo).expanduser()
+    text = str(path_or_repo)
+    parts = text.split("/")
+    looks_like_repo = 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~", "/"))
+    if path.exists() or not looks_like_repo:
+        if not path.is_dir():
+            raise FileNotFoundError(f"no adapter folder at {path} (no adapter_config.json)")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(text, revision=revision, token=token, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+        )
+    except Exception as e:  # offline, unknown repo, auth: one clear error with the cause chained
+        raise FileNotFoundError(
+            f"{text!r} is not a local adapter folder and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {e})"
+        ) from e

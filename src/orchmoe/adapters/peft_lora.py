@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from orchmoe.adapters.folder import AdapterMismatchError
-from orchmoe.core.config import METHODS, AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
+from orchmoe.core.config import AdapterConfig, ConfigError, LoraConfig, MHRConfig, PolyConfig
 from orchmoe.core.layer import is_adaptable
 
 __all__ = ["from_peft_config", "init_from_peft_lora", "read_peft_lora"]
@@ -98,7 +98,7 @@ def from_peft_config(cfg: Any, base_model: nn.Module | None = None) -> AdapterCo
         ConfigError: a PEFT setting without an orchmoe counterpart, or a PEFT method orchmoe does not have.
         TypeError: ``cfg`` is neither an orchmoe nor a PEFT config.
     """
-    if getattr(cfg, "method", None) in METHODS:  # already an orchmoe config
+    if isinstance(cfg, AdapterConfig):  # already an orchmoe config
         return cfg
     peft_type = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", "")) or "")
     if not peft_type or not dataclasses.is_dataclass(cfg):

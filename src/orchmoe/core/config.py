@@ -13,11 +13,14 @@ Scale convention, shared by every method: the update is ``(alpha / rank) * delta
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from peft import PeftConfig
 
 from orchmoe.core.registry import METHODS, config_class
 
@@ -55,6 +58,39 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: fields that are PEFT's bookkeeping or the saved record, not the method's computation
+_NOT_METHOD_FIELDS = frozenset(
+    {
+        "orchmoe",
+        "peft_type",
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    }
+)
+
+
+def _peft_type(name: str) -> Any:
+    """PEFT's enum member for ``name`` once `orchmoe.tuner.registration` added it, else the plain string (PEFT
+    compares and looks up its types by their string value)."""
+    from peft.utils import PeftType
+
+    try:
+        return PeftType(name)
+    except ValueError:
+        return name
+
+
+def _plain_value(value: Any) -> Any:
+    """A field's value as JSON (PEFT's enums as their strings)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
 _TYPES = {
     "int": ((int,), "an integer"),
     "float": ((int, float), "a number"),
@@ -82,15 +118,19 @@ def _check_type(owner: str, name: str, annotation: str, value: Any) -> None:
 
 
 @dataclass
-class AdapterConfig:
-    """Fields shared by every method.
+class AdapterConfig(PeftConfig):
+    """Fields shared by every method; a `peft.PeftConfig`, so PEFT and the tools built on it take it.
 
     target_modules: leaf names matched as a suffix of the module path
     (``["q_proj", "v_proj"]``) or one regular expression matched against the
     whole path; ``None`` picks the usual attention projections of the model type.
 
-    A config validates itself when built (`ConfigError`); ``method`` names it in saved adapters and
-    ``routing`` (one of `ROUTING_KINDS`) says what its router reads.
+    A config validates itself when built (`ConfigError`); ``method`` names it and ``routing`` (one of
+    `ROUTING_KINDS`) says what its router reads. ``peft_type`` is the method's PEFT type
+    (`peft_type_name`: ``ORCHMOE_<METHOD>``), set here; ``task_type`` is PEFT's (``CAUSAL_LM`` or
+    ``SEQ_2_SEQ_LM``; `orchmoe.get_model` fills it from the model when unset). ``orchmoe`` is the
+    record a saved adapter carries beside the method's fields (orchmoe version, adapted layers, base
+    model provenance and fingerprint, weights checksum, prompt format); the model fills it.
     """
 
     method: ClassVar[str] = ""
@@ -100,6 +140,9 @@ class AdapterConfig:
     rank: int = option(8, "LoRA rank r of each expert")
     alpha: float | None = option(None, "update scale numerator: scale = alpha / rank (default: rank, i.e. scale 1)")
     dropout: float = option(0.0, "dropout on the adapter input")
+    orchmoe: dict | None = field(
+        default=None, metadata={"help": "the saved adapter's record (filled by the model; not an option)"}
+    )
 
     # -- what the method is -------------------------------------------------
     @property
@@ -167,7 +210,8 @@ class AdapterConfig:
         """Raise `ConfigError` for a field of the wrong type or out of range (run at construction)."""
         owner = type(self).__name__
         for f in dataclasses.fields(self):
-            _check_type(owner, f.name, f.type, getattr(self, f.name))
+            if f.name not in _NOT_METHOD_FIELDS:  # PEFT checks its own
+                _check_type(owner, f.name, f.type, getattr(self, f.name))
         if self.rank <= 0:
             raise ConfigError(f"{owner}: rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -192,23 +236,41 @@ class AdapterConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{type(self).__name__}: {name} must be >= 1, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields with ``alpha`` resolved, so a saved adapter never depends on a default."""
-        d = asdict(self)
+    def method_fields(self) -> dict[str, Any]:
+        """``method`` and the method's own fields (no PEFT bookkeeping, no record), ``alpha`` resolved: what
+        decides the computation, so two adapters with equal `method_fields` compute alike."""
+        names = [f.name for f in dataclasses.fields(self) if f.name not in _NOT_METHOD_FIELDS]
+        d = {name: _plain_value(getattr(self, name)) for name in names}
         d["alpha"] = float(self.scale * self.rank)
         return {"method": self.method, **d}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON values (PEFT writes this as ``adapter_config.json``), ``alpha`` resolved so a
+        saved adapter never depends on a default."""
+        d = {f.name: _plain_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d["alpha"] = float(self.scale * self.rank)
+        return d
+
     def to_json(self) -> str:
-        """`to_dict` as indented JSON with sorted keys."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """`method_fields` as indented JSON with sorted keys."""
+        return json.dumps(self.method_fields(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with ``changes`` applied, validated (`ConfigError`)."""
         return dataclasses.replace(self, **changes)  # __post_init__ validates
 
+    @classmethod
+    def peft_type_name(cls) -> str:
+        """The method's PEFT type: ``ORCHMOE_<METHOD>`` (PEFT's own LORA and POLY keep their names)."""
+        return f"ORCHMOE_{cls.method.upper()}"
+
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        self.peft_type = _peft_type(self.peft_type_name())
+        super().__post_init__()  # PEFT's checks (task_type) and peft_version
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = (
+                sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
+            )
         if isinstance(self.alpha, int) and not isinstance(self.alpha, bool):
             self.alpha = float(self.alpha)
         self.validate()
@@ -417,6 +479,7 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     if method == "orchmoe" and "normalize_prompt" in d:  # adapters saved before prompt_norm existed
         d["prompt_norm"] = "layernorm" if d.pop("normalize_prompt") else "none"
     names = {f.name for f in dataclasses.fields(cls)}
+    d.pop("peft_type", None)  # the method's own (set by the config)
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")

@@ -52,15 +52,15 @@ def allocation_spread(model) -> float | None:
 @torch.no_grad()
 def task_router_summary(task_probs: torch.Tensor, task_ids: torch.Tensor | None = None) -> dict[str, float]:
     """Statistics of pi(x) over a set of examples (N, K): ``pi_entropy`` (mean entropy in nats; log K
-    is uniform), ``abstract_tasks_used`` (share of K that is some example's argmax) and, with task
-    labels, ``nmi_pi_task`` (NMI of the argmax with the task).
+    is uniform), ``abstract_tasks_used`` (how many of the K abstract tasks are some example's argmax) and,
+    with task labels, ``nmi_pi_task`` (NMI of the argmax with the task).
 
     Args:
         task_probs: (N, K) pi(x) of N examples.
         task_ids: (N,) their true tasks, or None.
     Returns:
-        ``pi_entropy``, ``pi_entropy_max`` (log K), ``abstract_tasks_used`` (0-1) and, with ``task_ids``,
-        ``nmi_pi_task``.
+        ``pi_entropy``, ``pi_entropy_max`` (log K), ``abstract_tasks_used`` (a count, of ``abstract_tasks`` = K)
+        and, with ``task_ids``, ``nmi_pi_task``.
     """
     pi = task_probs.detach().float()
     K = pi.shape[-1]
@@ -69,7 +69,8 @@ def task_router_summary(task_probs: torch.Tensor, task_ids: torch.Tensor | None 
     out = {
         "pi_entropy": float(entropy),
         "pi_entropy_max": math.log(K),
-        "abstract_tasks_used": float(top.unique().numel()) / K,
+        "abstract_tasks_used": int(top.unique().numel()),
+        "abstract_tasks": K,
     }
     if task_ids is not None:
         out["nmi_pi_task"] = normalized_mutual_info(top.tolist(), task_ids.detach().cpu().tolist())

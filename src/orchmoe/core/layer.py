@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from orchmoe.core.routing import RoutingError
@@ -54,8 +55,12 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(module).__name__}: only nn.Linear and transformers Conv1D are supported")
 
 
-class RoutedLoraLayer(nn.Module):
+class RoutedLoraLayer(nn.Module, BaseTunerLayer):
     """Wraps a frozen ``nn.Linear`` / ``Conv1D``; expert weights are parameters of this leaf module.
+
+    A PEFT tuner layer (`peft.tuners.tuners_utils.BaseTunerLayer`), so PEFT's model status and
+    ``disable_adapter()`` see it; it holds one adapter, as plain parameters rather than per-name dicts
+    (``adapter_layer_names`` is empty: orchmoe's tuner saves, loads and freezes them itself).
 
     ``lora_A`` is (D, P, r), D = 1 when the experts share it, else S; ``lora_B`` is (S, r, Q), zero at first,
     so the layer starts as its base layer. `RoutedModel` builds the layers and sets their ``state``.
@@ -103,7 +108,21 @@ class RoutedLoraLayer(nn.Module):
         bound = 1.0 / math.sqrt(P)  # kaiming_uniform(a=sqrt(5)) on (r, P), as LoRA and Poly initialise A
         nn.init.uniform_(self.lora_A, -bound, bound)
         self.state = None  # the model's RoutingState; set by the model, not a submodule
-        self.disabled = False
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    @property
+    def disabled(self) -> bool:
+        """Whether the layer computes its base layer alone (``PeftModel.disable_adapter()``)."""
+        return self._disable_adapters
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disable_adapters = bool(value)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch: the routed update on (True) or off."""
+        self._disable_adapters = not enabled
 
     # Model code reads these from the layer it called (T5's `self.wo.weight.dtype`, quantisation checks):
     # the wrapped layer answers for the base weights, as a PEFT tuner layer does.

@@ -16,12 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["METHODS", "ROUTERS", "register_method", "config_class", "router_class", "UnknownMethodError"]
+__all__ = [
+    "METHODS",
+    "ROUTERS",
+    "register_method",
+    "config_class",
+    "router_class",
+    "on_register",
+    "UnknownMethodError",
+]
 
 #: method name -> config class (``orchmoe.METHODS``)
 METHODS: dict[str, type] = {}
 #: method name -> router class
 ROUTERS: dict[str, type] = {}
+#: called with (name, config class, router class) for every method registered, also for those registered before
+#: the listener was added (`on_register`): how the layers above (PEFT's method registry) learn of a new method
+_LISTENERS: list[Callable[[str, type, type], None]] = []
 
 
 class UnknownMethodError(ValueError):
@@ -37,11 +48,22 @@ def register_method(config_cls: type) -> Callable[[type], type]:
     def deco(router_cls: type) -> type:
         if name in METHODS and METHODS[name] is not config_cls:
             raise TypeError(f"method {name!r} is already registered to {METHODS[name].__name__}")
+        new = name not in METHODS
         METHODS[name] = config_cls
         ROUTERS[name] = router_cls
+        if new:
+            for listener in _LISTENERS:
+                listener(name, config_cls, router_cls)
         return router_cls
 
     return deco
+
+
+def on_register(listener: Callable[[str, type, type], None]) -> None:
+    """Call ``listener(name, config_cls, router_cls)`` for every registered method, now and on later registrations."""
+    _LISTENERS.append(listener)
+    for name, config_cls in list(METHODS.items()):
+        listener(name, config_cls, ROUTERS[name])
 
 
 def config_class(name: Any) -> type:

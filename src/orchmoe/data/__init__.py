@@ -35,6 +35,7 @@ from orchmoe.data.prompts import (
     format_prompt,
     length_grouped_batches,
     pad_batch,
+    quiet_length_warning,
 )
 from orchmoe.data.sources import open_source
 from orchmoe.data.superni import FolderSource, resolve_data_dir
@@ -66,6 +67,7 @@ __all__ = [
     "load_task",
     "open_source",
     "pad_batch",
+    "quiet_length_warning",
     "read_split",
     "resolve_data_dir",
     "sample_instances",

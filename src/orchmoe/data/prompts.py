@@ -121,6 +121,14 @@ def _compute_chat_affixes(tokenizer: Any) -> tuple[str, str]:
     return pre, post
 
 
+def quiet_length_warning(tokenizer: Any) -> None:
+    """Silence transformers' "sequence longer than the maximum" warning: prompts are tokenised whole and then
+    cut to ``max_source_len`` by the prompt builder, so the warning is a false alarm."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+
 def _eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -1,30 +1,32 @@
 """The run folder: the one place that knows its file names, reads them and writes them.
 
-Layout (``--out``)::
+Layout (``--out``, the Trainer's ``output_dir``)::
 
     .orchmoe-run           marker: orchmoe made this folder a run folder (only then does it delete in it)
-    .orchmoe-run.lock      held (flock) by the training process for the life of a run: pid, host, start
-    config.yaml            the resolved configuration (re-usable with --config)
-    train_log.jsonl        one JSON record per `log_every` optimizer steps
-    checkpoints/step-N/    adapter/, optimizer.pt, scheduler.pt, rng_state_<rank>.pth, config.yaml,
-                           trainer_state.json, manifest.json (sizes and sha256 of the rest, written last)
-    adapter/               the final adapter (safetensors + adapter_config.json with task metadata)
+    .orchmoe-run.lock      held (flock) by the process writing into it: pid, host, start
+    config.yaml            the resolved options (re-usable with --config) and what the run resolved
+    train_log.jsonl        the Trainer's logs, one record per log (the Trainer's names: loss, learning_rate, ...)
+    checkpoint-N/          the Trainer's checkpoints (adapter, optimizer, scheduler, RNG, trainer_state.json),
+                           each with manifest.json (sizes and sha256 of every file, written last) and config.yaml
+    logs/                  tracker files (TensorBoard)
+    adapter/               the final adapter (PEFT's folder; the prompt format and tasks in its record)
     train_summary.json     steps, examples, tokens, wall time, parameter counts (written last: the run is done)
-    predictions.jsonl, metrics.json, metrics.md   (written by the evaluation)
+    predictions.jsonl, metrics.json, metrics.md   the evaluation of the run's own tasks
+    eval-<name>/           `orchmoe eval RUN --data ...` on other data (never over the run's own metrics)
     analysis/              written by `orchmoe analyze`
 
-Every write is atomic (`orchmoe.utils.fileio`); a checkpoint is written into a temporary folder and renamed
-into place once complete. Resuming takes the newest checkpoint whose manifest, step and configuration
-check out (a corrupted one is set aside as ``corrupt-step-N``); a run killed before its first
-checkpoint starts again. Files are only deleted in a folder carrying the marker (or written by an
-orchmoe without markers), and only the names above.
+Every write is atomic (`orchmoe.utils.fileio`). Resuming takes the newest checkpoint whose manifest, step,
+configuration and adapter check out (a damaged one is set aside as ``corrupt-checkpoint-N``); a run killed
+before its first checkpoint starts again. Only a folder with the marker is a run folder, and ``--overwrite``
+deletes only what orchmoe wrote there: its own file names, and inside its sub-folders the files their
+manifests list (a user's file put into one stays, and so does its folder).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,19 +35,43 @@ from typing import Any
 
 import yaml
 
-from orchmoe.adapters.folder import ADAPTER_CONFIG
-from orchmoe.recipe.checkpoints import STEP_DIR, CheckpointError, CheckpointMixin, rng_state, set_rng_state  # noqa: F401
-from orchmoe.recipe.options import RESUME_FREE, TrainConfig, TrainConfigError, config_from_mapping, yaml_error_line
-from orchmoe.utils.fileio import FolderLock, atomic_write_text, reporting_disk_full
+from orchmoe.recipe.args import ArgumentsError
+from orchmoe.utils.fileio import (
+    FileFormatError,
+    FolderLock,
+    atomic_write_text,
+    path_kind,
+    read_json,
+    reporting_disk_full,
+    verify_manifest,
+)
 from orchmoe.version import __version__
 
-__all__ = ["RunFolder", "ResumePlan", "CheckpointError", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "ResumePlan", "RunFolder"]
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+#: the files orchmoe's analysis and evaluation write into their own sub-folders (the only ones deleted there)
+_SUBFOLDER_FILES = {
+    "analysis": (
+        "analysis.md",
+        "analysis.json",
+        "allocation_heatmaps.png",
+        "task_skill_heatmap.png",
+        "task_abstract_heatmap.png",
+        "dendrogram.png",
+    ),
+    "eval": ("predictions.jsonl", "metrics.json", "metrics.md"),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A run folder whose checkpoints cannot be resumed from."""
 
 
 @dataclass
 class ResumePlan:
-    """What `RunFolder.plan` decided: the checkpoint to resume from (None: start at step 0), files of an
-    earlier or interrupted run to delete, corrupted checkpoints to set aside, and what to tell the user."""
+    """What `RunFolder.plan` decided: the checkpoint to resume from (None: step 0), what to delete, the damaged
+    checkpoints to set aside, and what to tell the user."""
 
     resume_from: Path | None = None
     delete: list[Path] = field(default_factory=list)
@@ -53,7 +79,7 @@ class ResumePlan:
     notes: list[str] = field(default_factory=list)
 
 
-class RunFolder(CheckpointMixin):
+class RunFolder:
     """A training run's folder: names, readers and writers of everything in it."""
 
     MARKER = ".orchmoe-run"
@@ -62,15 +88,15 @@ class RunFolder(CheckpointMixin):
     LOG = "train_log.jsonl"
     SUMMARY = "train_summary.json"
     ADAPTER = "adapter"
-    CHECKPOINTS = "checkpoints"
+    LOGS = "logs"
     PREDICTIONS = "predictions.jsonl"
     METRICS = "metrics.json"
     METRICS_MD = "metrics.md"
     ANALYSIS = "analysis"
+    MANIFEST = "manifest.json"
     STATE = "trainer_state.json"
-    MANIFEST = "manifest.json"  # written last into a checkpoint: marks it complete and checks it
-    # Everything orchmoe writes into a run folder: the only names it ever deletes there.
-    OUTPUTS = (ADAPTER, CHECKPOINTS, LOG, SUMMARY, PREDICTIONS, METRICS, METRICS_MD, CONFIG, ANALYSIS)
+    #: files orchmoe writes at the top of a run folder
+    FILES = (CONFIG, LOG, SUMMARY, PREDICTIONS, METRICS, METRICS_MD)
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -83,65 +109,66 @@ class RunFolder(CheckpointMixin):
     def adapter_dir(self) -> Path:
         return self.path / self.ADAPTER
 
-    # -- configuration --------------------------------------------------------------------------
-    def write_config(self, cfg: TrainConfig, resolved: dict | None = None, path: Path | None = None) -> None:
-        d = cfg.to_dict()
-        d["overwrite"] = False  # an action of that invocation, not a setting to replay from the file
+    # -- configuration ---------------------------------------------------------------------------
+    def write_config(self, options: dict[str, Any], resolved: dict | None = None, folder: Path | None = None) -> None:
+        """``config.yaml``: the options (a mapping ``--config`` reads back) and, under ``_resolved``, what they
+        resolved to."""
+        d = dict(options)
         if resolved:
             d["_resolved"] = resolved
-        atomic_write_text(path or self.path / self.CONFIG, yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
+        atomic_write_text((folder or self.path) / self.CONFIG, yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
 
-    def read_config(self, folder: Path | None = None) -> tuple[TrainConfig, dict]:
-        """(TrainConfig, resolved info) of this folder's (or a checkpoint's) config.yaml."""
+    def read_config(self, folder: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(options, resolved info) of this folder's (or a checkpoint's) config.yaml."""
+        from orchmoe.recipe.parse import load_config_file
+
         p = (folder or self.path) / self.CONFIG
-        if not p.is_file():
+        if path_kind(p) is None:
             raise FileNotFoundError(f"{p.parent} has no {self.CONFIG}: not an orchmoe run folder")
+        options = load_config_file(p)
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"{p} is not a readable YAML file: {yaml_error_line(e)}") from None
-        except UnicodeDecodeError as e:
-            raise TrainConfigError(
-                f"{p} is not a readable YAML file: not UTF-8 ({e.reason} at byte {e.start})"
-            ) from None
-        if not isinstance(raw, dict) or not raw:
-            raise TrainConfigError(f"{p} does not hold a run configuration (a mapping of options)")
-        resolved = raw.get("_resolved", {})
-        return TrainConfig(**config_from_mapping(raw, origin=str(p))), resolved if isinstance(resolved, dict) else {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raw = {}
+        resolved = raw.get("_resolved", {}) if isinstance(raw, dict) else {}
+        return options, resolved if isinstance(resolved, dict) else {}
 
-    # -- results ----------------------------------------------------------------------------------
-    def _read_json(self, name: str) -> Any:
-        p = self.path / name
+    # -- results -------------------------------------------------------------------------------
+    def read_json(self, name: str) -> Any:
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TrainConfigError(f"{p} is not valid JSON (truncated?): {e}") from None
+            return read_json(self.path / name, name)
+        except FileFormatError as e:
+            raise ArgumentsError(str(e)) from None
 
-    def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_text(self.path / name, json.dumps(obj, indent=2))
+    def write_json(self, name: str, obj: Any, folder: Path | None = None) -> None:
+        atomic_write_text((folder or self.path) / name, json.dumps(obj, indent=2))
 
     def read_summary(self) -> dict:
-        return self._read_json(self.SUMMARY) if (self.path / self.SUMMARY).is_file() else {}
+        return self.read_json(self.SUMMARY) if (self.path / self.SUMMARY).is_file() else {}
 
     def read_metrics(self) -> dict:
         if not (self.path / self.METRICS).is_file():
             raise FileNotFoundError(
                 f"{self.path} has no {self.METRICS}: evaluate it first with `orchmoe eval {self.path}`"
             )
-        return self._read_json(self.METRICS)
+        return self.read_json(self.METRICS)
 
-    def write_results(self, metrics: dict, markdown: str, predictions: list[dict]) -> None:
-        """metrics.json, metrics.md and predictions.jsonl of an evaluation."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            self.path / self.PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-        )
-        self.write_json(self.METRICS, metrics)
-        atomic_write_text(self.path / self.METRICS_MD, markdown)
+    def write_results(self, metrics: dict, markdown: str, predictions: list[dict], folder: Path | None = None) -> Path:
+        """metrics.json, metrics.md and predictions.jsonl of an evaluation (in ``folder``: an ``eval-*`` one)."""
+        out = folder or self.path
+        out.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        atomic_write_text(out / self.PREDICTIONS, lines)
+        self.write_json(self.METRICS, metrics, out)
+        atomic_write_text(out / self.METRICS_MD, markdown)
+        return out
 
-    # -- the training log -------------------------------------------------------------------------
-    def open_log(self) -> _Log:
-        return _Log(self.path / self.LOG)
+    # -- the training log --------------------------------------------------------------------------
+    def append_log(self, record: dict) -> None:
+        """One line of ``train_log.jsonl`` (appended and flushed; a full disk names the file)."""
+        path = self.path / self.LOG
+        with reporting_disk_full(path), open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict]:
         p = self.path / self.LOG
@@ -150,59 +177,60 @@ class RunFolder(CheckpointMixin):
         records = []
         for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
+            if isinstance(rec, dict):
+                records.append(rec)
         return records
 
     def truncate_log(self, step: int) -> None:
         """Drop records a killed run wrote after its last checkpoint, so the log reads as one run."""
         if (self.path / self.LOG).is_file():
-            keep = [
-                r
-                for r in self.read_log()
-                if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
-            ]
+            keep = [r for r in self.read_log() if isinstance(r.get("step"), int) and r["step"] <= step]
             atomic_write_text(self.path / self.LOG, "".join(json.dumps(r) + "\n" for r in keep))
 
-    # -- ownership: the marker and the lock -------------------------------------------------------
+    # -- ownership: the marker and the lock --------------------------------------------------------
     def is_run_folder(self) -> bool:
-        """Whether orchmoe made this folder: its marker, or (written before markers existed) an orchmoe
-        adapter or a complete checkpoint in it."""
-        if (self.path / self.MARKER).is_file():
-            return True
-        try:
-            meta = json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            if isinstance(meta, dict) and meta.get("format") == "orchmoe-adapter":
-                return True
-        except (OSError, ValueError):
-            pass
-        return bool(self.checkpoints())
+        """Whether orchmoe made this folder (its marker: the only proof; an adapter copied in is not)."""
+        return path_kind(self.path / self.MARKER) == "regular file"
+
+    def _owned_names(self) -> list[Path]:
+        p = self.path
+        names = [p / n for n in (*self.FILES, self.ADAPTER, self.LOGS, self.ANALYSIS)]
+        names += [c for c in p.glob("checkpoint-*") if _CHECKPOINT.fullmatch(c.name)]
+        names += list(p.glob("corrupt-checkpoint-*")) + list(p.glob("eval-*"))
+        return [n for n in names if path_kind(n) is not None]
 
     def check_out(self) -> None:
-        """Refuse an --out that is a file, or a folder orchmoe did not make holding names orchmoe writes
-        (a hand-written config.yaml, the current directory's files): it never writes over those."""
+        """Refuse an --out that is not a plain folder (a file, a link, ``/``, the home folder) or a folder orchmoe
+        did not make that holds names orchmoe writes: it never writes over or deletes those."""
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise TrainConfigError(
-                f"--out {str(p)!r} is a file, not a folder; a run folder is a directory: choose another --out"
-            )
-        if p.is_dir() and not self.is_run_folder():
-            clash = sorted(n for n in self.OUTPUTS if (p / n).exists())
+        kind = path_kind(p)
+        if kind not in (None, "folder"):
+            raise ArgumentsError(f"--out {str(p)!r} is a {kind}, not a folder: choose another --out")
+        resolved = p.resolve()
+        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+            raise ArgumentsError(f"--out {str(p)!r} is {resolved}: a run needs a folder of its own")
+        if kind == "folder" and not self.is_run_folder():
+            clash = sorted(n.name for n in self._owned_names())
             if clash:
-                raise TrainConfigError(
+                raise ArgumentsError(
                     f"{str(p)!r} is not an orchmoe run folder (no {self.MARKER} marker) but holds {', '.join(clash)}; "
                     "orchmoe never writes over or deletes files it did not write: choose a new or empty --out"
                 )
 
-    def claim(self) -> None:
-        """Make the folder (if needed) and take its lock for the life of the run (main process only).
+    def claim(self, what: str = "run folder") -> None:
+        """Make the folder (if needed), mark it, and take its lock for the life of the command (main process).
 
-        Raises `FolderLockedError` naming the holder when another run holds it."""
+        Raises `FolderLockedError` naming the holder when another process holds it."""
         self.check_out()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire(f"run folder {str(self.path)!r}")
+        self._lock.acquire(f"{what} {str(self.path)!r}")
         self.check_out()  # again, now that no other run can be changing it
+        if not self.is_run_folder():
+            stamp = {"format": "orchmoe-run", "orchmoe_version": __version__, "created": time.strftime("%F %T")}
+            atomic_write_text(self.path / self.MARKER, json.dumps(stamp))
 
     def release(self) -> None:
         """Give the lock back (the kernel also drops it when the process dies)."""
@@ -212,29 +240,52 @@ class RunFolder(CheckpointMixin):
     def locked(self) -> bool:
         return self._lock.held
 
-    # -- deciding between a fresh start and a resume -------------------------------------------
-    def plan(self, cfg: TrainConfig) -> ResumePlan:
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """The Trainer's checkpoint folders, oldest first."""
+        found = [(int(m.group(1)), c) for c in self.path.glob("checkpoint-*") if (m := _CHECKPOINT.fullmatch(c.name))]
+        return [c for _, c in sorted(found) if c.is_dir()]
+
+    def verify_checkpoint(self, ckpt: Path) -> str | None:
+        """None when ``ckpt`` is complete and intact (its manifest checks, its step is its name's), else why not."""
+        problem = verify_manifest(ckpt, self.MANIFEST)
+        if problem is not None:
+            return problem
+        try:
+            state = read_json(ckpt / self.STATE, "trainer state")
+        except (OSError, ValueError) as e:
+            return f"{self.STATE} is unreadable ({e})"
+        step = int(_CHECKPOINT.fullmatch(ckpt.name).group(1))
+        if not isinstance(state, dict) or state.get("global_step") != step:
+            return f"{self.STATE} says step {state.get('global_step') if isinstance(state, dict) else '?'}, not {step}"
+        return None
+
+    # -- fresh start, resume, overwrite ----------------------------------------------------------------
+    def plan(self, options: dict[str, Any], resume: bool, overwrite: bool, weight_free: set[str]) -> ResumePlan:
         """Fresh start or resume, and what to clean up; refuses to clobber a run silently.
 
-        Every process decides the same way (nothing is changed here); the main process applies the plan."""
+        Args:
+            options: this invocation's options (as written to config.yaml).
+            resume: continue an unfinished run (``--no-resume``: refuse one).
+            overwrite: delete what orchmoe wrote and start afresh.
+            weight_free: options that may differ from the checkpoint's (they do not change the weights).
+        """
         out, plan = self.path, ResumePlan()
-        owned = [out / n for n in self.OUTPUTS if (out / n).exists()]
-        if cfg.overwrite:
+        owned = self._owned_names()
+        if overwrite:
             plan.delete = owned
             return plan
         if (out / self.SUMMARY).is_file():
-            raise TrainConfigError(
+            raise ArgumentsError(
                 f"{out} holds a finished run; pass --overwrite to train it again, use another --out, "
                 f"or `orchmoe eval {out}` to re-score it"
             )
         found = self.checkpoints()
-        if found and not cfg.resume:
-            raise TrainConfigError(
-                f"{out} holds checkpoints of an unfinished run and --no-resume was given; pass "
-                "--overwrite to start afresh, or drop --no-resume to continue it"
+        if found and not resume:
+            raise ArgumentsError(
+                f"{out} holds checkpoints of an unfinished run and --no-resume was given; pass --overwrite to start "
+                "afresh, or drop --no-resume to continue it"
             )
-        # temporary folders of checkpoint saves that were cut short: never complete, always ours to remove
-        plan.delete = sorted((out / self.CHECKPOINTS).glob(".tmp-step-*"))
         bad: list[str] = []
         for ckpt in reversed(found):
             problem = self.verify_checkpoint(ckpt)
@@ -245,76 +296,111 @@ class RunFolder(CheckpointMixin):
             plan.set_aside.append(ckpt)
         if found and plan.resume_from is None:
             raise CheckpointError(
-                f"{out} holds checkpoints but none can be resumed from ({'; '.join(bad)}); pass "
-                "--overwrite to start afresh, or use another --out"
+                f"{out} holds checkpoints but none can be resumed from ({'; '.join(bad)}); pass --overwrite to "
+                "start afresh, or use another --out"
             )
-        if plan.resume_from is None:
-            # an unfinished run with no checkpoint (killed before its first one, or in its final save): start again
+        if plan.resume_from is None:  # killed before its first checkpoint (or in its final save): start again
             plan.delete = owned
             if owned:
                 plan.notes.append(
-                    f"{out} holds an unfinished run without a usable checkpoint "
-                    f"({', '.join(p.name for p in owned)}); starting it again from step 0"
+                    f"{out} holds an unfinished run without a usable checkpoint ({', '.join(p.name for p in owned)}); "
+                    "starting it again from step 0"
                 )
             return plan
         saved, _ = self.read_config(plan.resume_from)
         diff = {
-            k: (getattr(saved, k), getattr(cfg, k))
-            for k in saved.to_dict()
-            if k not in RESUME_FREE and getattr(saved, k) != getattr(cfg, k)
+            k: (saved.get(k), options.get(k))
+            for k in set(saved) | set(options)
+            if k not in weight_free and saved.get(k) != options.get(k)
         }
         if diff:
             shown = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise TrainConfigError(
-                f"{out} holds a checkpoint of a different configuration ({shown}); "
-                "pass the same options to resume, or --overwrite / another --out to start afresh"
+            raise ArgumentsError(
+                f"{out} holds a checkpoint of a different configuration ({shown}); pass the same options to resume, "
+                "or --overwrite / another --out to start afresh"
             )
         plan.notes += [f"checkpoint {b} is not usable; set aside as corrupt-{b.split(':')[0]}" for b in bad]
         return plan
 
     def apply(self, plan: ResumePlan) -> None:
-        """Carry out a plan (main process): mark the folder as a run folder, warn, set corrupted checkpoints
-        aside, delete leftovers."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / self.MARKER).is_file():
-            atomic_write_text(
-                self.path / self.MARKER,
-                json.dumps(
-                    {
-                        "format": "orchmoe-run",
-                        "orchmoe_version": __version__,
-                        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    }
-                ),
-            )
+        """Carry out a plan (main process, holding the lock): warn, set damaged checkpoints aside, delete."""
         for note in plan.notes:
             warnings.warn(note, stacklevel=3)
         for ckpt in plan.set_aside:
             aside = ckpt.with_name(f"corrupt-{ckpt.name}")
-            shutil.rmtree(aside, ignore_errors=True)
+            self._delete(aside)
             os.replace(ckpt, aside)
         for p in plan.delete:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            self._delete(p)
+
+    def _delete(self, p: Path) -> None:
+        """Delete one of orchmoe's outputs: a file, or a folder's files orchmoe wrote (then the folder if empty)."""
+        kind = path_kind(p)
+        if kind is None:
+            return
+        if kind != "folder":
+            p.unlink()
+            return
+        listed = _written_files(p)
+        for rel in listed:
+            target = p / rel
+            if path_kind(target) in ("regular file", "symbolic link"):
+                target.unlink()
+        for sub in sorted((d for d in p.rglob("*") if d.is_dir() and not d.is_symlink()), key=lambda d: -len(d.parts)):
+            _rmdir_if_empty(sub)
+        if not _rmdir_if_empty(p):
+            warnings.warn(f"{p} holds files orchmoe did not write; they were kept", stacklevel=4)
 
 
-class _Log:
-    """The training log, opened for appending; a full disk while writing it is reported naming it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with reporting_disk_full(path):
-            self._fh = open(path, "a", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        with reporting_disk_full(self.path):
-            self._fh.write(text)
-
-    def flush(self) -> None:
-        with reporting_disk_full(self.path):
-            self._fh.flush()
-
-    def close(self) -> None:
+def _written_files(folder: Path) -> list[str]:
+    """The files orchmoe (or the Trainer under it) wrote into one of its sub-folders: its manifest's list, the
+    known names of analysis/eval folders, an adapter's files, tracker event files."""
+    out: list[str] = []
+    manifest = folder / RunFolder.MANIFEST
+    if path_kind(manifest) == "regular file":
         try:
-            self._fh.close()
-        except OSError:  # the error was reported by the write or flush that met it
+            files = read_json(manifest, "manifest").get("files", {})
+            out += [rel for rel in files if isinstance(rel, str) and ".." not in Path(rel).parts]
+        except (OSError, ValueError, AttributeError):
             pass
+        out.append(RunFolder.MANIFEST)
+    name = folder.name
+    if name == RunFolder.ANALYSIS:
+        out += list(_SUBFOLDER_FILES["analysis"])
+    elif name.startswith("eval-"):
+        out += list(_SUBFOLDER_FILES["eval"])
+    elif name == RunFolder.ADAPTER:
+        out += ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    elif name == RunFolder.LOGS:
+        out += [str(p.relative_to(folder)) for p in folder.rglob("events.out.tfevents.*")]
+    elif name.startswith(("checkpoint-", "corrupt-checkpoint-")) and not out:
+        # a checkpoint cut short before its manifest: the Trainer's own names
+        out += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and _trainer_file(p.name)]
+    return out
+
+
+def _trainer_file(name: str) -> bool:
+    return name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "training_args.bin",
+        "config.yaml",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+    ) or name.startswith(("rng_state", "scaler"))
+
+
+def _rmdir_if_empty(p: Path) -> bool:
+    try:
+        p.rmdir()
+        return True
+    except OSError:
+        return False

@@ -1,16 +1,24 @@
-"""How one call of a `RoutedModel` runs: routed first, auxiliary losses into the output last.
+"""How every call of the adapted transformers model runs: routed first, auxiliary losses into its output last.
 
-`RoutedModel.forward` does both itself, so a compiled model is one graph. A library may replace
-the instance's ``forward`` (TRL's ``add_fused_lm_head`` installs one that runs the backbone and the
-LM head itself, accelerate wraps it in autocast); then module hooks frame whatever forward runs:
-the pre-hook routes from the call's inputs (``labels`` included, so OrchMoE routes from the prompt
-tokens only) and takes orchmoe's own arguments (``task_ids``, ``routing_mask``) out, and the
-forward hook attaches the auxiliary losses (`orchmoe.tuner.outputs.with_aux_loss`). Our forward, when
-the replacement calls it, sees that the call was routed and leaves both to the hooks.
+The routing cannot live in one wrapper's ``forward``: the transformers model is reached through many doors
+(``peft.PeftModelForCausalLM.forward`` calls the tuner, a plain ``peft.PeftModel`` calls the transformers
+model itself, ``generate`` calls it once per decoding step, TRL may replace its ``forward``). So `RoutedModel`
+hooks the transformers model itself: the forward pre-hook (`before_forward`) routes from the call's inputs
+(``labels`` too, so OrchMoE routes from the prompt tokens only) and takes orchmoe's own arguments
+(``task_ids``, ``routing_mask``) out of the call; the forward hook (`after_forward`) attaches the auxiliary
+losses (`orchmoe.tuner.outputs.with_aux_loss`). Whatever door a call comes through, it is routed once.
+
+Task ids and PEFT: ``PeftModelForCausalLM.forward`` (and the Seq2Seq one) names ``task_ids`` as its own
+parameter and hands it on only to PEFT's own Poly, so a task id given there would be lost. `accept_task_ids`
+puts a pre-hook on such a PeftModel that renames it to ``orchmoe_task_ids``, which PEFT passes on untouched;
+orchmoe installs it on every PeftModel it builds or loads (`orchmoe.get_model`, `orchmoe.load_adapter`,
+``PeftModel.from_pretrained``, ``save_pretrained``). A model from a bare ``peft.get_peft_model`` of a
+task-routed config gets it at `accept_task_ids`; until then its forward names the limit (`RoutingError`).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from typing import Any
@@ -19,38 +27,90 @@ import torch
 
 from orchmoe.tuner.outputs import with_aux_loss
 
-__all__ = ["CALL_ORDER", "attach_aux", "finish_call", "route_before_call", "route_call"]
+__all__ = ["ROUTING_KWARGS", "accept_task_ids", "after_forward", "before_forward", "route_call", "attach_aux"]
 
-#: `forward`'s positional order (the pre-hook names positional arguments by it)
-CALL_ORDER = ("input_ids", "attention_mask", "labels", "task_ids", "routing_mask")
+#: orchmoe's own call arguments, never passed to the transformers model (``orchmoe_task_labels``: each example's
+#: task for the routing diagnostics of a method that does not route by it, OrchMoE's NMI with the tasks)
+ROUTING_KWARGS = ("task_ids", "orchmoe_task_ids", "routing_mask", "orchmoe_task_labels")
+_TASK_ID_HOOK = "_orchmoe_task_id_hook"
 
 
-def route_call(model: Any, kwargs: dict) -> None:
-    """Route one call from its inputs (``kwargs`` as the call passes them), or keep the routing: a step that
-    continues a KV cache (or runs the decoder over already encoded prompts) keeps its prompt's routing.
-    Takes ``task_ids`` and ``routing_mask`` out of ``kwargs``: they are orchmoe's, not the base model's.
+def _bind(model: Any, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments all by name (positional ones named by the model's ``forward`` signature)."""
+    if not args:
+        return dict(kwargs)
+    params = getattr(model, "_orchmoe_forward_params", None)
+    if params is None:
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        model.__dict__["_orchmoe_forward_params"] = params
+    if len(args) > len(params):
+        raise TypeError(f"{type(model).__name__}.forward takes at most {len(params)} positional arguments")
+    named = dict(kwargs)
+    for name, value in zip(params, args):
+        if name in named:
+            raise TypeError(f"{type(model).__name__}.forward got multiple values for argument {name!r}")
+        named[name] = value
+    return named
+
+
+def before_forward(tuner: Any, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the transformers model: route this call (or keep the routing of the prompt it
+    continues), with every argument by name and orchmoe's own taken out.
+
+    Args:
+        tuner: the `RoutedModel` whose layers sit in ``module``.
+        module: the transformers model being called.
+        args, kwargs: the call's arguments.
+    Returns:
+        ``((), kwargs)`` without orchmoe's arguments.
+    """
+    kwargs = _bind(module, args, kwargs)
+    tuner.check_usable()
+    routing = {k: kwargs.pop(k) for k in ROUTING_KWARGS if k in kwargs}
+    if tuner.routing_frozen:  # inside RoutedModel.generate: the prompt's routing holds for every step
+        return (), kwargs
+    task_ids = routing.get("orchmoe_task_ids")
+    if task_ids is None:
+        task_ids = routing.get("task_ids")
+    route_call(tuner, kwargs, task_ids=task_ids, routing_mask=routing.get("routing_mask"))
+    tuner.record_routing_window(routing.get("orchmoe_task_labels"), task_ids)
+    tuner.call_labels = kwargs.get("labels")
+    tuner.call_items = kwargs.get("num_items_in_batch")
+    return (), kwargs
+
+
+def after_forward(tuner: Any, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook of the transformers model: the auxiliary losses of this call into its output."""
+    labels, items = tuner.call_labels, tuner.call_items
+    tuner.call_labels = tuner.call_items = None
+    return attach_aux(tuner, output, labels, items)
+
+
+def route_call(tuner: Any, kwargs: dict, task_ids=None, routing_mask=None) -> None:
+    """Route one call from its inputs, or keep the routing: a step that continues a KV cache (or runs the
+    decoder over already encoded prompts) keeps its prompt's routing.
 
     A static cache keeps its length on the device; reading it would be a host sync, so a call continues
     the decode when it passes the very cache object its routing was set with. To reuse that object for a
-    new prompt batch after ``cache.reset()``, call `set_routing` first (or pass a new cache)."""
-    if model._unloaded:
-        raise RuntimeError(
-            "this RoutedModel was unloaded (unload() / merge_and_unload()): call the base model it "
-            "returned, or wrap a fresh one with get_model()"
-        )
-    task_ids, routing_mask = kwargs.pop("task_ids", None), kwargs.pop("routing_mask", None)
+    new prompt batch after ``cache.reset()``, call `RoutedModel.set_routing` first (or pass a new cache).
+    """
     input_ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+    state = tuner.routing_state
     reuse = (
-        _continues_decode(cache, model.routing_state.cache)  # a continued decode keeps its prompt's routing
+        _continues_decode(cache, state.cache)
         or (
             input_ids is None
             and kwargs.get("inputs_embeds") is None
             and kwargs.get("encoder_outputs") is not None
             and task_ids is None
         )  # a decoder step over an already encoded prompt
-    ) and model.routing_state.ready  # read last: a compiled training forward then never guards on it
+    ) and state.ready  # read last: a compiled training forward then never guards on it
     if not reuse:
-        model.set_routing(
+        tuner.set_routing(
             input_ids=input_ids,
             attention_mask=kwargs.get("attention_mask"),
             inputs_embeds=kwargs.get("inputs_embeds"),
@@ -59,58 +119,55 @@ def route_call(model: Any, kwargs: dict) -> None:
             routing_mask=routing_mask,
             decoder_attention_mask=kwargs.get("decoder_attention_mask"),
         )
-        model.routing_state.cache = _weak(cache)
+        state.cache = _weak(cache)
 
 
-def attach_aux(model: Any, out: Any, labels=None) -> Any:
-    """The output with this call's auxiliary losses (`orchmoe.tuner.outputs.with_aux_loss`)."""
-    aux = model.routing_state.aux_losses
+def attach_aux(tuner: Any, out: Any, labels=None, num_items_in_batch=None) -> Any:
+    """The output with this call's auxiliary losses (`orchmoe.tuner.outputs.with_aux_loss`), added to its loss.
+
+    Under `transformers.Trainer`'s token-normalised loss (a call given ``num_items_in_batch``, the answer tokens
+    of the whole accumulated batch across processes) the LM loss of a micro-batch is its token sum over that
+    count; the auxiliary loss, a mean per micro-batch, is weighted by this micro-batch's share of those tokens,
+    so over the accumulation (and, once the Trainer scales by the process count, over the processes) the
+    auxiliary term is its token-weighted mean, whatever the accumulation steps.
+    """
+    aux = tuner.routing_state.aux_losses
     total = None
     if aux:
         loss = out.get("loss") if isinstance(out, dict) else None
         device = loss.device if loss is not None else aux[0].device  # layers may sit on several devices
         total = torch.stack([a.float().to(device) for a in aux]).sum()
-        if model._aux_sink is not None:
-            model._aux_sink.append(total)
-        elif model.aux_loss_in_loss and isinstance(out, dict) and out.get("log_probs") is not None:
+        if num_items_in_batch is not None and labels is not None:
+            mine = (labels[..., 1:] != -100).sum() if labels.dim() > 1 else (labels != -100).sum()
+            total = total * (mine.to(total.dtype) / torch.as_tensor(num_items_in_batch, device=device).to(total.dtype))
+        if torch.is_grad_enabled():  # a training forward: kept for the logs (orchmoe.training.callbacks)
+            tuner.aux_window.append(total.detach())
+        if isinstance(out, dict) and out.get("log_probs") is not None and tuner.aux_loss_in_loss:
             warnings.warn(
-                f"{model.adapter_config.method}'s auxiliary loss is added to outputs.loss, but this forward "
-                "was replaced by one returning per-token log_probs (TRL's fused LM head), whose trainer "
-                "computes its own loss and drops it: train with orchmoe.integrations.RoutedSFTTrainer",
+                f"{tuner.adapter_config.method}'s auxiliary loss is added to outputs.loss, but this forward returns "
+                "per-token log_probs (TRL's fused LM head): a trainer that computes its own loss from log_probs "
+                "drops it (it is in outputs.aux_loss)",
                 stacklevel=3,
             )
-    return with_aux_loss(out, total, add_to_loss=model.aux_loss_in_loss and model._aux_sink is None, labels=labels)
+    return with_aux_loss(out, total, add_to_loss=tuner.aux_loss_in_loss, labels=labels)
 
 
-def _forward_replaced(module: Any) -> bool:
-    """Whether a library replaced this instance's ``forward`` (an instance attribute hides the class's)."""
-    return "forward" in module.__dict__
-
-
-def route_before_call(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook: when ``forward`` was replaced, route this call, with every argument by name."""
-    if not _forward_replaced(module):
-        return None  # RoutedModel.forward routes
-    if len(args) > len(CALL_ORDER):
-        raise TypeError(
-            f"RoutedModel takes at most {len(CALL_ORDER)} positional arguments {CALL_ORDER}, got {len(args)}"
-        )
+def _rename_task_ids(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """PeftModel pre-hook: ``task_ids`` -> ``orchmoe_task_ids``, which PEFT's forward passes on."""
+    if kwargs.get("task_ids") is None:
+        return None
     kwargs = dict(kwargs)
-    for name, value in zip(CALL_ORDER, args):
-        if name in kwargs:
-            raise TypeError(f"RoutedModel got multiple values for argument {name!r}")
-        kwargs[name] = value
-    route_call(module, kwargs)
-    module._routed_call = True
-    return (), kwargs
+    kwargs["orchmoe_task_ids"] = kwargs.pop("task_ids")
+    return args, kwargs
 
 
-def finish_call(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Forward hook: when ``forward`` was replaced, the auxiliary losses into its output."""
-    if not _forward_replaced(module):
-        return None  # RoutedModel.forward attached them
-    module._routed_call = False
-    return attach_aux(module, output, kwargs.get("labels"))
+def accept_task_ids(peft_model: Any) -> Any:
+    """Let ``peft_model(..., task_ids=...)`` reach orchmoe's router through PEFT's forward (see the module
+    docstring); idempotent. Returns the model."""
+    if not isinstance(peft_model, torch.nn.Module) or _TASK_ID_HOOK in peft_model.__dict__:
+        return peft_model
+    peft_model.__dict__[_TASK_ID_HOOK] = peft_model.register_forward_pre_hook(_rename_task_ids, with_kwargs=True)
+    return peft_model
 
 
 def _weak(cache):

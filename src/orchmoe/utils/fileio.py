@@ -2,8 +2,11 @@
 
 The one atomic writer of the package: write to a hidden temporary file beside the target, flush it
 to disk, then rename it over the target. A failure leaves the previous file untouched and removes
-the temporary; a full disk is reported as such, naming the file. Also here: the checksummed
-manifest that marks a folder complete, and the exclusive lock of a folder.
+the temporary; a full disk is reported as such, naming the file. Only a regular file (or nothing) is
+ever replaced: a symlink, a device, a FIFO or a folder at the target is refused, so a path from a
+received run folder or a careless ``--out`` cannot redirect a write. A whole folder is replaced as one
+unit by `replace_dir` (an atomic exchange where the kernel offers one). Also here: the checksummed
+manifest that marks a folder complete, and the exclusive lock of a folder (which never follows a link).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +27,10 @@ from typing import Any
 
 __all__ = [
     "atomic_write",
+    "replace_dir",
+    "recover_dir",
+    "UnsafePathError",
+    "check_replaceable",
     "atomic_write_text",
     "atomic_torch_save",
     "fsync_tree",
@@ -30,6 +39,9 @@ __all__ = [
     "reporting_disk_full",
     "is_disk_full",
     "sha256_file",
+    "read_json",
+    "FileFormatError",
+    "MAX_JSON_BYTES",
     "write_manifest",
     "verify_manifest",
     "FolderLock",
@@ -102,9 +114,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class UnsafePathError(OSError):
+    """A write refused because its target is not a regular file or folder of its own (a link, a device, ...)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "folder",
+    stat.S_IFREG: "regular file",
+}
+
+
+def path_kind(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` without following a link ("regular file", "folder", "symbolic link", ...), or None."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def check_replaceable(target: str | os.PathLike, want: str = "regular file") -> None:
+    """Raise `UnsafePathError` unless ``target`` is absent or a ``want`` ("regular file" or "folder") itself."""
+    kind = path_kind(target)
+    if kind is not None and kind != want:
+        raise UnsafePathError(
+            errno.EEXIST, f"{target} is a {kind}, not a {want}: refusing to write over it (choose another path)"
+        )
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target`` (absent or a regular file)."""
     target = Path(target)
+    check_replaceable(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with reporting_disk_full(target):
@@ -133,12 +182,104 @@ def atomic_torch_save(target: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(target, write)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the complete folder ``new`` at ``target`` as one unit, replacing the folder there.
+
+    Flushed first; then an atomic exchange of the two folders where the kernel offers it, so a kill at any
+    moment leaves the old folder or the new one at ``target``. Elsewhere two renames, with the old folder
+    parked as ``.<name>.old`` in between (`recover_dir` puts it back if a kill fell between them).
+
+    Raises:
+        UnsafePathError: ``target`` is not a folder (a file, a link, ...).
+    """
+    new, target = Path(new), Path(target)
+    check_replaceable(target, "folder")
+    fsync_tree(new)
+    if path_kind(target) is None:
+        os.rename(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        parked = target.with_name(f".{target.name}.old")
+        if parked.exists():
+            shutil.rmtree(parked)
+        os.rename(target, parked)
+        os.rename(new, target)
+        shutil.rmtree(parked)
+    fsync_dir(target.parent)
+    return target
+
+
+def recover_dir(target: str | os.PathLike) -> None:
+    """Undo a `replace_dir` cut between its two renames: the parked old folder back at ``target``."""
+    target = Path(target)
+    parked = target.with_name(f".{target.name}.old")
+    if path_kind(target) is None and path_kind(parked) == "folder":
+        os.rename(parked, target)
+
+
 def fsync_tree(path: Path) -> None:
     """Flush a freshly written folder (every file, then the folder) before it is renamed into place."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
             _fsync_file(p)
     fsync_dir(path)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+#: the largest JSON file orchmoe reads (configs, manifests, metrics: kilobytes in practice)
+MAX_JSON_BYTES = 64 << 20
+
+
+class FileFormatError(ValueError):
+    """A file that cannot be read as what it should be (not UTF-8, not JSON, nested too deeply, too large)."""
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in ``path``; any way the file is unreadable is a `FileFormatError` naming it.
+
+    Only a regular file is read (a FIFO would block, a device would never end); its size is bounded; invalid
+    UTF-8, invalid JSON and nesting too deep for the parser each say so with the file's name.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        FileFormatError: anything else that keeps it from being read.
+    """
+    path = Path(path)
+    kind = path_kind(path)
+    if kind is None:
+        raise FileNotFoundError(f"no {what} at {path}")
+    if kind != "regular file" and not (kind == "symbolic link" and path.is_file()):
+        raise FileFormatError(f"{path} is a {kind}, not a {what}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FileFormatError(f"{path} is {size:,} bytes, over the {max_bytes:,} bytes a {what} may have")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path} is not valid UTF-8 text (byte {e.start}): not a {what}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): not a {what}") from None
+    except RecursionError:
+        raise FileFormatError(f"{path} nests its JSON too deeply to be a {what}") from None
 
 
 # -- manifests: what a complete folder holds ---------------------------------------------------
@@ -219,7 +360,19 @@ class FolderLock:
         except ImportError:  # pragma: no cover - not a POSIX system
             warnings.warn(f"cannot lock {what} on this platform: do not run two trainings into it", stacklevel=2)
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: a lock file linking elsewhere must not truncate its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
+        except OSError as e:
+            raise UnsafePathError(
+                errno.ELOOP,
+                f"cannot lock {what}: {self.path} is a {path_kind(self.path) or 'path that cannot be opened'} "
+                f"({e.strerror}); orchmoe's lock file must be a regular file it created (remove it)",
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePathError(
+                errno.EEXIST, f"cannot lock {what}: {self.path} is not a regular file (remove it and start again)"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

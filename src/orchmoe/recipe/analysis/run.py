@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchmoe.adapters.folder import AdapterMismatchError, read_adapter_config
+from orchmoe.adapters.folder import AdapterMismatchError, describe_adapter_config, load_adapter, read_adapter_config
 from orchmoe.core.diagnostics import UNIFORM_SPREAD, allocation_spread
 from orchmoe.data import encode_prompt
 from orchmoe.loading.pretrained import load_model_and_tokenizer
@@ -35,10 +35,10 @@ from orchmoe.recipe.analysis.allocations import (
 )
 from orchmoe.recipe.analysis.markdown import analysis_markdown, top_skills
 from orchmoe.recipe.analysis.plots import plot_allocation_heatmaps, plot_dendrogram, plot_task_heatmap
-from orchmoe.recipe.data import build_data, prompt_settings
-from orchmoe.recipe.options import TrainConfig, TrainConfigError
+from orchmoe.recipe.args import ArgumentsError, DataArguments
+from orchmoe.recipe.run_data import build_data
 from orchmoe.recipe.run_folder import RunFolder
-from orchmoe.tuner.model import RoutedModel, load_adapter
+from orchmoe.tuner.model import RoutedModel
 from orchmoe.utils.fileio import atomic_write_text
 
 __all__ = ["RunInfo", "read_run", "load_run_model", "build_task_prompts", "analyze_model", "analyze_run"]
@@ -51,7 +51,7 @@ class RunInfo:
     """What an analysis reads from a training run folder."""
 
     folder: RunFolder
-    cfg: TrainConfig
+    cfg: dict  # the run's options (config.yaml)
     adapter_meta: dict  # the whole adapter_config.json
     metrics: dict | None  # metrics.json, when present
     tasks: list[str]  # training tasks in task-id order
@@ -59,7 +59,7 @@ class RunInfo:
 
     @property
     def method(self) -> str:
-        return str(self.adapter_meta.get("method", ""))
+        return describe_adapter_config(self.adapter_meta)["method"]
 
 
 def read_run(run_dir: PathLike) -> RunInfo:
@@ -72,21 +72,22 @@ def read_run(run_dir: PathLike) -> RunInfo:
         meta = read_adapter_config(folder.adapter_dir)
     except (FileNotFoundError, AdapterMismatchError) as e:
         raise AnalysisError(str(e)) from None
-    md = meta.get("metadata") or {}
+    described = describe_adapter_config(meta)
+    md = described["record"].get("metadata") or {}
     if isinstance(md.get("task_to_id"), Mapping) and md["task_to_id"]:
         tasks = sorted(md["task_to_id"], key=lambda t: int(md["task_to_id"][t]))
     else:
         raise AnalysisError(f"{folder.adapter_dir}: the adapter metadata has no 'task_to_id' (the training tasks)")
-    n_tasks = meta["config"].get("n_tasks")
-    if meta.get("method") in ("poly", "mhr") and n_tasks is not None and n_tasks != len(tasks):
+    n_tasks = described["fields"].get("n_tasks")
+    if n_tasks is not None and n_tasks != len(tasks):
         raise AnalysisError(
-            f"{folder.adapter_dir}: metadata lists {len(tasks)} tasks but the {meta['method']} adapter "
+            f"{folder.adapter_dir}: metadata lists {len(tasks)} tasks but the {described['method']} adapter "
             f"has n_tasks={n_tasks}"
         )
     try:
         cfg, _ = folder.read_config()
         metrics = folder.read_metrics() if (folder / RunFolder.METRICS).is_file() else None
-    except (FileNotFoundError, TrainConfigError) as e:
+    except (FileNotFoundError, ArgumentsError) as e:
         raise AnalysisError(str(e)) from None
     categories = {str(k): str(v) for k, v in (md.get("categories") or {}).items()}
     return RunInfo(folder, cfg, meta, metrics, tasks, categories)
@@ -96,8 +97,8 @@ def load_run_model(
     info: RunInfo, *, model: PathLike | None = None, device: str | torch.device | None = None
 ) -> tuple[RoutedModel, Any]:
     """(RoutedModel in eval mode, tokenizer): the run's base model (or ``model``) with its adapter."""
-    spec = os.fspath(model) if model is not None else info.cfg.model
-    base, tokenizer, _ = load_model_and_tokenizer(spec, dtype=info.cfg.dtype, device=device)
+    spec = os.fspath(model) if model is not None else info.cfg.get("model")
+    base, tokenizer, _ = load_model_and_tokenizer(spec, dtype=info.cfg.get("dtype", "auto"), device=device)
     routed = load_adapter(base, info.folder.adapter_dir)
     return routed.eval(), tokenizer
 
@@ -113,8 +114,11 @@ def build_task_prompts(
     """Prompts of every training task, built as in training, from the run's own seeded held-out
     instances (training instances for a task without any), so pi is measured on inputs the router did
     not fit. ``data`` overrides where the run's data are now."""
-    cfg = TrainConfig(**{**info.cfg.to_dict(), "unseen_tasks": 0, **({"data": os.fspath(data)} if data else {})})
-    split = build_data(cfg)
+    fields = {k: v for k, v in info.cfg.items() if k in DataArguments.__dataclass_fields__}
+    fields.update(unseen_tasks="0", **({"data": os.fspath(data)} if data else {}))
+    data_args = DataArguments(**{k: (str(v) if k in ("tasks", "train_per_task") and v is not None else v)
+                                 for k, v in fields.items()})  # fmt: skip
+    split = build_data(data_args, int(info.cfg.get("seed", 0)))
     if sorted(split.task_to_id) != sorted(info.tasks):
         raise AnalysisError(
             f"the tasks rebuilt from {info.folder / RunFolder.CONFIG} are not the adapter's; check the data"
@@ -125,7 +129,8 @@ def build_task_prompts(
             by_task[ex.task].append(ex)
     for t in by_task:
         info.categories.setdefault(t, split.task_defs[t].category)
-    settings = prompt_settings(cfg)
+    fmt = data_args.prompt_format()
+    settings = {"n_pos": fmt["n_pos"], "max_source_len": fmt["max_source_len"], "chat_template": fmt["chat_template"]}
     return {
         t: [
             (ids, [1] * len(ids))
@@ -328,12 +333,8 @@ def analyze_run(
     ``model`` / ``data`` override where the base model and the data are now (a run trained elsewhere).
     """
     info = read_run(run_dir)
-    if info.method not in ("orchmoe", "poly", "mhr"):
-        raise AnalysisError(
-            f"{info.folder.adapter_dir}: a {info.method!r} adapter has no task-skill allocation to "
-            "analyse (OrchMoE, Poly and MHR have one)"
-        )
     routed, tokenizer = load_run_model(info, model=model, device=device)
+    allocation_kind(routed)  # the router says whether it has a task-skill allocation to analyse
     prompts = None
     if routed.adapter_config.routing == "prompt":
         prompts = build_task_prompts(
@@ -345,7 +346,7 @@ def analyze_run(
         )
     extra: dict[str, Any] = {
         "run_dir": str(info.folder.path),
-        "base_model": info.adapter_meta.get("base_model", {}).get("name"),
+        "base_model": (describe_adapter_config(info.adapter_meta)["record"].get("base_model") or {}).get("name"),
     }
     if info.metrics is not None:
         extra["metrics"] = _headline_metrics(info.metrics)

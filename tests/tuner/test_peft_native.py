@@ -1,18 +1,31 @@
-"""A RoutedModel as the Hugging Face tools see it: outputs with an aux_loss field (DDP's pytree),
-adapter-only save_pretrained / from_pretrained / push_to_hub, get_base_model / unload, the HF
-``base_model`` (backbone) convention and a forward replaced by a library (TRL's fused LM head)."""
+"""orchmoe's methods as PEFT methods, seen from the Hugging Face tools: ``peft.get_peft_model`` /
+``PeftModel.from_pretrained`` / ``AutoPeftModelForCausalLM`` with an orchmoe config, PEFT's folder format,
+outputs with an aux_loss field (DDP's pytree), get_base_model / unload / disable_adapter, task ids through
+PEFT's forward (and the limit of a bare ``peft.get_peft_model``), a forward replaced by a library (TRL's fused
+LM head, accelerate's autocast wrapper)."""
 
 from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 import torch.utils._pytree as pytree
 
 from core_helpers import method_config, randomize_adapter, task_kwargs, tiny_base, toy_batch
-from orchmoe import HubError, RoutedModel, get_model, load_adapter
-from orchmoe.tuner.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe import (
+    ConfigError,
+    OrchMoEConfig,
+    PolyConfig,
+    RoutedModel,
+    RoutingError,
+    accept_task_ids,
+    get_model,
+    load_adapter,
+    save_adapter,
+)
+from orchmoe.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def _routed(method, arch="llama", **overrides):
@@ -43,102 +56,101 @@ def test_positional_call_routes_like_keywords():
     with torch.no_grad():
         a = model(batch["input_ids"], batch["attention_mask"], task_ids=tasks).logits
         b = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=tasks).logits
-        c = model.forward(batch["input_ids"], batch["attention_mask"], None, tasks).logits  # forward as a function
+        c = model.base_model(batch["input_ids"], batch["attention_mask"], task_ids=tasks).logits  # the tuner, positional
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(c, b, atol=0, rtol=0)
 
 
-# ----------------------------------------------------------------------------- the HF attribute conventions
-def test_base_model_is_the_backbone_and_get_base_model_the_wrapped_model():
+# ----------------------------------------------------------------------------- PEFT's conventions and entry points
+@pytest.mark.parametrize("method", ["orchmoe", "poly", "molora"])
+def test_peft_get_peft_model_builds_a_peft_model_around_orchmoes_tuner(method):
     base = tiny_base("llama")
-    model = get_model(base, method_config("orchmoe"))
-    assert model.get_base_model() is base and model.model is base
-    assert model.base_model is base.model and type(model.base_model).__name__ == "LlamaModel"  # HF convention
-    t5 = tiny_base("t5")
-    assert get_model(t5, method_config("lora")).base_model is t5  # no backbone attribute: the model itself
+    model = peft.get_peft_model(base, method_config(method, task_type="CAUSAL_LM"))
+    assert isinstance(model, peft.PeftModelForCausalLM) and isinstance(model.base_model, RoutedModel)
+    assert model.get_base_model() is base and model.base_model.model is base
     assert model.get_output_embeddings() is base.lm_head and model.config is base.config
+    assert str(model.peft_config["default"].peft_type.value) == f"ORCHMOE_{method.upper()}"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or ("router" in n) for n in trainable)
+    assert model.get_nb_trainable_parameters()[0] == model.num_parameters_split()[0]
 
 
-def test_persistence_and_adapter_methods_are_not_forwarded_to_the_base_model(tmp_path, monkeypatch):
+def test_a_bare_get_peft_model_loses_task_ids_in_pefts_forward_until_accepted():
+    """The limit of PEFT's design: PeftModelForCausalLM.forward names task_ids itself and passes them on only to
+    PEFT's own Poly. A model from orchmoe.get_model (or loaded by orchmoe or PEFT) accepts them; a bare
+    peft.get_peft_model of a task-routed config says so, and accept_task_ids lifts the limit."""
+    batch, tasks = toy_batch("llama")
+    bare = peft.get_peft_model(tiny_base("llama"), PolyConfig(n_tasks=3, n_skills=2, rank=2, task_type="CAUSAL_LM"))
+    with pytest.raises(RoutingError, match="accept_task_ids"):
+        bare(input_ids=batch["input_ids"], task_ids=tasks)
+    accept_task_ids(bare)
+    assert bare(input_ids=batch["input_ids"], task_ids=tasks).logits.shape[:2] == batch["input_ids"].shape
+    with pytest.raises(RoutingError, match="does not route by task id"):
+        _routed("orchmoe")(input_ids=batch["input_ids"], task_ids=tasks)
+
+
+def test_one_routed_adapter_per_model(tmp_path):
+    model = _routed("lora")
+    with pytest.raises(ConfigError, match="one adapter per model"):
+        model.add_adapter("second", method_config("lora"))
+    with pytest.raises(ConfigError, match="one routed adapter"):
+        model.base_model.set_adapter("second")
+
+
+def test_save_pretrained_writes_a_folder_peft_reads_and_never_the_base(tmp_path, monkeypatch):
     base = tiny_base("llama")
-    model = get_model(base, method_config("orchmoe"))
+    model = get_model(base, method_config("orchmoe"), base_model_source="tiny/llama")
     monkeypatch.setattr(type(base), "save_pretrained", lambda *a, **k: pytest.fail("the base model was saved"))
     model.save_pretrained(tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
-    assert json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())["format"] == "orchmoe-adapter"
-    for name in ("load_adapter", "add_adapter", "set_adapter", "active_adapters", "enable_adapters"):
-        assert hasattr(base, name)
-        with pytest.raises(AttributeError, match=name):
-            getattr(model, name)
-    with pytest.raises(ValueError, match="safetensors"):
-        model.save_pretrained(tmp_path / "b", safe_serialization=False)
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= {p.name for p in (tmp_path / "a").iterdir()}
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    assert meta["peft_type"] == "ORCHMOE_ORCHMOE" and meta["task_type"] == "CAUSAL_LM"
+    assert meta["base_model_name_or_path"] == "tiny/llama" and meta["orchmoe"]["weights_sha256"]
+    config = peft.PeftConfig.from_pretrained(str(tmp_path / "a"))
+    assert isinstance(config, OrchMoEConfig) and config.method_fields() == model.adapter_config.method_fields()
 
 
-def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+def test_peft_model_from_pretrained_round_trip(tmp_path):
     model = _routed("orchmoe").eval()
     batch, _ = toy_batch("llama")
     with torch.no_grad():
         expected = model(**batch).logits
-    model.save_pretrained(tmp_path / "a", metadata={"note": "x"})
-    assert model.save_pretrained(tmp_path / "none", is_main_process=False) == tmp_path / "none"
-    assert not (tmp_path / "none").exists()
-    loaded = RoutedModel.from_pretrained(tiny_base("llama"), tmp_path / "a")
-    assert loaded.adapter_metadata == {"note": "x"} and not loaded.training
+    save_adapter(model, tmp_path / "a", metadata={"note": "x"})
+    loaded = peft.PeftModel.from_pretrained(tiny_base("llama"), tmp_path / "a")
+    assert isinstance(loaded.base_model, RoutedModel) and loaded.adapter_metadata == {"note": "x"}
+    assert not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=0, rtol=0)
-    with pytest.raises(FileNotFoundError, match="no adapter folder"):
-        RoutedModel.from_pretrained(tiny_base("llama"), tmp_path / "missing")
+    trainable = peft.PeftModel.from_pretrained(tiny_base("llama"), tmp_path / "a", is_trainable=True)
+    assert all(p.requires_grad for p in trainable.adapter_state_dict().values())
 
 
-def test_from_pretrained_from_an_unreachable_hub_repo_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("method", ["orchmoe", "mhr"])
+def test_auto_peft_model_loads_the_base_named_in_the_folder(method, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    model = get_model(tiny_base("llama"), method_config(method), base_model_source=str(tmp_path / "base"))
+    randomize_adapter(model)
+    model.eval()
+    batch, tasks = toy_batch("llama")
+    kw = task_kwargs(method, tasks)
+    with torch.no_grad():
+        expected = model(**batch, **kw).logits
+    model.save_pretrained(tmp_path / "a")
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a"))
+    assert isinstance(auto.base_model, RoutedModel)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**batch, **kw).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_load_adapter_from_an_unreachable_hub_repo_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="not a local adapter folder and could not be fetched"):
-        RoutedModel.from_pretrained(tiny_base("llama"), "someone/no-such-orchmoe-adapter")
-
-
-def test_push_to_hub_uploads_the_adapter_folder(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    calls = {}
-
-    def fake_create_repo(self, repo_id, **kw):
-        calls["create"] = (repo_id, kw)
-
-    def fake_upload(self, *, repo_id, folder_path, **kw):
-        from pathlib import Path
-
-        calls["upload"] = (
-            repo_id,
-            kw,
-            sorted(p.name for p in Path(folder_path).iterdir()),
-            json.loads((Path(folder_path) / ADAPTER_CONFIG).read_text())["method"],
-            (Path(folder_path) / "README.md").read_text(),
-        )
-        return "commit-info"
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload)
-    model = _routed("molora")
-    assert model.push_to_hub("me/molora-tiny", private=True) == "commit-info"
-    assert calls["create"] == ("me/molora-tiny", {"private": True, "exist_ok": True, "repo_type": "model"})
-    repo, kw, files, method, card = calls["upload"]
-    assert repo == "me/molora-tiny" and files == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"])
-    assert method == "molora" and "library_name: orchmoe" in card and kw["commit_message"] == "Upload molora adapter"
-
-    def failing_upload(self, **kw):
-        raise ConnectionError("network is unreachable")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", failing_upload)
-    with pytest.raises(HubError, match="me/x.*failed: ConnectionError: network is unreachable"):
-        model.push_to_hub("me/x")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
-        model.push_to_hub("me/x")
+        load_adapter(tiny_base("llama"), "someone/no-such-orchmoe-adapter")
 
 
 # ----------------------------------------------------------------------------- unload
@@ -182,7 +194,7 @@ def test_disable_adapter_context_and_deepcopy():
 
 def test_load_adapter_onto_a_wrapped_model_is_a_clear_error(tmp_path):
     model = _routed("lora")
-    model.save_adapter(tmp_path / "a")
+    save_adapter(model, tmp_path / "a")
     for wrapped in (model, model.get_base_model()):
         with pytest.raises(ValueError, match="already carries routed adapters.*unload"):
             load_adapter(wrapped, tmp_path / "a")
@@ -191,8 +203,9 @@ def test_load_adapter_onto_a_wrapped_model_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- a forward replaced by TRL
 @pytest.mark.parametrize("method", ["orchmoe", "poly", "molora"])
 def test_trl_fused_lm_head_routes_from_the_prompt_and_keeps_the_aux_loss(method):
-    """TRL's add_fused_lm_head replaces model.forward by one that calls model.base_model (the backbone) and
-    the output embeddings: it computes the same per-token log-probs as our forward, under the prompt's routing."""
+    """TRL's add_fused_lm_head replaces the transformers model's forward by one that calls its backbone and the
+    output embeddings: orchmoe's hooks route around it, so it computes the same per-token log-probs under the
+    prompt's routing, and the balance loss reaches its output."""
     from trl.trainer.utils import add_fused_lm_head
 
     batch, tasks = toy_batch("llama")
@@ -202,10 +215,10 @@ def test_trl_fused_lm_head_routes_from_the_prompt_and_keeps_the_aux_loss(method)
     ref = model(**batch, **kw)
     logp = torch.log_softmax(ref.logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     mask = batch["labels"][:, 1:] != -100
-    add_fused_lm_head(model)
+    add_fused_lm_head(model.get_base_model())  # on the transformers model, as TRL does under PEFT
     torch.manual_seed(0)  # the same Gumbel noise / routing
     if method == "molora":
-        with pytest.warns(UserWarning, match="RoutedSFTTrainer"):
+        with pytest.warns(UserWarning, match="log_probs"):
             fused = model(**batch, **kw, fused_lm_head=True)
     else:
         fused = model(**batch, **kw, fused_lm_head=True)
@@ -222,8 +235,8 @@ def test_trl_fused_lm_head_routes_from_the_prompt_and_keeps_the_aux_loss(method)
 
 @pytest.mark.parametrize("method", ["poly", "molora"])
 def test_accelerate_autocast_wrapper_routes_through_the_hooks(method):
-    """accelerate.prepare(mixed_precision="bf16") replaces model.forward by an autocast wrapper of ours: the call
-    is routed by the pre-hook (task_ids never reach the transformers model) and keeps its aux_loss."""
+    """accelerate.prepare(mixed_precision="bf16") replaces the PeftModel's forward by an autocast wrapper: the
+    call is routed by the hooks (task_ids never reach the transformers model) and keeps its aux_loss."""
     from accelerate import Accelerator
 
     batch, tasks = toy_batch("llama")
@@ -234,7 +247,7 @@ def test_accelerate_autocast_wrapper_routes_through_the_hooks(method):
 
     try:
         prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
-        assert prepared is model and "forward" in model.__dict__
+        assert prepared is model and "forward" in model.__dict__  # accelerate replaced the PeftModel's forward
         torch.manual_seed(0)
         out = prepared(**batch, **task_kwargs(method, tasks))
     finally:

@@ -32,8 +32,26 @@ from orchmoe import (
     RoutingError,
     get_model,
     load_adapter,
+    save_adapter,
 )
-from orchmoe.tuner.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchmoe.adapters.provenance import model_fingerprint
+
+
+def write_legacy_config(model, folder, version, alpha):
+    """The adapter_config.json orchmoe 0.1 / 0.2 wrote for this model (the tensors were named alike)."""
+    cfg = model.adapter_config.method_fields()
+    cfg["alpha"] = alpha
+    meta = {
+        "format": "orchmoe-adapter",
+        "orchmoe_version": version,
+        "method": cfg["method"],
+        "config": cfg,
+        "base_model": {"name": "tiny", **model_fingerprint(model.get_base_model(), with_weights=False)},
+        "layers": {k: list(v) for k, v in model.layer_shapes.items()},
+        "metadata": {},
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta))
 
 
 def _routed(arch, method, seed=0, **overrides):
@@ -159,7 +177,7 @@ def test_orchmoe_with_onehot_pi_equals_poly(arch):
     with torch.no_grad():
         weights = orch.router.skill_router(F.one_hot(tasks, N_TASKS).float())
     orch.routing_state.set(weights=weights, token_mask=batch["attention_mask"])
-    with torch.no_grad():
+    with torch.no_grad(), orch.base_model.holding_routing():
         got = orch.get_base_model()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_dec(orch, batch)
         ).logits
@@ -467,9 +485,10 @@ def test_save_load_round_trip_is_exact(method, tmp_path):
     batch, tasks = toy_batch(arch)
     kw = task_kwargs(method, tasks)
     expected = _lm_logits(model, batch, **kw)
-    model.save_adapter(tmp_path / "a", metadata={"note": "x"})
+    save_adapter(model, tmp_path / "a", metadata={"note": "x"})
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    assert meta["method"] == method and meta["trainable_parameters"] == model.num_parameters_split()[0]
+    assert meta["peft_type"] == f"ORCHMOE_{method.upper()}"
+    assert meta["orchmoe"]["trainable_parameters"] == model.num_parameters_split()[0]
     loaded = load_adapter(tiny_base(arch), tmp_path / "a")
     assert loaded.adapter_metadata == {"note": "x"} and not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -500,9 +519,9 @@ def test_task_router_statistics_travel_with_the_adapter(tmp_path):
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, do_sample=False
     )
     assert all(torch.equal(v, stats[k]) for k, v in model.adapter_buffers().items())  # generation never updates them
-    model.save_adapter(tmp_path / "a")
+    save_adapter(model, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    assert meta["trainable_parameters"] == sum(p.numel() for p in model.adapter_state_dict().values())
+    assert meta["orchmoe"]["trainable_parameters"] == sum(p.numel() for p in model.adapter_state_dict().values())
     loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
     assert all(torch.equal(v, stats[k]) for k, v in loaded.adapter_buffers().items())
     assert torch.equal(_lm_logits(loaded, batch), expected)
@@ -520,7 +539,7 @@ def test_task_router_statistics_travel_with_the_adapter(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    _routed("llama", "poly").save_adapter(tmp_path / "a")
+    save_adapter(_routed("llama", "poly"), tmp_path / "a")
     return tmp_path / "a"
 
 
@@ -543,7 +562,7 @@ def test_load_onto_another_model_shape_names_the_difference(saved):
         load_adapter(tiny_base("gpt2"), saved)
     fresh = get_model(tiny_base("llama"), method_config("poly", n_skills=2))
     with pytest.raises(AdapterMismatchError, match=r"lora_A has shape \(4, 32, 2\), model expects \(2, 32, 2\)"):
-        fresh.load_adapter_weights(saved)
+        fresh.load_adapter(saved, adapter_name="default")  # PEFT's loading, through orchmoe's checks
 
 
 def test_load_errors(saved, tmp_path):
@@ -558,22 +577,22 @@ def test_load_errors(saved, tmp_path):
     with pytest.raises(AdapterMismatchError, match="not an orchmoe adapter"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
-    meta["config"]["method"] = "wizard"
+    meta["peft_type"] = "ORCHMOE_WIZARD"
     cfg_file.write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="invalid adapter config: unknown method 'wizard'"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
-    del meta["layers"]
+    meta["orchmoe"]["layers"] = ["model.layers.0.self_attn.q_proj"]
     cfg_file.write_text(json.dumps(meta))
-    with pytest.raises(AdapterMismatchError, match="'layers' must be a mapping"):
+    with pytest.raises(AdapterMismatchError, match="'orchmoe.layers' must be a mapping"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
-    meta["config"]["n_skills"] = 0
+    meta["n_skills"] = 0
     cfg_file.write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="n_skills must be >= 1"):
         load_adapter(tiny_base("llama"), saved)
     meta = json.loads(good)
-    meta["config"]["target_modules"] = ["q_proj", "v_proj", "k_proj"]
+    meta["target_modules"] = ["q_proj", "v_proj", "k_proj"]
     cfg_file.write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="other layers"):
         load_adapter(tiny_base("llama"), saved)
@@ -586,12 +605,12 @@ def test_load_errors(saved, tmp_path):
 def test_load_with_missing_tensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    _routed("llama", "orchmoe").save_adapter(tmp_path / "a")
+    save_adapter(_routed("llama", "orchmoe"), tmp_path / "a")
     tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
     tensors.pop("router.task_router.net.weight")
     save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    del meta["weights_sha256"]  # edited on purpose: the checksum no longer applies
+    del meta["orchmoe"]["weights_sha256"]  # edited on purpose: the checksum no longer applies
     (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match=r"missing tensors \['router.task_router.net.weight'\]"):
         load_adapter(tiny_base("llama"), tmp_path / "a")
@@ -599,9 +618,9 @@ def test_load_with_missing_tensors(tmp_path):
 
 def test_poly_config_used_in_roundtrip_keeps_task_count(tmp_path):
     model = get_model(tiny_base("llama"), PolyConfig(n_tasks=5, n_skills=2, rank=2))
-    model.save_adapter(tmp_path / "p")
+    save_adapter(model, tmp_path / "p")
     loaded = load_adapter(tiny_base("llama"), tmp_path / "p").adapter_config
-    assert loaded.to_dict() == model.adapter_config.to_dict() and loaded.n_tasks == 5
+    assert loaded.method_fields() == model.adapter_config.method_fields() and loaded.n_tasks == 5
 
 
 def test_routed_layers_are_leaf_modules_owning_their_experts():
@@ -680,13 +699,14 @@ def test_decode_cache_reuses_mixed_weights_and_follows_weight_changes(method):
     layer.mixed_weights = lambda w: calls.append(1) or mix(w)
     with torch.no_grad():
         out1 = model(input_ids=ids, **kw).logits
-        model.get_base_model()(input_ids=ids)  # a decoding-style call under the same routing: cache hit
-        assert len(calls) == 1
-        layer.lora_B.add_(0.5)  # an in-place weight change invalidates the cache
-        out2 = model.get_base_model()(input_ids=ids).logits
-        assert len(calls) == 2
-        model.routing_state.mixed.clear()  # drop every layer's mixed weights: rebuilt from scratch
-        fresh = model.get_base_model()(input_ids=ids).logits
+        with model.base_model.holding_routing():  # decoding-style calls under the same routing
+            model.get_base_model()(input_ids=ids)  # cache hit
+            assert len(calls) == 1
+            layer.lora_B.add_(0.5)  # an in-place weight change invalidates the cache
+            out2 = model.get_base_model()(input_ids=ids).logits
+            assert len(calls) == 2
+            model.routing_state.mixed.clear()  # drop every layer's mixed weights: rebuilt from scratch
+            fresh = model.get_base_model()(input_ids=ids).logits
     torch.testing.assert_close(out2, fresh)
     assert not torch.allclose(out1, out2)
 
@@ -701,11 +721,8 @@ def test_adapters_written_by_orchmoe_0_1_load_with_their_scale_and_layout(method
     batch, tasks = toy_batch("llama")
     kw = task_kwargs(method, tasks)
     expected = _lm_logits(model, batch, **kw)
-    model.save_adapter(tmp_path / "a")
-    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    meta["orchmoe_version"], meta["config"]["alpha"] = "0.1.0", None
-    del meta["weights_sha256"]  # 0.1 wrote no checksum
-    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    save_adapter(model, tmp_path / "a")
+    write_legacy_config(model, tmp_path / "a", version="0.1.0", alpha=None)  # 0.1 wrote no checksum
     tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
     stacked = tensors.pop("router.logits", None)
     if stacked is None:
@@ -715,25 +732,43 @@ def test_adapters_written_by_orchmoe_0_1_load_with_their_scale_and_layout(method
             tensors[f"{path}.router.logits"] = stacked[i].clone()
     tensors = {(k[len("router.") :] if k.startswith("router.task_router.") else k): v for k, v in tensors.items()}
     save_file(tensors, str(tmp_path / "a" / ADAPTER_WEIGHTS))
-    loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
+    with pytest.warns(UserWarning, match="converted on load"):
+        loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
     assert loaded.adapter_config.scale == model.adapter_config.scale
     torch.testing.assert_close(_lm_logits(loaded, batch, **kw), expected)
+
+
+@pytest.mark.parametrize("method", ["poly", "orchmoe", "molora"])
+def test_adapters_written_by_orchmoe_0_2_load_and_save_again_in_the_peft_format(method, tmp_path):
+    """0.2's own adapter_config.json (the same tensor names) loads with a note; saved again, it is PEFT's."""
+    model = _routed("llama", method)
+    batch, tasks = toy_batch("llama")
+    kw = task_kwargs(method, tasks)
+    expected = _lm_logits(model, batch, **kw)
+    save_adapter(model, tmp_path / "a")
+    write_legacy_config(model, tmp_path / "a", version="0.2.0", alpha=model.adapter_config.scale * model.adapter_config.rank)
+    with pytest.warns(UserWarning, match="converted on load"):
+        loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
+    assert torch.equal(_lm_logits(loaded, batch, **kw), expected)
+    save_adapter(loaded, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / ADAPTER_CONFIG).read_text())["peft_type"] == f"ORCHMOE_{method.upper()}"
+    assert torch.equal(_lm_logits(load_adapter(tiny_base("llama"), tmp_path / "b"), batch, **kw), expected)
 
 
 def test_adapter_files_are_checked_before_use(tmp_path):
     """A newer major version, a config without alpha, a truncated or non-finite weights file: clear errors."""
     from safetensors.torch import load_file, save_file
 
-    _routed("llama", "poly").save_adapter(tmp_path / "a")
+    save_adapter(_routed("llama", "poly"), tmp_path / "a")
     cfg_file, weights = tmp_path / "a" / ADAPTER_CONFIG, tmp_path / "a" / ADAPTER_WEIGHTS
     good, good_weights = cfg_file.read_text(), weights.read_bytes()
     meta = json.loads(good)
-    meta["orchmoe_version"] = "99.0.0"
+    meta["orchmoe"]["orchmoe_version"] = "99.0.0"
     cfg_file.write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="newer major version"):
         load_adapter(tiny_base("llama"), tmp_path / "a")
     meta = json.loads(good)
-    del meta["config"]["alpha"]
+    del meta["alpha"]
     cfg_file.write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="has no 'alpha'"):
         load_adapter(tiny_base("llama"), tmp_path / "a")

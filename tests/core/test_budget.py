@@ -105,7 +105,7 @@ def test_match_budget_impossible_is_a_budget_error():
 
 
 # ----------------------------------------------------------------------------- the worked example in the docs
-METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+METHODS_DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 
 
 def _doc_table(marker: str) -> list[list[str]]:

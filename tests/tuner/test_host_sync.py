@@ -122,7 +122,8 @@ def test_no_host_sync_in_a_decoding_step(method, cache):
         with OpCounter(exclude=HOST_CHECKS) as counter:
             logits = model(**step, use_cache=True).logits[:, -1]
         model.set_routing(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # the prompt's routing...
-        full = model.get_base_model()(input_ids=torch.cat([ids, nxt], 1))  # ...over prompt + token, without a cache
+        with model.base_model.holding_routing():  # ...over prompt + token, without a cache
+            full = model.get_base_model()(input_ids=torch.cat([ids, nxt], 1))
     assert counter.syncs_from("/orchmoe/") == 0, counter.sync_sites
     assert all(any(s in site for s in BASE_SYNC_SITES) for _, site in counter.sync_sites), counter.sync_sites
     assert not counter.excluded  # a continued decode keeps its routing: task ids are not even read again
