@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers_tokenizer import make_tiny_tokenizer
 from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model
-from orchmoe.recipe import RunFolder, TrainConfig
+from orchmoe import save_adapter
+from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.recipe.analysis import (
     AnalysisError,
     abstract_task_assignment,
@@ -330,7 +331,11 @@ def _write_run(root: Path, config, data_dir: Path, randomize: bool = True) -> Pa
         randomize_logits(routed, seed=1)
     names = sorted(TASKS)
     run = root / "run"
-    routed.save_adapter(
+    folder = RunFolder(run)
+    folder.claim()  # marked as a run folder, as the recipe does
+    folder.release()
+    save_adapter(
+        routed,
         run / "adapter",
         metadata={
             "task_names": names,
@@ -339,19 +344,19 @@ def _write_run(root: Path, config, data_dir: Path, randomize: bool = True) -> Pa
             "data_dir": str(data_dir),
         },
     )
-    cfg = TrainConfig(
-        model=str(model_dir),
-        data=str(data_dir),
-        tasks=",".join(names),
-        train_per_task=6,
-        eval_per_task=5,
-        unseen_tasks=0,
-        n_pos=1,
-        max_source_len=96,
-        seed=0,
-        method=config.method,
-    )
-    RunFolder(run).write_config(cfg)
+    cfg = {
+        "model": str(model_dir),
+        "data": str(data_dir),
+        "tasks": ",".join(names),
+        "train_per_task": 6,
+        "eval_per_task": 5,
+        "unseen_tasks": "0",
+        "n_pos": 1,
+        "max_source_len": 96,
+        "seed": 0,
+        "method": config.method,
+    }
+    folder.write_config(cfg)
     (run / "metrics.json").write_text(
         json.dumps({"seen": {"overall": {"rougeL": 12.5, "n": 20}}, "unseen": {"overall": {"rougeL": 8.25, "n": 3}}})
     )
@@ -425,7 +430,7 @@ def test_analyze_run_errors_name_the_missing_file(tmp_path, data_dir):
         read_run(run)
     meta_file = run / "adapter" / "adapter_config.json"
     meta = json.loads(meta_file.read_text())
-    meta["metadata"] = {}
+    meta["orchmoe"]["metadata"] = {}
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(AnalysisError, match="task_to_id"):
         read_run(run)

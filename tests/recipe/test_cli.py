@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from orchmoe.core.config import METHODS
+from orchmoe.recipe.args import DataArguments, EvalArguments, ModelArguments
 from orchmoe.recipe.cli import main
 from recipe_helpers import REPO, SMALL_DATA, save_tiny, tiny_train_argv  # noqa: F401
 
@@ -43,7 +44,7 @@ def test_config_file_with_command_line_override(tiny_llama, superni, tmp_path):
                 "batch_size": 2,
                 "max_steps": 1,
                 "eval": False,
-                "adapter_args": {"n_skills": 3},
+                "adapter": {"n_skills": 3},
             }
         )
     )
@@ -53,9 +54,9 @@ def test_config_file_with_command_line_override(tiny_llama, superni, tmp_path):
         == 0
     )
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    # a flat adapter key and the 0.1 `adapter_args` both land in the adapter section
-    assert saved["method"] == "mhr" and saved["adapter"] == {"n_splits": 2, "n_skills": 3} and saved["router_lr"] == 0.1
-    assert saved["lr"] == 2e-3 and saved["batch_size"] == 3  # the flags win over the file
+    # a flat adapter key and the `adapter:` section both set the method's options
+    assert saved["method"] == "mhr" and (saved["n_splits"], saved["n_skills"]) == (2, 3) and saved["router_lr"] == 0.1
+    assert saved["learning_rate"] == 2e-3 and saved["per_device_train_batch_size"] == 3  # the flags win
     assert saved["_resolved"]["adapter"]["n_skills"] == 3 and saved["_resolved"]["adapter"]["n_splits"] == 2
     assert not (out / "metrics.json").exists()  # eval: false in the file
     # the run's own config.yaml is a valid config file
@@ -111,18 +112,17 @@ def test_analyze_calls_the_analysis_module(two_runs, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--method", "moe"], f"method must be one of {sorted(METHODS)}, got 'moe' (did you mean 'mode'?)"),
+        (["--method", "moe"], f"unknown method 'moe'; choose one of {sorted(METHODS)} (did you mean 'mode'?)"),
         (["--data", "/no/such/superni"], "/no/such/superni"),
-        (["--batch-size", "many"], "batch_size must be an integer"),
-        (["--method", "lora", "--n-skills", "4"], "method 'lora' has no option 'n_skills' (an option of"),
-        (
-            ["--method", "lora", "--adapter.rnak", "4"],
-            "unrecognized arguments: --adapter.rnak 4 (did you mean --adapter.rank",
-        ),
+        (["--batch-size", "many"], "--batch-size: invalid int value: 'many'"),
+        (["--method", "lora", "--n-skills", "4"], "--n-skills is not an option of this method (an option of"),
+        (["--method", "lora", "--adapter.rnak", "4"], "unknown option '--adapter.rnak' (did you mean --adapter.rank"),
         (["--learning-rat", "0.1"], "(did you mean --learning-rate"),
-        (["--target-modules", "((("], "neither comma-separated names nor a valid regular expression"),
-        (["--lr", "nan"], "lr must be a finite number"),
+        (["--target-modules", "((("], "target_modules '(((' is not a valid regular expression"),
+        (["--lr", "nan"], "learning_rate must be a finite number"),
         (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
+        (["--lr", "1", "--learning_rate", "2"], "--learning_rate and --lr set the same option"),
+        (["--report_to", "tensorboard", "wandb"], "wandb is not installed"),
     ],
 )
 def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):
@@ -166,11 +166,9 @@ def test_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     import dataclasses
 
-    from orchmoe.recipe import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--adapter.rank" if f.name == "adapter" else "--" + f.name.replace("_", "-")
-        assert flag in out, flag
+    for group in (ModelArguments, DataArguments, EvalArguments):
+        for f in dataclasses.fields(group):
+            assert "--" + f.name in out, f.name
     for alias in (
         "--learning-rate",
         "--output-dir",
@@ -178,6 +176,16 @@ def test_help_lists_every_option(capsys):
         "--gradient-accumulation-steps",
         "--adapter.n_abstract_tasks",
         "--n-abstract-tasks",
+        "--lr",
+        "--out",
+        "--batch-size",
+        "--report_to",
     ):
         assert alias in out, alias
-    assert "--config" in out and "--no-eval" in out
+    assert "--config" in out and "--no-eval" in out and "--no-progress" in out
+    # the chosen method's options only, in a group that names it; a default shown once, never "None"
+    assert "orchmoe options (OrchMoEConfig)" in out and "--top-k" not in out and "--expert-rank" not in out
+    assert "(default: None)" not in out and "(default: 4)" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "molora", "--help"])
+    assert "--top-k" in capsys.readouterr().out

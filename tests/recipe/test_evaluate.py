@@ -10,9 +10,12 @@ import torch
 
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
 from orchmoe.evaluation.metrics import score_example
-from orchmoe.recipe import train
-from orchmoe.recipe.data import build_data
-from orchmoe.recipe.evaluate import evaluate_run, format_metrics_markdown, generate_predictions
+from orchmoe.evaluation.evaluate import format_metrics_markdown
+from orchmoe.evaluation.generate import generate_predictions
+from orchmoe.recipe.cli import main
+from orchmoe.recipe.evaluate import evaluate_run
+from orchmoe.recipe.run_data import build_data
+from orchmoe.recipe.train import train
 from orchmoe.tuner.model import RoutedModel
 from orchmoe.utils.markdown import markdown_table
 from recipe_helpers import REPO, UNSEEN, save_tiny, tiny_train_config  # noqa: F401
@@ -71,6 +74,21 @@ def test_evaluate_run_reproduces_the_training_scores(run):
         assert got == pytest.approx(want)
 
 
+def test_eval_scores_other_data_beside_the_runs_own_metrics(run, shared_superni, capsys):
+    """New unseen tasks from other data: scored into eval-<name>/, the run's own metrics untouched; again only
+    with --overwrite."""
+    own = (run / "metrics.json").read_bytes()
+    tasks = "task1195_disflqa_disfluent_to_fluent_conversion,task393_plausible_result_generation"
+    argv = ["eval", str(run), "--data", str(shared_superni), "--tasks", tasks, "--unseen-per-task", "3",
+            "--name", "new", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((run / "eval-new" / "metrics.json").read_text())
+    assert set(metrics["unseen"]["per_task"]) == set(tasks.split(",")) and metrics["unseen"]["overall"]["n"] == 6
+    assert "seen" not in metrics and (run / "metrics.json").read_bytes() == own
+    assert main(argv) == 2 and "exists: pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, tmp_path):
     model, tok, _ = _load(tiny_llama)
     torch.manual_seed(0)
@@ -81,7 +99,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, t
     routed = get_model(model, LoraConfig(rank=4))
     for layer in routed.routed_layers.values():  # a non-trivial adapter
         torch.nn.init.normal_(layer.lora_B, std=0.5)
-    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS))
+    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS).data, 0)
     examples = data.eval + data.unseen
     kw = dict(n_pos=1, max_source_len=96, max_new_tokens=6, progress=False)
     batched = generate_predictions(routed, tok, examples, data.task_defs, batch_size=5, **kw)
@@ -92,14 +110,15 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, superni, t
 
 def test_poly_gets_task_ids_and_minus_one_for_unseen(tiny_llama, superni, tmp_path, monkeypatch):
     model, tok, _ = _load(tiny_llama)
-    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS))
+    data = build_data(tiny_train_config(tiny_llama, superni, tmp_path, **OPTIONS).data, 0)
     routed = get_model(model, PolyConfig(n_tasks=data.num_tasks))
     seen_ids = []
     real = RoutedModel.generate
 
-    def spy(self, input_ids=None, attention_mask=None, task_ids=None, **kw):
+    def spy(self, *args, **kw):
+        task_ids = kw.get("task_ids")
         seen_ids.append(None if task_ids is None else task_ids.tolist())
-        return real(self, input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, **kw)
+        return real(self, *args, **kw)
 
     monkeypatch.setattr(RoutedModel, "generate", spy)
     examples = data.eval + data.unseen

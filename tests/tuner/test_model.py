@@ -746,7 +746,9 @@ def test_adapters_written_by_orchmoe_0_2_load_and_save_again_in_the_peft_format(
     kw = task_kwargs(method, tasks)
     expected = _lm_logits(model, batch, **kw)
     save_adapter(model, tmp_path / "a")
-    write_legacy_config(model, tmp_path / "a", version="0.2.0", alpha=model.adapter_config.scale * model.adapter_config.rank)
+    write_legacy_config(
+        model, tmp_path / "a", version="0.2.0", alpha=model.adapter_config.scale * model.adapter_config.rank
+    )
     with pytest.warns(UserWarning, match="converted on load"):
         loaded = load_adapter(tiny_base("llama"), tmp_path / "a")
     assert torch.equal(_lm_logits(loaded, batch, **kw), expected)

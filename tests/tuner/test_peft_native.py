@@ -56,7 +56,9 @@ def test_positional_call_routes_like_keywords():
     with torch.no_grad():
         a = model(batch["input_ids"], batch["attention_mask"], task_ids=tasks).logits
         b = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=tasks).logits
-        c = model.base_model(batch["input_ids"], batch["attention_mask"], task_ids=tasks).logits  # the tuner, positional
+        c = model.base_model(
+            batch["input_ids"], batch["attention_mask"], task_ids=tasks
+        ).logits  # the tuner, positional
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(c, b, atol=0, rtol=0)
 

@@ -151,8 +151,8 @@ def _check_tensors(tuner: Any, tensors: dict[str, torch.Tensor], where: str, wan
             raise AdapterMismatchError(f"{where}: tensor {name!r} holds NaN or infinite values")
     if isinstance(want_digest, str) and tensor_digest(tensors) != want_digest:
         raise AdapterMismatchError(
-            f"{where}: the weights do not match the checksum in its {ADAPTER_CONFIG} (corrupted, or changed after "
-            "it was saved; if you changed them on purpose, delete 'weights_sha256' from its 'orchmoe' record)"
+            f"{where} does not match the checksum in its {ADAPTER_CONFIG} (corrupted, or changed after it was "
+            "saved; if you changed it on purpose, delete 'weights_sha256' from the config's 'orchmoe' record)"
         )
 
 
@@ -166,7 +166,7 @@ def adapter_tensors_for_load(tuner: Any, model: nn.Module, config: Any, state_di
     tensors = dict(state_dict)
     if record.get("converted_from"):  # a 0.1/0.2 folder: 0.1's per-layer tensors upgraded
         tensors = upgrade_legacy_tensors(tensors, list(tuner.layer_shapes), tuner.adapter_config.method)
-    where = f"adapter {config.base_model_name_or_path or ''}".strip()
+    where = getattr(tuner, "loading_from", None) or f"the adapter of {config.base_model_name_or_path or 'this model'}"
     digest = record.get("weights_sha256") if not record.get("converted_from") else None
     _check_tensors(tuner, tensors, where, digest)
     keys = _key_map(tuner, model)
@@ -184,7 +184,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     folder = Path(path)
     recover_dir(folder)
     if path_kind(folder) not in ("folder", "symbolic link") or not folder.is_dir():
-        raise FileNotFoundError(f"no adapter folder at {folder}")
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}: there is no adapter folder there")
     try:
         meta = read_json(folder / ADAPTER_CONFIG, "adapter config")
     except FileNotFoundError:
@@ -208,6 +208,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise AdapterMismatchError(
             f"{folder / ADAPTER_CONFIG} was written by orchmoe {version}, a newer major version than this "
             f"orchmoe {__version__}: upgrade orchmoe to load it"
+        )
+    if version_tuple(version)[:2] > version_tuple(__version__)[:2]:
+        warnings.warn(
+            f"{folder / ADAPTER_CONFIG} was written by orchmoe {version}, newer than this orchmoe {__version__}; "
+            "loading it anyway",
+            stacklevel=2,
         )
     return meta
 
@@ -410,7 +416,12 @@ def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, meta: dict
     model = get_peft_model(base_model, config)
     if config.base_model_name_or_path:  # get_peft_model records the model's own name_or_path
         model.peft_config["default"].base_model_name_or_path = config.base_model_name_or_path
-    set_peft_model_state_dict(model, tensors)  # the tuner's load hook checks them (adapter_tensors_for_load)
+    tuner = _tuner(model)
+    tuner.loading_from = str(folder / ADAPTER_WEIGHTS)  # named by the load hook's errors
+    try:
+        set_peft_model_state_dict(model, tensors)  # the tuner's load hook checks them (adapter_tensors_for_load)
+    finally:
+        tuner.loading_from = None
     return model
 
 

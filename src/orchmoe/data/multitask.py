@@ -342,7 +342,8 @@ def load_multitask(
     Args:
         data_dir: the data: a SuperNI folder, ``"builtin"``, a data file or folder, or a hub id
             (see :mod:`orchmoe.data.tables` for every format, with example rows).
-        tasks: which seen tasks (:func:`select_tasks`); they get ``task_to_id`` ids in sorted-name order.
+        tasks: which seen tasks (:func:`select_tasks`); they get ``task_to_id`` ids in sorted-name order. An empty
+            list: none (only unseen tasks, to score a trained adapter on new data).
         split: the split whose train part is the seen pool and test part the unseen pool.
         n_train, n_eval: instances per seen task, disjoint, drawn with ``seed``
             (:func:`sample_instances`; ``n_train=None``: all that are not eval).
@@ -366,15 +367,20 @@ def load_multitask(
     loaded: dict[str, SuperNITask] = {}
     task_seed = seed if task_seed is None else task_seed  # the task draw; instances always follow `seed`
     named_unseen = _explicit_unseen(source, n_unseen_tasks, split, task_seed)
-    seen = sorted(
-        select_tasks(
-            source,
-            tasks,
-            split=split,
-            seed=task_seed,
-            min_instances=min_instances,
-            exclude=named_unseen or (),
-            _loaded=loaded,
+    no_seen = isinstance(tasks, (list, tuple)) and not tasks  # only unseen tasks: scoring an adapter on new data
+    seen = (
+        []
+        if no_seen
+        else sorted(
+            select_tasks(
+                source,
+                tasks,
+                split=split,
+                seed=task_seed,
+                min_instances=min_instances,
+                exclude=named_unseen or (),
+                _loaded=loaded,
+            )
         )
     )
     task_to_id = {name: i for i, name in enumerate(seen)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,8 @@ def opt(default: Any, help: str, *aliases: str, choices: tuple | None = None) ->
 
 
 def _at_least(owner: str, name: str, value: Any, low: float, strict: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ArgumentsError(f"{owner}: {name} must be a finite number, got {value!r}")
     if value is not None and (value <= low if strict else value < low):
         raise ArgumentsError(f"{owner}: {name} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
@@ -104,8 +107,9 @@ class ModelArguments:
         if self.method not in METHODS:
             raise ArgumentsError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         _at_least("--budget-rank", "budget_rank", self.budget_rank, 1)
-        if not 0 < self.budget_tolerance < 1:
-            raise ArgumentsError(f"--budget-tolerance must be in (0, 1), got {self.budget_tolerance!r}")
+        _at_least("--budget-tolerance", "budget_tolerance", self.budget_tolerance, 0, strict=True)
+        if not self.budget_tolerance < 1:
+            raise ArgumentsError(f"--budget-tolerance: budget_tolerance must be < 1, got {self.budget_tolerance!r}")
 
 
 @dataclass
@@ -152,6 +156,11 @@ class DataArguments:
         ):
             _at_least(f"--{name.replace('_', '-')}", name, getattr(self, name), low)
         self.train_per_task = _count_or_all("--train-per-task", self.train_per_task)
+        text = str(self.tasks).strip()
+        if not text:
+            raise ArgumentsError("--tasks is empty: a number, 'all', names, a file of names or a split")
+        if text.isdigit() and int(text) < 1:
+            raise ArgumentsError(f"--tasks: a number of tasks must be >= 1, got {text}")
 
     def prompt_format(self) -> dict[str, Any]:
         """How prompts are built: the same for training, evaluation, analysis and serving (saved with the adapter)."""
@@ -230,7 +239,7 @@ class OrchmoeTrainingArguments(TrainingArguments):
     mixed_precision: str | None = opt(
         None, "0.2 spelling of --bf16 / --fp16: no, bf16, fp16", choices=("no", "bf16", "fp16")
     )
-    disable_tqdm: bool | None = opt(None, "no progress bars", "--no-progress", "--no_progress")
+    disable_tqdm: bool = opt(False, "no progress bars", "--no-progress", "--no_progress")
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None:
@@ -241,6 +250,23 @@ class OrchmoeTrainingArguments(TrainingArguments):
         if self.router_lr is not None:
             _at_least("--router-lr", "router_lr", self.router_lr, 0)
         _at_least("--lr", "learning_rate", self.learning_rate, 0, strict=True)
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "num_train_epochs", "adam_epsilon", "save_steps"):
+            _at_least(f"--{name.replace('_', '-')}", name, float(getattr(self, name)), 0)
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "save_total_limit",
+        ):
+            _at_least(f"--{name.replace('_', '-')}", name, getattr(self, name), 1)
+        _at_least("--seed", "seed", self.seed, 0)
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ArgumentsError(
+                f"--warmup-steps: warmup_steps must be a ratio in [0, 1) or a whole number of steps, got {self.warmup_steps}"
+            )
+        _at_least("--logging-steps", "logging_steps", float(self.logging_steps), 0, strict=True)
+        if not self.output_dir or not str(self.output_dir).strip():
+            raise ArgumentsError("--out (output_dir) is empty: name the run folder")
         if self.max_steps < -1:
             raise ArgumentsError(f"--max-steps must be >= 0 (or -1: by epochs), got {self.max_steps}")
         self.remove_unused_columns = False  # task_ids travel with the batches
@@ -259,8 +285,16 @@ def _has_accelerator() -> bool:
 
 
 def check_trackers(report_to: Any) -> None:
-    """Every tracker named must be importable: an error before training starts, not a silent untracked run."""
+    """Every tracker named must be one transformers knows and importable: an error before training starts, not a
+    silent untracked run."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n not in ("none", "all")]
+    if unknown:
+        raise ArgumentsError(
+            f"--report-to: unknown tracker {unknown[0]!r}; choose none, all, or from {sorted(INTEGRATION_TO_CALLBACK)}"
+        )
     missing = [n for n in names if n in TRACKER_MODULES and importlib.util.find_spec(TRACKER_MODULES[n]) is None]
     if missing:
         raise ArgumentsError(
@@ -300,9 +334,11 @@ def _flag_type(f: dataclasses.Field) -> type:
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    return "the model type's attention projections" if f.name == "target_modules" else "-"
+    if f.name == "target_modules":
+        return "the model type's attention projections"
+    if f.default is None or f.default is dataclasses.MISSING:
+        return "unset"
+    return repr(f.default)
 
 
 def adapter_config(method: str, options: Any, n_tasks: int) -> AdapterConfig:

@@ -182,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"orchmoe {args.command}: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's one error path: a line, not a traceback
         if args.debug:
             raise

@@ -155,6 +155,7 @@ def evaluate_run(
     max_new_tokens: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    print_table: bool = True,
 ) -> dict:
     """Score a run's adapter: on its own tasks (rebuilt from its config.yaml; into the run folder), or, given
     ``data`` or ``tasks``, on that data (every listed task scored as unseen by a task-routed method unless it is one
@@ -204,7 +205,7 @@ def evaluate_run(
         )
         if folder is not None:
             metrics["data"] = {"data": data_args.data, "tasks": tasks or unseen_tasks or "all"}
-        _write(run, metrics, records, folder)
+        _write(run, metrics, records, folder, quiet=not print_table)
         return metrics
     finally:
         run.release()

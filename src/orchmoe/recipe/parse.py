@@ -11,6 +11,7 @@ aliases expand to gigabytes: a config never needs them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from orchmoe.core.registry import METHODS
 from orchmoe.recipe.args import (
     ArgumentsError,
     DataArguments,
     EvalArguments,
+    RECIPE_SET,
     ModelArguments,
     OrchmoeTrainingArguments,
+    adapter_config,
     method_arguments,
 )
 from orchmoe.utils.fileio import path_kind
@@ -74,12 +78,16 @@ class TrainParser(HfArgumentParser):
 
 def build_parser(method: str) -> HfArgumentParser:
     """The parser of ``orchmoe train`` for ``method`` (its own options in their own group)."""
-    return TrainParser(
+    parser = TrainParser(
         [ModelArguments, DataArguments, EvalArguments, method_arguments(method), OrchmoeTrainingArguments],
         prog="orchmoe train",
         description="Train a routed adapter, save it and evaluate it (every option also in a --config YAML/JSON file).",
         formatter_class=_Help,
     )
+    parser.add_argument(  # read before the others (parse_train_args); listed here for --help
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON file of options; flags override it"
+    )
+    return parser
 
 
 # -- the config file -----------------------------------------------------------------------------
@@ -169,6 +177,16 @@ def _dest_of(parser: argparse.ArgumentParser, option: str) -> str | None:
 
 
 def _unknown(parser: argparse.ArgumentParser, option: str, where: str) -> ArgumentsError:
+    name = option.lstrip("-").removeprefix("adapter.").replace("-", "_")
+    if name in RECIPE_SET:
+        return ArgumentsError(
+            f"{where}: {option}: {name} is set from the data (the number of seen tasks); do not set it"
+        )
+    owners = sorted(m for m, cls in METHODS.items() if name in {f.name for f in dataclasses.fields(cls)})
+    if owners:
+        return ArgumentsError(
+            f"{where}: {option} is not an option of this method (an option of {', '.join(owners)}); choose --method"
+        )
     spellings = [s for s in parser._option_string_actions if s.startswith("--")]  # noqa: SLF001
     close = difflib.get_close_matches(option, spellings, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -176,26 +194,40 @@ def _unknown(parser: argparse.ArgumentParser, option: str, where: str) -> Argume
 
 
 def _check_given_once(parser: argparse.ArgumentParser, options: list[str], where: str) -> None:
+    """Refuse one option under two spellings (``--lr`` and ``--learning_rate``): which one wins would be an
+    accident of their order. The same name again (dashes or underscores, or its ``--no-`` form) is an override,
+    as on any command line."""
     seen: dict[str, str] = {}
     for option in options:
         dest = _dest_of(parser, option)
         if dest is None:
             raise _unknown(parser, option, where)
-        if dest in seen:
+        if dest in seen and _family(seen[dest]) != _family(option):
             raise ArgumentsError(f"{where}: {option} and {seen[dest]} set the same option ({dest}); give it once")
         seen[dest] = option
 
 
+def _family(option: str) -> str:
+    return option.lstrip("-").replace("-", "_").removeprefix("no_")
+
+
 def _file_flags(parser: argparse.ArgumentParser, options: dict[str, Any], where: str) -> list[str]:
     """The file's options as flags (lists as several values, booleans as true/false)."""
-    keys = [f"--{k.replace('-', '_')}" if f"--{k}" not in parser._option_string_actions else f"--{k}" for k in options]  # noqa: SLF001
+    known = parser._option_string_actions  # noqa: SLF001
+    keys = []
+    for k in options:
+        spellings = [f"--{k}", f"--{k.replace('-', '_')}", f"--{k.replace('_', '-')}"]
+        keys.append(next((s for s in spellings if s in known), spellings[0]))
     _check_given_once(parser, keys, where)
     argv: list[str] = []
     for key, value in zip(keys, options.values()):
-        if value is None:
+        if value is None or value == []:
             continue
         if isinstance(value, (dict, tuple, set)):
             raise ArgumentsError(f"{where}: {key[2:]} must be a single value or a list, got a {type(value).__name__}")
+        action = known.get(key)
+        if isinstance(value, list) and getattr(action, "nargs", None) not in ("+", "*"):
+            raise ArgumentsError(f"{where}: {key[2:]} takes one value, got a list {value!r}")
         values = value if isinstance(value, list) else [value]
         bad = [v for v in values if isinstance(v, (dict, list))]
         if bad:
@@ -221,8 +253,17 @@ def parse_train_args(argv: list[str]) -> RunOptions:
     known, rest = pre.parse_known_args(argv)
     file_options = load_config_file(known.config) if known.config else {}
     method = known.method or str(file_options.get("method") or "orchmoe")
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, sorted(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ArgumentsError(f"unknown method {method!r}; choose one of {sorted(METHODS)}{hint}")
     parser = build_parser(method)
     file_argv = _file_flags(parser, file_options, f"config file {known.config}") if file_options else []
+    if file_argv:  # the file alone first, so that a bad value in it is named with the file
+        try:
+            parser.parse_args_into_dataclasses(args=file_argv, return_remaining_strings=True)
+        except (ValueError, TypeError) as e:
+            raise ArgumentsError(f"config file {known.config}: {str(e).splitlines()[0]}") from None
     cli = [a for a in rest if a not in ("-h", "--help")]
     if len(cli) != len(rest):
         parser.print_help()
@@ -241,4 +282,5 @@ def parse_train_args(argv: list[str]) -> RunOptions:
     model, data, evaluation, adapter, training = groups
     if model.method != method:
         raise ArgumentsError(f"--method {model.method} conflicts with the config file's method {method}")
+    adapter_config(method, adapter, 1)  # the method's own checks, before anything is loaded
     return RunOptions(model=model, data=data, eval=evaluation, adapter=adapter, training=training)

@@ -59,6 +59,7 @@ _SUBFOLDER_FILES = {
         "task_skill_heatmap.png",
         "task_abstract_heatmap.png",
         "dendrogram.png",
+        "allocations.npz",
     ),
     "eval": ("predictions.jsonl", "metrics.json", "metrics.md"),
 }
@@ -126,6 +127,8 @@ class RunFolder:
         if path_kind(p) is None:
             raise FileNotFoundError(f"{p.parent} has no {self.CONFIG}: not an orchmoe run folder")
         options = load_config_file(p)
+        if not options:
+            raise ArgumentsError(f"{p} does not hold a run configuration (a mapping of options)")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError):
@@ -246,11 +249,23 @@ class RunFolder:
         found = [(int(m.group(1)), c) for c in self.path.glob("checkpoint-*") if (m := _CHECKPOINT.fullmatch(c.name))]
         return [c for _, c in sorted(found) if c.is_dir()]
 
+    #: what every checkpoint the Trainer writes for a routed adapter holds
+    REQUIRED = (STATE, CONFIG, "optimizer.pt", "scheduler.pt", "adapter_config.json", "adapter_model.safetensors")
+
     def verify_checkpoint(self, ckpt: Path) -> str | None:
-        """None when ``ckpt`` is complete and intact (its manifest checks, its step is its name's), else why not."""
-        problem = verify_manifest(ckpt, self.MANIFEST)
-        if problem is not None:
-            return problem
+        """None when ``ckpt`` can be resumed from, else what is wrong with it: its manifest (sizes, sha256; a
+        checkpoint without one, from an interrupted save or an older orchmoe, is checked by its content alone),
+        its files, its trainer state (step = folder name), its configuration, its adapter (readable and finite),
+        and that every pickled file reads as plain data (no object a pickle could construct)."""
+        if (ckpt / self.MANIFEST).exists():
+            problem = verify_manifest(ckpt, self.MANIFEST)
+            if problem is not None:
+                return problem
+        missing = [r for r in self.REQUIRED if not (ckpt / r).is_file()]
+        if not list(ckpt.glob("rng_state*.pth")):
+            missing.append("rng_state.pth")
+        if missing:
+            return f"{', '.join(missing)} missing"
         try:
             state = read_json(ckpt / self.STATE, "trainer state")
         except (OSError, ValueError) as e:
@@ -258,6 +273,13 @@ class RunFolder:
         step = int(_CHECKPOINT.fullmatch(ckpt.name).group(1))
         if not isinstance(state, dict) or state.get("global_step") != step:
             return f"{self.STATE} says step {state.get('global_step') if isinstance(state, dict) else '?'}, not {step}"
+        try:
+            self.read_config(ckpt)
+            _check_adapter_file(ckpt / "adapter_model.safetensors")
+            for f in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("rng_state*.pth")):
+                _plain_torch_load(f)
+        except (ArgumentsError, ValueError, OSError, RuntimeError) as e:
+            return str(e)
         return None
 
     # -- fresh start, resume, overwrite ----------------------------------------------------------------
@@ -273,6 +295,12 @@ class RunFolder:
         out, plan = self.path, ResumePlan()
         owned = self._owned_names()
         if overwrite:
+            foreign = [f"{p.name}/{rel}" for p in owned if path_kind(p) == "folder" for rel in _foreign_files(p)]
+            if foreign:
+                raise ArgumentsError(
+                    f"--overwrite would leave {', '.join(foreign[:3])} in orchmoe's own folders of {out}: orchmoe never "
+                    "deletes files it did not write; move them out first"
+                )
             plan.delete = owned
             return plan
         if (out / self.SUMMARY).is_file():
@@ -292,15 +320,20 @@ class RunFolder:
             if problem is None:
                 plan.resume_from = ckpt
                 break
+            if not (ckpt / self.MANIFEST).exists():  # cut short while the Trainer wrote it: never complete
+                plan.delete.append(ckpt)
+                plan.notes.append(f"{ckpt.name} was never completed ({problem}); removed")
+                continue
             bad.append(f"{ckpt.name}: {problem}")
             plan.set_aside.append(ckpt)
+        found = [c for c in found if c not in plan.delete]
         if found and plan.resume_from is None:
             raise CheckpointError(
                 f"{out} holds checkpoints but none can be resumed from ({'; '.join(bad)}); pass --overwrite to "
                 "start afresh, or use another --out"
             )
         if plan.resume_from is None:  # killed before its first checkpoint (or in its final save): start again
-            plan.delete = owned
+            plan.delete = self._owned_names()
             if owned:
                 plan.notes.append(
                     f"{out} holds an unfinished run without a usable checkpoint ({', '.join(p.name for p in owned)}); "
@@ -352,6 +385,36 @@ class RunFolder:
             warnings.warn(f"{p} holds files orchmoe did not write; they were kept", stacklevel=4)
 
 
+def _check_adapter_file(path: Path) -> None:
+    """The checkpoint's adapter weights readable and finite (a run never resumes from a NaN adapter)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path.name}: {bad[0]} holds NaN or infinite values")
+
+
+def _plain_torch_load(path: Path) -> None:
+    """Load a pickled checkpoint file as the Trainer will (``weights_only``, transformers' safe globals): a file that
+    needs any other object to be built is refused here, before the Trainer meets it."""
+    import pickle
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path.name} is not a plain tensor file ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
 def _written_files(folder: Path) -> list[str]:
     """The files orchmoe (or the Trainer under it) wrote into one of its sub-folders: its manifest's list, the
     known names of analysis/eval folders, an adapter's files, tracker event files."""
@@ -377,6 +440,16 @@ def _written_files(folder: Path) -> list[str]:
         # a checkpoint cut short before its manifest: the Trainer's own names
         out += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and _trainer_file(p.name)]
     return out
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in one of orchmoe's sub-folders that orchmoe (or the Trainer under it) did not write."""
+    written = set(_written_files(folder))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and str(p.relative_to(folder)) not in written
+    )
 
 
 def _trainer_file(name: str) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
+import shutil
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ from orchmoe.recipe.launch import check_launch
 from orchmoe.recipe.parse import RunOptions
 from orchmoe.recipe.run_data import build_data, run_metadata, train_features
 from orchmoe.recipe.run_folder import RunFolder
+from orchmoe.utils.fileio import DiskFullError, is_disk_full, reporting_disk_full
 from orchmoe.version import __version__
 
 __all__ = ["options_record", "train"]
@@ -40,6 +43,9 @@ _INTERNAL = {
     "ddp_broadcast_buffers",
     "save_strategy",
     "mixed_precision",
+    "debug",
+    "dataloader_pin_memory",
+    "activation_checkpointing",
 }
 
 
@@ -238,7 +244,12 @@ def _fit(trainer, plan, options: RunOptions, resolved: dict, setup_seconds: floa
                 f"{resolved['num_processes']} process(es), setup {setup_seconds:.0f} s)"
                 + (f"; resuming from {plan.resume_from}" if plan.resume_from else "")
             )
-        trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise _disk_full_in_checkpoint(trainer, e) from e
     state = trainer.state  # train() replaces it
     losses = [r["loss"] for r in state.log_history if "loss" in r]
     return {
@@ -257,6 +268,18 @@ def _fit(trainer, plan, options: RunOptions, resolved: dict, setup_seconds: floa
     }
 
 
+def _disk_full_in_checkpoint(trainer, error: OSError) -> DiskFullError:
+    """A full disk while the Trainer wrote a checkpoint: the checkpoint it was writing removed (it never got its
+    manifest), and one line naming it; the same command then resumes from the previous complete checkpoint."""
+    run = RunFolder(trainer.args.output_dir)
+    partial = [c for c in run.checkpoints() if not (c / RunFolder.MANIFEST).exists()]
+    if trainer.is_world_process_zero():
+        for ckpt in partial:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    where = f"{partial[-1]}/ (a checkpoint; removed)" if partial else str(run.path)
+    return DiskFullError(errno.ENOSPC, f"no space left on the device while writing {where}: {error.strerror or error}")
+
+
 def _finish(run: RunFolder, model, summary: dict, record: dict, resolved: dict, state) -> None:
     """The final adapter (one unit, never a NaN one), config.yaml and the summary, written by the main process."""
     from orchmoe.adapters.folder import save_adapter
@@ -266,7 +289,8 @@ def _finish(run: RunFolder, model, summary: dict, record: dict, resolved: dict, 
     if bad:
         raise NonFiniteLossError(f"the trained adapter holds NaN/inf ({bad[0]}): it was not saved; lower --lr")
     if state.is_main_process:
-        save_adapter(model, run.adapter_dir)
+        with reporting_disk_full(run.adapter_dir):
+            save_adapter(model, run.adapter_dir)
         run.write_config(record, {**resolved, "total_steps": summary["steps"]})
         run.write_json(RunFolder.SUMMARY, summary)
         print(

@@ -42,6 +42,11 @@ class RoutingCallback(TrainerCallback):
         if tuner.routing_window is None:
             tuner.routing_window = ([], [])
 
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        """The last step is always logged: the routing a run ends with is in its logs."""
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs) -> None:
         if logs is None or "loss" not in logs or model is None:  # an evaluation's log, or the final summary
             return

@@ -178,7 +178,7 @@ def task_skill_profile(
     the (T, S) allocations themselves (``mean_pi`` None, or a (T', T) task mix). Rows sum to 1.
     """
     matrices = (
-        allocation_matrices(model_or_matrices) if isinstance(model_or_matrices, RoutedModel) else model_or_matrices
+        allocation_matrices(model_or_matrices) if not isinstance(model_or_matrices, Mapping) else model_or_matrices
     )
     if not matrices:
         raise AnalysisError("no allocation matrices to build a profile from")
