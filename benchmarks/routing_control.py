@@ -24,20 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
+from orchmoe import config_from_dict, get_model, load_adapter  # noqa: E402
 from orchmoe.core.diagnostics import allocation_spread, nmi_chance, normalized_mutual_info  # noqa: E402
 from orchmoe.data import encode_prompt  # noqa: E402
 from orchmoe.loading.pretrained import (
     is_encoder_decoder,  # noqa: E402
     load_model_and_tokenizer,
 )
-from orchmoe.recipe.adapter_options import build_adapter_config  # noqa: E402
-from orchmoe.recipe.data import build_data, prompt_settings  # noqa: E402
+from orchmoe.recipe.run_data import build_data, data_arguments  # noqa: E402
 from orchmoe.recipe.run_folder import RunFolder  # noqa: E402
-from orchmoe.tuner.model import get_model, load_adapter  # noqa: E402
 from orchmoe.utils.markdown import markdown_table  # noqa: E402
 
 
-def prompts_of(cfg, data, tokenizer, decoder_only: bool, per_task: int) -> tuple[list[list[int]], list[int]]:
+def prompts_of(prompt: dict, data, tokenizer, decoder_only: bool, per_task: int) -> tuple[list[list[int]], list[int]]:
     """Up to ``per_task`` prompts of every seen task (held-out instances first) and their task ids."""
     picked: dict[str, list] = {t: [] for t in data.seen_tasks}
     for ex in list(data.eval) + list(data.train):
@@ -47,7 +46,15 @@ def prompts_of(cfg, data, tokenizer, decoder_only: bool, per_task: int) -> tuple
     for t, examples in picked.items():
         for ex in examples:
             ids.append(
-                encode_prompt(tokenizer, data.task_defs[t], ex.input, decoder_only=decoder_only, **prompt_settings(cfg))
+                encode_prompt(
+                    tokenizer,
+                    data.task_defs[t],
+                    ex.input,
+                    decoder_only=decoder_only,
+                    n_pos=prompt["n_pos"],
+                    max_source_len=prompt["max_source_len"],
+                    chat_template=prompt["chat_template"],
+                )
             )
             tasks.append(data.task_to_id[t])
     return ids, tasks
@@ -88,16 +95,18 @@ def describe(label: str, pi: torch.Tensor, tasks: list[int], model) -> list:
 
 def rows_for(run: Path, per_task: int, with_step0: bool) -> list[list]:
     folder = RunFolder(run)
-    cfg, _ = folder.read_config()
-    data = build_data(cfg)
+    cfg, resolved = folder.read_config()
+    data_args = data_arguments(cfg)
+    prompt = data_args.prompt_format()
+    data = build_data(data_args, int(cfg.get("seed", 0)))
     rows = []
     if with_step0:
         from accelerate.utils import set_seed
 
-        base, tok, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
-        set_seed(cfg.seed)  # the adapter initialisation of the run
-        fresh = get_model(base, build_adapter_config(cfg, base, data.num_tasks), info["name"]).eval()
-        prompts, tasks = prompts_of(cfg, data, tok, not is_encoder_decoder(base), per_task)
+        base, tok, info = load_model_and_tokenizer(cfg.get("model"), dtype=cfg.get("dtype", "auto"))
+        set_seed(int(cfg.get("seed", 0)))  # the adapter initialisation of the run
+        fresh = get_model(base, config_from_dict(resolved["adapter"]), info["name"]).eval()
+        prompts, tasks = prompts_of(prompt, data, tok, not is_encoder_decoder(base), per_task)
         rows.append(
             describe(
                 f"{run.name}: step 0 (statistics only)",
@@ -106,10 +115,10 @@ def rows_for(run: Path, per_task: int, with_step0: bool) -> list[list]:
                 fresh,
             )
         )
-    base, tok, info = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+    base, tok, info = load_model_and_tokenizer(cfg.get("model"), dtype=cfg.get("dtype", "auto"))
     trained = load_adapter(base, folder.adapter_dir).eval()
-    prompts, tasks = prompts_of(cfg, data, tok, not is_encoder_decoder(base), per_task)
-    frozen = cfg.router_lr == 0
+    prompts, tasks = prompts_of(prompt, data, tok, not is_encoder_decoder(base), per_task)
+    frozen = cfg.get("router_lr") == 0
     rows.append(
         describe(
             f"{run.name}: trained" + (" (allocation logits frozen)" if frozen else ""),

@@ -23,6 +23,7 @@ from orchmoe import (
     PolyConfig,
     get_model,
     load_adapter,
+    save_adapter,
 )
 
 peft = pytest.importorskip("peft")
@@ -156,8 +157,8 @@ def test_export_names_a_base_that_auto_peft_loads(tiny_llama, tmp_path):
     assert model.base_model_name == "tiny-llama" and model.base_model_source == info["source"] == str(
         tiny_llama.resolve()
     )
-    model.save_adapter(tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model"]
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["orchmoe"]["base_model"]
     assert saved["name"] == "tiny-llama" and saved["source"] == info["source"]
     folder = model.export_peft_lora(tmp_path / "peft", task_id=1)
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == info["source"]
@@ -190,6 +191,6 @@ def test_export_says_when_the_base_was_dequantised_from_gguf(tiny_llama, tmp_pat
     assert note["dequantized_from_gguf"] == "/models/SmolLM2-135M-Q8_0.gguf"
     assert note["converted_checkpoint"] == str(cached.resolve()) and note["base_model_name"] == "SmolLM2-Q8"
     assert "dequantised from the GGUF file `/models/SmolLM2-135M-Q8_0.gguf`" in (folder / "README.md").read_text()
-    model.save_adapter(tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model"]
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["orchmoe"]["base_model"]
     assert saved["dequantized_from_gguf"] == "/models/SmolLM2-135M-Q8_0.gguf"

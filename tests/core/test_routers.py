@@ -352,8 +352,10 @@ def test_task_router_summary_diagnostics():
 
     pi = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     s = task_router_summary(pi, torch.tensor([5, 5, 7, 7]))
-    assert s["pi_entropy"] == pytest.approx(0.0, abs=1e-6) and s["abstract_tasks_used"] == 0.5
+    assert (
+        s["pi_entropy"] == pytest.approx(0.0, abs=1e-6) and s["abstract_tasks_used"] == 2 and s["abstract_tasks"] == 4
+    )
     assert s["nmi_pi_task"] == pytest.approx(1.0)
     u = task_router_summary(torch.full((3, 4), 0.25), torch.tensor([0, 1, 2]))
-    assert u["pi_entropy"] == pytest.approx(math.log(4)) and u["abstract_tasks_used"] == 0.25
+    assert u["pi_entropy"] == pytest.approx(math.log(4)) and u["abstract_tasks_used"] == 1
     assert u["nmi_pi_task"] == 0.0  # everything on one abstract task says nothing about the task

@@ -16,9 +16,7 @@ pytest.importorskip("scipy")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers_tokenizer import make_tiny_tokenizer
-from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model
-from orchmoe import save_adapter
-from orchmoe.recipe.run_folder import RunFolder
+from orchmoe import LoraConfig, MHRConfig, OrchMoEConfig, PolyConfig, get_model, save_adapter
 from orchmoe.recipe.analysis import (
     AnalysisError,
     abstract_task_assignment,
@@ -36,6 +34,7 @@ from orchmoe.recipe.analysis import (
     redundancy_table,
     task_skill_profile,
 )
+from orchmoe.recipe.run_folder import RunFolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

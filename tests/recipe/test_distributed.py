@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,9 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from orchmoe.recipe import TrainConfigError, train
-from orchmoe.recipe.evaluate import process_batches
-from orchmoe.recipe.runtime import env_world_size, launch_problem
+from orchmoe.evaluation.generate import process_batches
+from orchmoe.recipe.args import ArgumentsError
+from orchmoe.recipe.launch import LaunchError, check_launch, env_world_size, launch_problem
+from orchmoe.recipe.train import train
 from recipe_helpers import REPO, tiny_train_argv, tiny_train_config
 
 STEPS, PER_PROCESS, WORLD = 4, 2, 2
@@ -129,36 +129,6 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tiny_llama, su
     assert predictions(run) == predictions(one_process)
 
 
-def test_fsdp_shards_evaluates_and_resumes_like_one_process(tiny_llama, superni, one_process, tmp_path):
-    run = tmp_path / "fsdp"
-    proc = torchrun(cli_args(tiny_llama, superni, run, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resolved = yaml.safe_load((run / "config.yaml").read_text())["_resolved"]
-    assert resolved["parameters_per_process"] < 0.6 * resolved["total_parameters"]  # really sharded
-    assert_close(adapter(run), adapter(one_process), 1e-5)
-    assert predictions(run) == predictions(one_process)  # evaluated sharded, no hang on the uneven batch split
-    ckpt = run / "checkpoints" / "step-00000002"
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    whole = adapter(run)
-    for name, state in optim["state"].items():  # gathered whole, keyed by parameter name
-        key = next(k for k in whole if name.endswith(k))
-        assert state["exp_avg"].shape == whole[key].shape, name
-
-    # killed after the step-2 checkpoint: the resumed run ends on the unbroken run's adapter, bit for bit
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(".orchmoe-run.lock"))
-    for name in ("adapter", "train_summary.json", "metrics.json", "metrics.md", "predictions.jsonl"):
-        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
-    proc = torchrun(
-        cli_args(tiny_llama, superni, resumed, batch_size=PER_PROCESS, fsdp=True, checkpoint_every=2, eval=False)
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resuming from" in proc.stdout and "(step 2/4)" in proc.stdout
-    final = adapter(resumed)
-    assert all(torch.equal(final[k], whole[k]) for k in whole)
-    assert losses(resumed) == losses(run)
-
-
 def test_accelerate_multi_gpu_flag_runs_gloo_processes_on_cpu(tiny_llama, superni, tmp_path):
     """The accelerate command the launch errors name: two processes that train together, also without a GPU."""
     run = tmp_path / "acc"
@@ -216,43 +186,12 @@ def test_accelerate_cpu_launch_of_several_processes_fails_loudly(tiny_llama, sup
     assert not run.exists()
 
 
-_ONE_GROUP = """
-import sys
-from orchmoe.recipe import TrainConfig
-from orchmoe.recipe.runtime import LaunchError, make_accelerator
-try:
-    make_accelerator(TrainConfig(out=sys.argv[1]), cpu=False)
-except LaunchError as e:
-    print(e, flush=True)
-    sys.exit(3)
-"""
-
-
-def test_processes_that_do_not_form_one_group_are_refused(tmp_path):
-    """torchrun starts two processes and accelerate makes each a group of one (forced here with cpu=False on a
-    machine without GPUs: what plain torchrun on CPU gave before): a LaunchError, not two independent copies."""
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU machine accelerate forms the NCCL group: there is no one-process fallback to provoke")
-    script = tmp_path / "one_group.py"
-    script.write_text(_ONE_GROUP)
-    proc = launch(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(WORLD),
-            "--master_port",
-            str(_free_port()),
-            str(script),
-            str(tmp_path / "run"),
-        ],
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    refusal = "the launcher started 2 processes but accelerate formed a group of 1"
-    assert proc.stdout.count(refusal) == WORLD, proc.stderr[-3000:]
-    assert "torchrun --nproc_per_node N" in proc.stdout
+def test_processes_that_do_not_form_one_group_are_refused(monkeypatch):
+    """A launcher started two processes but they formed a group of one: a LaunchError, not two independent copies."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="the launcher started 2 processes but they formed a group of 1"):
+        check_launch(1)
+    check_launch(2)
 
 
 def test_launch_problem_names_unsupported_engines_and_one_process_launches():
@@ -260,9 +199,7 @@ def test_launch_problem_names_unsupported_engines_and_one_process_launches():
     torchrun_env = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "ACCELERATE_MIXED_PRECISION": "no"}
     assert launch_problem(torchrun_env) is None  # accelerate launch --multi_gpu runs torchrun: fine
     deepspeed = launch_problem({"ACCELERATE_USE_DEEPSPEED": "true"})
-    assert "DeepSpeed is not supported" in deepspeed and "DDP and FSDP" in deepspeed and "--fsdp" in deepspeed
-    fsdp = launch_problem({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    assert "--use_fsdp" in fsdp and "orchmoe train --fsdp" in fsdp
+    assert "DeepSpeed is not supported" in deepspeed and "supported: DDP" in deepspeed
     single = launch_problem(
         {
             "ACCELERATE_MIXED_PRECISION": "no",
@@ -276,9 +213,12 @@ def test_launch_problem_names_unsupported_engines_and_one_process_launches():
     assert env_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4 and env_world_size({}) == 1
 
 
-def test_fsdp_with_one_process_is_refused(tiny_llama, superni, tmp_path):
-    with pytest.raises(TrainConfigError, match=r"--fsdp shards the model across processes.*torchrun"):
-        train(tiny_train_config(tiny_llama, superni, tmp_path / "run", fsdp=True, batch_size=8, **OPTIONS))
+def test_fsdp_without_gpus_is_refused(tiny_llama, superni, tmp_path):
+    """The Trainer's FSDP (accelerate's) runs on GPUs; without one it would silently become DDP."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs the Trainer's FSDP")
+    with pytest.raises(ArgumentsError, match="the Trainer.s FSDP .accelerate.s. needs GPUs"):
+        tiny_train_config(tiny_llama, superni, tmp_path / "run", "--fsdp", "full_shard", **OPTIONS)
 
 
 @pytest.mark.parametrize("n_batches", range(0, 8))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
-from orchmoe.evaluation.metrics import score_example
 from orchmoe.evaluation.evaluate import format_metrics_markdown
 from orchmoe.evaluation.generate import generate_predictions
+from orchmoe.evaluation.metrics import score_example
 from orchmoe.recipe.cli import main
 from orchmoe.recipe.evaluate import evaluate_run
 from orchmoe.recipe.run_data import build_data
@@ -79,8 +79,19 @@ def test_eval_scores_other_data_beside_the_runs_own_metrics(run, shared_superni,
     with --overwrite."""
     own = (run / "metrics.json").read_bytes()
     tasks = "task1195_disflqa_disfluent_to_fluent_conversion,task393_plausible_result_generation"
-    argv = ["eval", str(run), "--data", str(shared_superni), "--tasks", tasks, "--unseen-per-task", "3",
-            "--name", "new", "--no-progress"]  # fmt: skip
+    argv = [
+        "eval",
+        str(run),
+        "--data",
+        str(shared_superni),
+        "--tasks",
+        tasks,
+        "--unseen-per-task",
+        "3",
+        "--name",
+        "new",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     metrics = json.loads((run / "eval-new" / "metrics.json").read_text())
     assert set(metrics["unseen"]["per_task"]) == set(tasks.split(",")) and metrics["unseen"]["overall"]["n"] == 6

@@ -43,8 +43,16 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
 def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     run = tmp_path / "run"
     assert main(tiny_train_argv(tiny_llama, superni, run, checkpoint_every=3, log_every=2)) == 0
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "train_log.jsonl",
-                 "train_summary.json", "metrics.json", "metrics.md", "predictions.jsonl"):  # fmt: skip
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "config.yaml",
+        "train_log.jsonl",
+        "train_summary.json",
+        "metrics.json",
+        "metrics.md",
+        "predictions.jsonl",
+    ):
         assert (run / name).is_file(), name
 
     summary = json.loads((run / "train_summary.json").read_text())
@@ -62,8 +70,13 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     record = meta["orchmoe"]["metadata"]
     assert meta["peft_type"] == "ORCHMOE_ORCHMOE" and record["task_to_id"] == {t: i for i, t in enumerate(sorted(SEEN))}
     assert record["unseen_tasks"] == [UNSEEN] and record["categories"][UNSEEN] == "Keyword Tagging"
-    assert record["prompt_format"] == {"template": "tk-instruct", "n_pos": 1, "max_source_len": 96, "max_target_len": 12,
-                                       "chat_template": False}  # fmt: skip
+    assert record["prompt_format"] == {
+        "template": "tk-instruct",
+        "n_pos": 1,
+        "max_source_len": 96,
+        "max_target_len": 12,
+        "chat_template": False,
+    }
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["method"] == "orchmoe" and cfg["learning_rate"] == 1e-2 and cfg["_resolved"]["total_steps"] == 9
@@ -80,8 +93,15 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
     assert set(load_file(str(ckpt / "adapter_model.safetensors"))) == set(adapter_tensors(run))
     base_bytes = (tiny_llama / "model.safetensors").stat().st_size
     assert sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) < base_bytes / 2
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                                                "rng_state.pth", "trainer_state.json", "config.yaml", "manifest.json"}  # fmt: skip
+    assert {p.name for p in ckpt.iterdir()} >= {
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "config.yaml",
+        "manifest.json",
+    }
     # a finished run folder is not silently overwritten
     with pytest.raises(ArgumentsError, match="finished run"):
         train(cfg_for(tiny_llama, superni, run))
@@ -107,8 +127,16 @@ def test_data_is_seeded_and_disjoint(superni, tiny_llama, tmp_path):
 def test_sigkill_resume_matches_unbroken_run(tiny_llama, superni, tmp_path):
     """A real SIGKILL after the first checkpoint, then a resume through the Trainer: bit-identical final adapter and
     logs (checkpoints on logging steps: the Trainer starts a new logging window where it resumes)."""
-    opts = dict(train_per_task=16, epochs=2, grad_accum=2, batch_size=2, checkpoint_every=4, eval=False, log_every=2,
-                balance_coef=0.01)  # fmt: skip
+    opts = dict(
+        train_per_task=16,
+        epochs=2,
+        grad_accum=2,
+        batch_size=2,
+        checkpoint_every=4,
+        eval=False,
+        log_every=2,
+        balance_coef=0.01,
+    )
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "killed.log", "wb")
@@ -161,8 +189,9 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_llama, superni, tmp_
     newest = run / "checkpoint-6" / "optimizer.pt"
     newest.write_bytes(newest.read_bytes()[:-7])  # a flipped tail: the manifest's checksum catches it
     with pytest.warns(UserWarning, match="checkpoint-6.*set aside as corrupt-checkpoint-6"):
-        summary = train(cfg_for(tiny_llama, superni, run, max_steps=6, checkpoint_every=2, save_total_limit=3,
-                                eval=False))  # fmt: skip
+        summary = train(
+            cfg_for(tiny_llama, superni, run, max_steps=6, checkpoint_every=2, save_total_limit=3, eval=False)
+        )
     assert summary["steps"] == 6 and (run / "corrupt-checkpoint-6").is_dir()
     lines = (run / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # one run's log, no repeated steps
@@ -191,8 +220,19 @@ def test_encoder_decoder_trains_and_evaluates(tiny_t5, superni, tmp_path):
 def test_budget_rank_matches_a_lora_budget(tiny_llama, superni, tmp_path):
     lora = train(cfg_for(tiny_llama, superni, tmp_path / "lora", method="lora", rank=8, max_steps=0, eval=False))
     # (the tiny model is so narrow that OrchMoE's task router alone is a third of the budget at K=16)
-    orch = train(cfg_for(tiny_llama, superni, tmp_path / "orch", method="orchmoe", budget_rank=8, n_skills=2,
-                         n_abstract_tasks=2, max_steps=0, eval=False))  # fmt: skip
+    orch = train(
+        cfg_for(
+            tiny_llama,
+            superni,
+            tmp_path / "orch",
+            method="orchmoe",
+            budget_rank=8,
+            n_skills=2,
+            n_abstract_tasks=2,
+            max_steps=0,
+            eval=False,
+        )
+    )
     assert abs(orch["trainable_parameters"] - lora["trainable_parameters"]) <= 0.1 * lora["trainable_parameters"]
     resolved = yaml.safe_load((tmp_path / "orch" / "config.yaml").read_text())["_resolved"]["adapter"]
     assert resolved["method"] == "orchmoe" and resolved["rank"] > 2  # grown from the default rank 2
@@ -224,16 +264,36 @@ def test_method_options_are_validated(tiny_llama, superni, tmp_path):
 
 def test_training_arguments_spellings_and_yaml_work_on_the_command_line(tiny_llama, superni, tmp_path):
     """Every TrainingArguments spelling as it is, on the command line and in a file; the file's `adapter:` section."""
-    flags = ["--model_name_or_path", str(tiny_llama), "--data", str(superni), "--tasks", ",".join(SEEN),
-             "--learning_rate", "1e-3", "--output_dir", str(tmp_path / "a"), "--per_device_train_batch_size", "4",
-             "--max_steps", "1", "--bf16", "--lr_scheduler_type", "cosine", "--save_strategy", "no"]  # fmt: skip
+    flags = [
+        "--model_name_or_path",
+        str(tiny_llama),
+        "--data",
+        str(superni),
+        "--tasks",
+        ",".join(SEEN),
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        str(tmp_path / "a"),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "1",
+        "--bf16",
+        "--lr_scheduler_type",
+        "cosine",
+        "--save_strategy",
+        "no",
+    ]
     options = parse_train_args(flags)
     t = options.training
     assert (t.learning_rate, t.per_device_train_batch_size, t.max_steps, t.bf16) == (1e-3, 4, 1, True)
     assert t.output_dir == str(tmp_path / "a") and str(t.lr_scheduler_type.value) == "cosine"
     config = tmp_path / "c.yaml"
-    config.write_text(f"learning_rate: 3e-4\nper_device_train_batch_size: 2\nmethod: poly\nadapter:\n  n_skills: 3\n"
-                      f"output_dir: {tmp_path / 'b'}\n")  # fmt: skip
+    config.write_text(
+        f"learning_rate: 3e-4\nper_device_train_batch_size: 2\nmethod: poly\nadapter:\n  n_skills: 3\n"
+        f"output_dir: {tmp_path / 'b'}\n"
+    )
     options = parse_train_args(["--config", str(config), "--lr", "5e-4"])  # the command line wins over the file
     assert options.training.learning_rate == 5e-4 and options.training.per_device_train_batch_size == 2
     assert options.model.method == "poly" and options.adapter.n_skills == 3

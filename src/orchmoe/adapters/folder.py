@@ -378,8 +378,6 @@ def load_adapter(
     meta = read_adapter_config(folder)
     config = _config_of(meta, folder)
     _check_base(meta, config, base_model, folder, base_mismatch)
-    if base_model_source:
-        config.base_model_name_or_path = base_model_source
     config.inference_mode = not is_trainable
     try:
         model = _build_and_fill(base_model, config, folder, meta)
@@ -387,6 +385,8 @@ def load_adapter(
         _restore(base_model)
         raise
     tuner = _tuner(model)
+    if base_model_source:
+        model.peft_config["default"].base_model_name_or_path = base_model_source
     if base_model_name:
         tuner.base_model_name = base_model_name
     model.train(is_trainable)
@@ -413,9 +413,9 @@ def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, meta: dict
     from peft.utils import set_peft_model_state_dict
 
     tensors = read_adapter_tensors(folder)
+    source = config.base_model_name_or_path  # get_peft_model records the model's own name_or_path (maybe none)
     model = get_peft_model(base_model, config)
-    if config.base_model_name_or_path:  # get_peft_model records the model's own name_or_path
-        model.peft_config["default"].base_model_name_or_path = config.base_model_name_or_path
+    model.peft_config["default"].base_model_name_or_path = model_source(base_model) or source
     tuner = _tuner(model)
     tuner.loading_from = str(folder / ADAPTER_WEIGHTS)  # named by the load hook's errors
     try:

@@ -262,7 +262,8 @@ class OrchmoeTrainingArguments(TrainingArguments):
         _at_least("--seed", "seed", self.seed, 0)
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ArgumentsError(
-                f"--warmup-steps: warmup_steps must be a ratio in [0, 1) or a whole number of steps, got {self.warmup_steps}"
+                "--warmup-steps: warmup_steps must be a ratio in [0, 1) or a whole number of steps, got "
+                f"{self.warmup_steps}"
             )
         _at_least("--logging-steps", "logging_steps", float(self.logging_steps), 0, strict=True)
         if not self.output_dir or not str(self.output_dir).strip():
@@ -273,6 +274,11 @@ class OrchmoeTrainingArguments(TrainingArguments):
         self.eval_strategy = "no"  # the evaluation is by generation, after training
         if not _has_accelerator():
             self.use_cpu = True  # explicit, so bf16/fp16 checks and device placement agree with the machine
+            if self.fsdp:
+                raise ArgumentsError(
+                    "--fsdp: the Trainer's FSDP (accelerate's) needs GPUs; on this machine it would silently run DDP. "
+                    "Use several processes without --fsdp (torchrun --nproc_per_node N -m orchmoe train ...)"
+                )
         super().__post_init__()
         self.disable_tqdm = bool(self.disable_tqdm)
         check_trackers(self.report_to)

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.utils.fileio import fsync_tree, write_manifest
 
-__all__ = ["CheckpointCallback", "RunLogCallback"]
+__all__ = ["CheckpointCallback", "FinalEvaluationCallback", "RunLogCallback"]
 
 
 class RunLogCallback(TrainerCallback):
@@ -50,3 +50,15 @@ class CheckpointCallback(TrainerCallback):
         self.run.write_config(self.options, self.resolved, folder=ckpt)
         fsync_tree(ckpt)
         write_manifest(ckpt, RunFolder.MANIFEST)
+
+
+class FinalEvaluationCallback(TrainerCallback):
+    """Runs the end-of-training evaluation as the training ends, before the trackers close (put it first), so its
+    scores land in the same tracker run as the losses."""
+
+    def __init__(self, evaluate) -> None:
+        self.evaluate, self.result = evaluate, None
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.result is None:
+            self.result = self.evaluate()

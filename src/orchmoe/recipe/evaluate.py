@@ -20,10 +20,10 @@ from orchmoe.evaluation.evaluate import format_metrics_markdown, score_predictio
 from orchmoe.evaluation.generate import generate_predictions
 from orchmoe.recipe.args import ArgumentsError, DataArguments
 from orchmoe.recipe.parse import RunOptions
-from orchmoe.recipe.run_data import build_data
+from orchmoe.recipe.run_data import build_data, data_arguments
 from orchmoe.recipe.run_folder import RunFolder
 
-__all__ = ["evaluate_model", "evaluate_run", "evaluate_trained"]
+__all__ = ["evaluate_model", "evaluate_run", "evaluate_trained", "write_trained"]
 
 
 def evaluate_model(
@@ -100,8 +100,10 @@ def _write(run: RunFolder, metrics: dict, records: list[dict], folder: Path | No
         )
 
 
-def evaluate_trained(model, tokenizer, data, options: RunOptions, run: RunFolder, trainer) -> dict:
-    """The evaluation at the end of ``orchmoe train`` (every process generates, the main one writes and logs)."""
+def evaluate_trained(model, tokenizer, data, options: RunOptions, run: RunFolder, trainer) -> tuple[dict, list]:
+    """The evaluation at the end of ``orchmoe train``: every process generates, the main one scores and logs the
+    scores to the trackers (still open: it runs as the training ends). Returns (metrics, records) on the main
+    process ({} and [] elsewhere); `write_trained` writes them once the run's summary exists."""
     prompt = options.data.prompt_format()
     generation = {
         "max_new_tokens": options.generation_tokens,
@@ -120,10 +122,17 @@ def evaluate_trained(model, tokenizer, data, options: RunOptions, run: RunFolder
         progress=not options.training.disable_tqdm,
     )
     if not accelerator.is_main_process:
-        return {}
+        return {}, []
     metrics = _metrics(model, data, run, agg, len(records), seconds, generation)
-    _write(run, metrics, records, None)
     trainer.log(_tracker_scores(metrics))
+    return metrics, records
+
+
+def write_trained(run: RunFolder, metrics: dict, records: list) -> dict:
+    """metrics.json / .md and predictions.jsonl of the end-of-training evaluation, with the run's summary in it."""
+    summary = run.read_summary()
+    metrics = {**metrics, "train_seconds": summary.get("train_seconds"), "train_steps": summary.get("steps")}
+    _write(run, metrics, records, None)
     return metrics
 
 
@@ -213,22 +222,7 @@ def evaluate_run(
 
 def _data_arguments(saved: dict, data, split, unseen_per_task, eval_per_task) -> DataArguments:
     """The run's data options (from its config.yaml), with the ones given to ``orchmoe eval``."""
-    values = {k: v for k, v in saved.items() if k in DataArguments.__dataclass_fields__}
-    for key, value in (
-        ("data", data),
-        ("split", split),
-        ("unseen_per_task", unseen_per_task),
-        ("eval_per_task", eval_per_task),
-    ):
-        if value is not None:
-            values[key] = value
-    for key in ("tasks", "unseen_tasks", "train_per_task"):
-        if key in values:
-            values[key] = "all" if values[key] is None else str(values[key])
-    try:
-        return DataArguments(**values)
-    except TypeError as e:
-        raise ArgumentsError(f"the run's config.yaml: {e}") from None
+    return data_arguments(saved, data=data, split=split, unseen_per_task=unseen_per_task, eval_per_task=eval_per_task)
 
 
 def _other_data(data_args: DataArguments, tasks: str, seed: int):

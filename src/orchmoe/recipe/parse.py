@@ -23,10 +23,10 @@ from transformers import HfArgumentParser
 
 from orchmoe.core.registry import METHODS
 from orchmoe.recipe.args import (
+    RECIPE_SET,
     ArgumentsError,
     DataArguments,
     EvalArguments,
-    RECIPE_SET,
     ModelArguments,
     OrchmoeTrainingArguments,
     adapter_config,

@@ -8,7 +8,7 @@ from typing import Any
 from orchmoe.data import MultiTaskData, load_multitask, quiet_length_warning, tokenized_features
 from orchmoe.recipe.args import ArgumentsError, DataArguments
 
-__all__ = ["build_data", "parse_unseen", "run_metadata", "train_features"]
+__all__ = ["build_data", "data_arguments", "parse_unseen", "run_metadata", "train_features"]
 
 
 def parse_unseen(value: str) -> Any:
@@ -31,6 +31,19 @@ def parse_tasks(value: str, split: str) -> Any:
     if not text:
         raise ArgumentsError("--tasks is empty")
     return text
+
+
+def data_arguments(options: dict[str, Any], **changes: Any) -> DataArguments:
+    """The `DataArguments` of a run's options (a config.yaml mapping), with ``changes`` (None: kept) applied."""
+    values = {k: v for k, v in options.items() if k in DataArguments.__dataclass_fields__}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    for key in ("tasks", "unseen_tasks", "train_per_task"):
+        if key in values:
+            values[key] = "all" if values[key] is None else str(values[key])
+    try:
+        return DataArguments(**values)
+    except TypeError as e:
+        raise ArgumentsError(f"the run's options: {e}") from None
 
 
 def build_data(data: DataArguments, seed: int) -> MultiTaskData:

@@ -200,7 +200,7 @@ class RunFolder:
 
     def _owned_names(self) -> list[Path]:
         p = self.path
-        names = [p / n for n in (*self.FILES, self.ADAPTER, self.LOGS, self.ANALYSIS)]
+        names = [p / n for n in (*self.FILES, self.ADAPTER, self.LOGS, self.ANALYSIS, "mlflow.db", "mlruns", "wandb")]
         names += [c for c in p.glob("checkpoint-*") if _CHECKPOINT.fullmatch(c.name)]
         names += list(p.glob("corrupt-checkpoint-*")) + list(p.glob("eval-*"))
         return [n for n in names if path_kind(n) is not None]
@@ -298,8 +298,8 @@ class RunFolder:
             foreign = [f"{p.name}/{rel}" for p in owned if path_kind(p) == "folder" for rel in _foreign_files(p)]
             if foreign:
                 raise ArgumentsError(
-                    f"--overwrite would leave {', '.join(foreign[:3])} in orchmoe's own folders of {out}: orchmoe never "
-                    "deletes files it did not write; move them out first"
+                    f"--overwrite would leave {', '.join(foreign[:3])} in orchmoe's own folders of {out}: orchmoe "
+                    "never deletes files it did not write; move them out first"
                 )
             plan.delete = owned
             return plan
@@ -412,7 +412,9 @@ def _plain_torch_load(path: Path) -> None:
         with safe_globals():
             torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path.name} is not a plain tensor file ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise ValueError(
+            f"{path.name} is not a plain tensor file ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def _written_files(folder: Path) -> list[str]:

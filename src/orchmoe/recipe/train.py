@@ -11,9 +11,11 @@ generation with the official scores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import errno
+import os
 import shutil
 import time
 from typing import Any
@@ -156,8 +158,7 @@ def _trainer(options: RunOptions, model, tokenizer, features, run: RunFolder, re
     return add_routing_callbacks(trainer)
 
 
-def _configure(training: OrchmoeTrainingArguments, run: RunFolder) -> None:
-    training.logging_dir = str(run / RunFolder.LOGS)
+def _configure(training: OrchmoeTrainingArguments) -> None:
     training.logging_nan_inf_filter = False  # a NaN loss must stop the run (NonFiniteLossCallback), not be hidden
     training.ddp_broadcast_buffers = False  # the Task Router's statistics are kept equal by their own all-reduce
     if training.disable_tqdm:
@@ -168,13 +169,34 @@ def _configure(training: OrchmoeTrainingArguments, run: RunFolder) -> None:
         hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _trackers_in(run: RunFolder):
+    """The trackers' files inside the run folder (TensorBoard would write runs/<date>, mlflow ./mlruns in the working
+    directory, wandb ./wandb), unless the user set where; the environment restored afterwards."""
+    wanted = {
+        "TENSORBOARD_LOGGING_DIR": str((run / RunFolder.LOGS).resolve()),
+        "MLFLOW_TRACKING_URI": f"file://{(run / 'mlruns').resolve()}",  # a file store (mlflow-skinny has no sqlite)
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "WANDB_DIR": str(run.path.resolve()),
+    }
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        wanted.pop("MLFLOW_ALLOW_FILE_STORE")
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def train(options: RunOptions) -> dict[str, Any]:
     """Train (or resume) a run into ``--out``, save the adapter, evaluate; returns the summary (with ``metrics``)."""
     from accelerate import PartialState
 
     training = options.training
     run = RunFolder(training.output_dir)
-    _configure(training, run)
+    _configure(training)
     state = PartialState()
     check_launch(state.num_processes)
     record = options_record(options)
@@ -197,16 +219,31 @@ def train(options: RunOptions) -> dict[str, Any]:
         resolved = _resolved(options, model, data, info, features, state)
         if state.is_main_process:
             run.write_config(record, resolved)
-        trainer = _trainer(options, model, tokenizer, features, run, record, resolved)
-        summary = _fit(trainer, plan, options, resolved, time.perf_counter() - t0)
-        _finish(run, model, summary, record, resolved, state)
-        if options.eval.eval:
-            from orchmoe.recipe.evaluate import evaluate_trained
+        with _trackers_in(run):
+            trainer = _trainer(options, model, tokenizer, features, run, record, resolved)
+            final = _final_evaluation(trainer, model, tokenizer, data, options, run)
+            summary = _fit(trainer, plan, options, resolved, time.perf_counter() - t0)
+            _finish(run, model, summary, record, resolved, state)
+            if final is not None:
+                from orchmoe.recipe.evaluate import write_trained
 
-            summary["metrics"] = evaluate_trained(model, tokenizer, data, options, run, trainer)
+                metrics, records = final.result if final.result is not None else final.evaluate()
+                summary["metrics"] = write_trained(run, metrics, records) if state.is_main_process else {}
         return summary
     finally:
         run.release()
+
+
+def _final_evaluation(trainer, model, tokenizer, data, options: RunOptions, run: RunFolder):
+    """The evaluation by generation, run as the training ends (first among the callbacks, trackers still open)."""
+    if not options.eval.eval:
+        return None
+    from orchmoe.recipe.callbacks import FinalEvaluationCallback
+    from orchmoe.recipe.evaluate import evaluate_trained
+
+    final = FinalEvaluationCallback(lambda: evaluate_trained(model, tokenizer, data, options, run, trainer))
+    trainer.callback_handler.callbacks.insert(0, final)
+    return final
 
 
 def _resolved(options: RunOptions, model, data, info: dict, features, state) -> dict[str, Any]:

@@ -209,6 +209,11 @@ class RoutedModel(BaseTuner):
         return {p: m for p, m in self.model.named_modules() if isinstance(m, RoutedLoraLayer)}
 
     @property
+    def base_model_source(self) -> str | None:
+        """The path or hub id the base model loads from (PEFT's ``base_model_name_or_path``; exports name it)."""
+        return self.adapter_config.base_model_name_or_path
+
+    @property
     def task_router(self) -> nn.Module | None:
         """OrchMoE's Task Router (None for the other methods)."""
         return getattr(self.router, "task_router", None)

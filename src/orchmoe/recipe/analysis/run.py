@@ -35,8 +35,8 @@ from orchmoe.recipe.analysis.allocations import (
 )
 from orchmoe.recipe.analysis.markdown import analysis_markdown, top_skills
 from orchmoe.recipe.analysis.plots import plot_allocation_heatmaps, plot_dendrogram, plot_task_heatmap
-from orchmoe.recipe.args import ArgumentsError, DataArguments
-from orchmoe.recipe.run_data import build_data
+from orchmoe.recipe.args import ArgumentsError
+from orchmoe.recipe.run_data import build_data, data_arguments
 from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.tuner.model import RoutedModel
 from orchmoe.utils.fileio import atomic_write_text
@@ -114,10 +114,7 @@ def build_task_prompts(
     """Prompts of every training task, built as in training, from the run's own seeded held-out
     instances (training instances for a task without any), so pi is measured on inputs the router did
     not fit. ``data`` overrides where the run's data are now."""
-    fields = {k: v for k, v in info.cfg.items() if k in DataArguments.__dataclass_fields__}
-    fields.update(unseen_tasks="0", **({"data": os.fspath(data)} if data else {}))
-    data_args = DataArguments(**{k: (str(v) if k in ("tasks", "train_per_task") and v is not None else v)
-                                 for k, v in fields.items()})  # fmt: skip
+    data_args = data_arguments(info.cfg, unseen_tasks="0", data=os.fspath(data) if data else None)
     split = build_data(data_args, int(info.cfg.get("seed", 0)))
     if sorted(split.task_to_id) != sorted(info.tasks):
         raise AnalysisError(
