@@ -98,7 +98,8 @@ def route_call(tuner: Any, kwargs: dict, task_ids=None, routing_mask=None) -> No
     the decode when it passes the very cache object its routing was set with. To reuse that object for a
     new prompt batch after ``cache.reset()``, call `RoutedModel.set_routing` first (or pass a new cache).
     """
-    input_ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+    input_ids = kwargs.get("input_ids")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers >= 5.2x also names it `cache`
     state = tuner.routing_state
     reuse = (
         _continues_decode(cache, state.cache)
