@@ -144,6 +144,12 @@ def _encode_batch(
     return out
 
 
+def _in_memory(columns: dict[str, list], **kwargs: Any) -> FeatureRows:
+    """The rows ``Dataset.map(_encode_batch)`` would give, computed here in one batch."""
+    out = _encode_batch(columns, **kwargs)
+    return FeatureRows(dict(zip(out, row)) for row in zip(*out.values()))
+
+
 def tokenized_features(
     data: MultiTaskData,
     tokenizer: Any,
