@@ -113,14 +113,14 @@ cat <<'EOF'
 The device tool's calls (15 minutes of device time in all, the machine's start of 1-2 min included; it goes
 back 30 s after a call). First thing whenever a GPU is lent:
 
-  1. run(command="bash scripts/gpu_check.sh quick", carry=[".gpu/common", ".gpu/quick"], timeout_s=480)
-       ~7 min: environment, tests/test_cuda.py, speed of every method vs our LoRA and PEFT's LoRA (bf16,
-       SmolLM2-135M shape), the 64-task batch vs PEFT's mixed-adapter batch; keeps the model's first part
+  1. run(command="bash scripts/gpu_check.sh quick", carry=[".gpu/common", ".gpu/quick"], timeout_s=450)
+       ~6.5 min: environment, speed of every method vs our LoRA and PEFT's LoRA (bf16, SmolLM2-135M
+       shape), the 64-task batch vs PEFT's mixed-adapter batch, tests/test_cuda.py; keeps the model's first part
        -> summary.md, check.json, quick.log, tests.xml under the reply's files_at
   2. at once after 1 returns (within the 30 s the machine stays warm; read 1's results afterwards):
-     run(command="bash scripts/gpu_check.sh quality", carry=[".gpu/common", ".gpu/quality"], timeout_s=420)
-       ~6 min: joins + checks + converts the real model, its special tokens checked, the reduced quality
-       protocols (LoRA and OrchMoE, seed 0)                          -> summary.md, check.json, quality.log
+     run(command="bash scripts/gpu_check.sh quality", carry=[".gpu/common", ".gpu/quality"], timeout_s=390)
+       ~5.5 min: joins + checks + converts the real model, its special tokens checked, the reduced quality
+       protocols (LoRA and OrchMoE, seed 0), serve_vs_peft on the real model -> summary.md, check.json, quality.log
      If it answers "the model's first part is not on this machine", the machine went back: in a later lease,
      make `bash scripts/gpu_check.sh stage` (carry [".gpu/common", ".gpu/quick"], timeout_s=120) and
      then the quality call at once.

@@ -3,14 +3,14 @@
 # gives 15 minutes in all, start included). scripts/gpu_bundle.sh prepares the carried pieces here and
 # prints the exact calls.
 #
-#   bash scripts/gpu_check.sh quick [SECONDS]     # ~7 min: environment, tests/test_cuda.py, speed of every
-#                                                 # method vs our LoRA and PEFT's LoRA (bf16, SmolLM2-135M
-#                                                 # shape), 64-task serving batch vs PEFT, summary.md
-#   bash scripts/gpu_check.sh quality [SECONDS]   # ~6 min: the real model (its first part left by quick or
+#   bash scripts/gpu_check.sh quick [SECONDS]     # ~6.5 min: environment, speed of every method vs our LoRA
+#                                                 # and PEFT's LoRA (bf16, SmolLM2-135M shape), 64-task
+#                                                 # serving batch vs PEFT, tests/test_cuda.py, summary.md
+#   bash scripts/gpu_check.sh quality [SECONDS]   # ~5.5 min: the real model (its first part left by quick or
 #                                                 # stage on this warm machine), reduced quality protocols
 #   bash scripts/gpu_check.sh stage               # keep the model's first part only (a quality-only lease)
 #
-# The budget (seconds this call may use; default 420 / 360 / 60, at most 570) is the argument, else
+# The budget (seconds this call may use; default 390 / 330 / 60, at most 570) is the argument, else
 # $GPU_CHECK_BUDGET. Nothing runs past it: a step that does not fit is reported as "not run", with why.
 # Results: $OUT/summary.md, $OUT/check.json (raw), $OUT/<mode>.log (+ tests.xml): what the tool brings back.
 #
@@ -27,6 +27,7 @@ OUT=${OUT:-$REPO/runs/gpu-check-$MODE}
 PY=${PYTHON:-python3}
 BUNDLE=${GPU_CHECK_BUNDLE:-$REPO/.gpu}  # the carried pieces (the dry run points it at what one call carries)
 mkdir -p "$OUT" "$STATE"
+STATE=$(cd "$STATE" && pwd) OUT=$(cd "$OUT" && pwd)  # absolute: subprocesses run elsewhere
 exec > >(tee -a "$OUT/$MODE.log") 2>&1
 TEE_PID=$!
 trap 'exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT  # the log is complete before the tool collects $OUT

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import gpu_train
-from gpu_steps import run_cmd
+from gpu_steps import REPO, outcome, read_json, run_cmd
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PART1 = f"quick/{GGUF_NAME}.part1"
@@ -26,8 +26,9 @@ PART2 = f"quality/{GGUF_NAME}.part2"
 SUPERNI = "quality/superni.tar.xz"
 MANIFEST = "common/MANIFEST.json"
 # (cap, need) seconds of one run of a protocol: a run that cannot get `need` is reported as not run.
-RUN_TIME = {"cpu": (150, 45), "ni100-reduced": (240, 100)}
+RUN_TIME = {"cpu": (120, 40), "ni100-reduced": (200, 80)}
 DRY_RUN_TIME = (240, 5)
+SERVE_VS_PEFT = REPO / "benchmarks" / "serve_vs_peft.py"  # written on the export branch: see step_serve_vs_peft
 
 
 def sha256(path: Path) -> str:
@@ -194,6 +195,24 @@ def run_metrics(out: Path) -> dict:
     }
 
 
+def step_serve_vs_peft(ctx, seconds: int) -> dict:
+    """HOOK for benchmarks/serve_vs_peft.py (the export branch): 64 real prompts of 64 tasks in one routed batch
+    against PEFT's mixed-adapter batch of the exported LoRAs, on the real model (fresh adapters, random
+    weights). Reported as not run while the script is not in this checkout."""
+    if not SERVE_VS_PEFT.is_file():
+        return {"status": "not run", "reason": "script missing: benchmarks/serve_vs_peft.py (export branch)"}
+    model = converted(ctx.state)
+    if model is None:
+        return {"status": "not run", "reason": "no converted model (the model step did not succeed)"}
+    json_path = ctx.state / "serve_vs_peft.json"
+    json_path.unlink(missing_ok=True)
+    args = ["--model", str(model), "--data", str(ctx.state / "superni"), "--json", str(json_path)]
+    args += "--device cpu --tasks 4 --new-tokens 2 --reps 1 --threads 1".split() if ctx.dry else []
+    args += [] if ctx.dry else "--device cuda --dtype bf16 --tasks 64 --new-tokens 32 --reps 3".split()
+    rc, timed_out = run_cmd([ctx.python, str(SERVE_VS_PEFT), *args], seconds)
+    return outcome(rc, timed_out, seconds, read_json(json_path))
+
+
 def steps(ctx, step_cls) -> list:
     """The quality call's steps: model, data, then every run of scripts/gpu_check.yaml's protocols."""
     out = [
@@ -204,4 +223,5 @@ def steps(ctx, step_cls) -> list:
         cap, need = DRY_RUN_TIME if ctx.dry else RUN_TIME.get(protocol, (180, 60))
         title = f"quality {protocol}: {method}, seed 0"
         out.append(step_cls(f"quality-{protocol}-{method}", title, cap, need, run_step_fn(protocol, method, options)))
-    return out
+    title = "benchmarks/serve_vs_peft.py: 64 real prompts of 64 tasks vs PEFT's mixed batch (real model)"
+    return out + [step_cls("serve-vs-peft", title, 150, 45, step_serve_vs_peft)]

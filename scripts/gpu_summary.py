@@ -37,6 +37,12 @@ def junit_counts(path: Path) -> dict:
             message = (bad.get("message") or "").strip().splitlines()
             n["failed"].append({"test": case.get("name"), "message": message[0][:300] if message else ""})
     n["seconds"] = float(suite.get("time", 0) or 0)
+    reasons: dict[str, int] = {}
+    for case in suite.iter("testcase"):
+        if (skip := case.find("skipped")) is not None:
+            why = (skip.get("message") or "").strip()
+            reasons[why] = reasons.get(why, 0) + 1
+    n["skipped_reasons"] = reasons
     return n
 
 
@@ -45,7 +51,8 @@ def tests_lines(data: dict) -> list[str]:
         f"{data['tests']} tests: {data['passed']} passed, {data['failures']} failed, {data['errors']} errors, "
         f"{data['skipped']} skipped ({data['seconds']:.0f} s)."
     ]
-    return lines + [f"- FAILED {f['test']}: {f['message']}" for f in data["failed"]]
+    lines += [f"- FAILED {f['test']}: {f['message']}" for f in data["failed"]]
+    return lines + [f"- skipped ({n}): {why}" for why, n in (data.get("skipped_reasons") or {}).items()]
 
 
 def speed_lines(data: dict) -> list[str]:
