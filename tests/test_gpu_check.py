@@ -165,3 +165,19 @@ def test_the_quality_call_stops_at_once_naming_what_is_missing(tmp_path, capsys)
     assert check["steps"][0]["status"] == "failed" and "SuperNI was not carried" in check["steps"][0]["reason"]
     assert "first part is not on this machine" in (out / "summary.md").read_text()
     assert gpu_quality.missing_pieces(gpu_check.Ctx("quality", True, tmp_path, out, bundle, Budget(1, 0)))
+
+
+def test_a_carried_part_is_kept_only_when_its_sha256_is_the_manifests(tmp_path):
+    bundle, state = tmp_path / ".gpu", tmp_path / "state"
+    part = bundle / gpu_quality.PART1
+    part.parent.mkdir(parents=True)
+    state.mkdir()
+    part.write_bytes(b"the first part")
+    (bundle / "common").mkdir()
+    pieces = {gpu_quality.PART1: {"bytes": 14, "sha256": gpu_quality.sha256(part)}}
+    (bundle / "common" / "MANIFEST.json").write_text(json.dumps({"gguf": {}, "pieces": pieces}))
+    assert gpu_quality.keep_part(bundle, gpu_quality.PART1, state)["status"] == "ok"
+    assert (state / part.name).read_bytes() == b"the first part"
+    part.write_bytes(b"the first parT")  # one byte flipped on the way
+    with pytest.raises(ValueError, match="SHA-256"):
+        gpu_quality.keep_part(bundle, gpu_quality.PART1, state)
