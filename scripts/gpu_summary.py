@@ -1,9 +1,10 @@
-"""One Markdown page of the GPU check: every target as PASS / FAIL, the tests, speed, serving and quality tables.
+"""One Markdown page of a GPU-check call: every step (ok / failed / timed out / not run, and why), every
+target as PASS / FAIL, then the tests, speed, serving and quality tables.
 
-Reads what ``scripts/gpu_check.sh`` leaves in its results folder (tests.xml, speed-<shape>.json, serving.json,
-env.json) and the quality runs' folder; anything missing is listed as pending rather than guessed.
+Reads the call's check.json (scripts/gpu_check.py writes it, raw results included); anything a step did not
+produce is shown as not run with its reason, never guessed.
 
-    python scripts/gpu_summary.py /tmp/orchmoe-gpu/results /tmp/orchmoe-gpu/quality --out summary.md
+    python scripts/gpu_summary.py check.json [--out summary.md]
 """
 
 from __future__ import annotations
@@ -14,67 +15,76 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-SHAPES = ("smollm2-135m", "1.3b")
-
 
 def fmt(v, spec: str = ".3f", suffix: str = "") -> str:
     return "-" if v is None else f"{format(v, spec)}{suffix}"
 
 
-def tests_section(path: Path) -> tuple[list[str], list[dict]]:
-    if not path.is_file():
-        return ["No test result (tests/test_cuda.py did not finish: see stage1.log)."], [
-            {"target": "tests/test_cuda.py passes on CUDA", "pass": None, "value": None}
-        ]
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def junit_counts(path: Path) -> dict:
+    """Counts and failed tests (with the first line of their message) of a pytest JUnit XML file."""
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    bad = [
-        f"{c.get('classname', '')}::{c.get('name')}"
-        for c in suite.iter("testcase")
-        if c.find("failure") is not None or c.find("error") is not None
-    ]
+    n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    n["failed"] = []
+    for case in suite.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            message = (bad.get("message") or "").strip().splitlines()
+            n["failed"].append({"test": case.get("name"), "message": message[0][:300] if message else ""})
+    n["seconds"] = float(suite.get("time", 0) or 0)
+    reasons: dict[str, int] = {}
+    for case in suite.iter("testcase"):
+        if (skip := case.find("skipped")) is not None:
+            why = (skip.get("message") or "").strip()
+            reasons[why] = reasons.get(why, 0) + 1
+    n["skipped_reasons"] = reasons
+    return n
+
+
+def tests_lines(data: dict) -> list[str]:
     lines = [
-        (
-            f"{n['tests']} tests: {n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['failures']} failed, "
-            f"{n['errors']} errors, {n['skipped']} skipped."
-        )
+        f"{data['tests']} tests: {data['passed']} passed, {data['failures']} failed, {data['errors']} errors, "
+        f"{data['skipped']} skipped ({data['seconds']:.0f} s)."
     ]
-    lines += [f"- FAILED {b}" for b in bad]
-    ok = n["failures"] == 0 and n["errors"] == 0 and n["skipped"] == 0 and n["tests"] > 0
-    return lines, [{"target": "tests/test_cuda.py passes on CUDA (none skipped)", "pass": ok, "value": None}]
+    lines += [f"- FAILED {f['test']}: {f['message']}" for f in data["failed"]]
+    return lines + [f"- skipped ({n}): {why}" for why, n in (data.get("skipped_reasons") or {}).items()]
 
 
-def speed_section(data: dict, shape: str) -> list[str]:
+def speed_lines(data: dict) -> list[str]:
+    """Every method against our LoRA and PEFT's LoRA: training tokens/s, generation, decoding steps, peak memory."""
     meta = data["meta"]
     lines = [
-        (
-            f"{meta['model']} | {meta['hardware']} | {meta['dtype']}, autocast {meta.get('autocast')} | train {meta['train']} "
-            f"| generate {meta['generate']}"
-        ),
+        f"{meta['model']} | {meta['hardware']} | {meta['dtype']}, autocast {meta.get('autocast')} | "
+        f"train {meta['train']} | generate {meta['generate']}",
         "",
-        (
-            "| method | trainable | train tok/s | train vs LoRA (paired) | train time vs PEFT LoRA | peak MiB | peak vs LoRA "
-            "| decode step ms | decode vs LoRA (paired) | = base tokens |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | trainable | train tok/s | train time vs LoRA (paired) | vs PEFT LoRA | generate tok/s "
+        "| generate time vs LoRA | vs PEFT LoRA | decode step ms | decode vs LoRA (paired) | peak MiB | peak vs LoRA "
+        "| vs PEFT LoRA | = base tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    rows = data["results"]
-    lora_peak = next((r["peak_mb"] for r in rows if r["method"] == "lora"), None)
+    rows = [r for r in data["results"] if r["method"] != "base"]
+    peak = {r["method"]: r.get("peak_mb") for r in rows}
     for r in rows:
-        if r["method"] == "base":
-            continue
-        peak_ratio = r["peak_mb"] / lora_peak if r["peak_mb"] and lora_peak else None
-        same = "-" if r["same_as_base"] is None else ("yes" if r["same_as_base"] else "NO")
+        same = "-" if r.get("same_as_base") is None else ("yes" if r["same_as_base"] else "NO")
         lines.append(
-            f"| {r['label']} | {r['params']:,} | {fmt(r['train_tok_s'], ',.0f')} | {fmt(r['train_vs_lora_paired'], '.3f', 'x')} "
-            f"| {fmt(r['train_vs_peft_lora'], '.3f', 'x')} | {fmt(r['peak_mb'], ',.0f')} | {fmt(peak_ratio, '.3f', 'x')} "
-            f"| {fmt(r['decode_ms'], '.2f')} | {fmt(r['decode_vs_lora_paired'], '.3f', 'x')} | {same} |"
+            f"| {r['label']} | {r['params']:,} | {fmt(r['train_tok_s'], ',.0f')} "
+            f"| {fmt(r['train_vs_lora_paired'] or r['train_vs_lora'], '.3f', 'x')} "
+            f"| {fmt(r['train_vs_peft_lora'], '.3f', 'x')} | {fmt(r.get('gen_tok_s'), ',.0f')} "
+            f"| {fmt(r['gen_vs_lora'], '.3f', 'x')} "
+            f"| {fmt(r['gen_vs_peft_lora'], '.3f', 'x')} | {fmt(r.get('decode_ms'), '.2f')} "
+            f"| {fmt(r.get('decode_vs_lora_paired'), '.3f', 'x')} | {fmt(r.get('peak_mb'), ',.0f')} "
+            f"| {fmt(ratio(r.get('peak_mb'), peak.get('lora')), '.3f', 'x')} "
+            f"| {fmt(ratio(r.get('peak_mb'), peak.get('peft-lora')), '.3f', 'x')} | {same} |"
         )
-    return lines
+    return lines + ["", "Time ratios: below 1 is faster. Peak memory: of a training step, over what was allocated."]
 
 
-def serving_section(data: dict) -> list[str]:
+def serving_lines(data: dict) -> list[str]:
     meta = data["meta"]
     lines = [
         f"{meta['model']} | {meta['hardware']} | {meta['dtype']}, autocast {meta.get('autocast')} | {meta['batch']}",
@@ -91,87 +101,113 @@ def serving_section(data: dict) -> list[str]:
     return lines
 
 
-def quality_section(folder: Path) -> list[str]:
-    runs = sorted(p.parent.name for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
-    table = folder / "quality.md"
-    lines = [f"Finished runs: {', '.join(runs) if runs else 'none'} (expected lora-s0, mhr-s0, orchmoe-s0, poly-s0)."]
-    if table.is_file() and runs:
-        lines += ["", table.read_text().strip()]
-    return lines
+def generic_lines(data: dict) -> list[str]:
+    """Any benchmark's ``results`` rows as a table (for scripts whose layout this page does not know)."""
+    rows = data.get("results") or []
+    if not rows or not isinstance(rows[0], dict):
+        return ["```", json.dumps(data, indent=1)[:4000], "```"]
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in rows]
 
 
-def verdict(target: dict) -> str:
-    return "PENDING" if target["pass"] is None else ("PASS" if target["pass"] else "FAIL")
-
-
-def build(results: Path, quality: Path) -> tuple[str, list[dict]]:
-    env = json.loads((results / "env.json").read_text()) if (results / "env.json").is_file() else {}
-    out = [
-        "# GPU check (issue 9)",
-        "",
-        " | ".join(f"{k} {env[k]}" for k in ("device", "torch", "transformers", "peft", "orchmoe") if k in env)
-        or "(no env.json)",
-        "",
-    ]
-    test_lines, targets = tests_section(results / "tests.xml")
-    sections, pending = [], []
-    for shape in SHAPES:
-        path = results / f"speed-{shape}.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            targets += [{**t, "target": f"{shape}: {t['target']}"} for t in data["targets"]]
-            sections += [f"## Speed, {shape}", "", *speed_section(data, shape), ""]
-        else:
-            pending.append(f"speed at the {shape} shape")
-    if (results / "serving.json").is_file():
-        data = json.loads((results / "serving.json").read_text())
-        targets += data["targets"]
-        sections += [
-            "## Serving: one batch of many tasks vs PEFT's mixed-adapter batch",
-            "",
-            *serving_section(data),
+def quality_lines(steps: list[dict]) -> list[str]:
+    """One table per protocol: method, figures on seen and unseen tasks, train time, or why there are none."""
+    out: list[str] = []
+    model = next((s for s in steps if s["key"] == "model"), None)
+    if model and model.get("data"):
+        m = model["data"]
+        out += [
+            f"Model check: end token {m['eos_token']!r} (id {m['tokenizer_ids']['eos']}), pad {m['pad_token']!r}; "
+            f"the GGUF names {m['gguf_ids']}; greedy answer {m['answer']!r} (stopped at the end token: "
+            f"{m['stopped_at_eos']}).",
             "",
         ]
-    else:
-        pending.append("serving")
-    quality_lines = quality_section(quality)
-    if not (quality / "quality.md").is_file():
-        pending.append("quality (ni100-quick)")
-    out += ["## Targets", "", "| target | value | result |", "|---|---:|---|"]
-    out += [f"| {t['target']} | {fmt(t['value'], '.3f')} | {verdict(t)} |" for t in targets]
-    n_pass = sum(t["pass"] is True for t in targets)
-    out += [
-        "",
-        f"{n_pass} of {len(targets)} targets pass." + (f" Pending: {', '.join(pending)}." if pending else ""),
-        "",
-    ]
-    out += [
-        "## tests/test_cuda.py",
-        "",
-        *test_lines,
-        "",
-        *sections,
-        "## Quality: ni100-quick, seed 0",
-        "",
-        *quality_lines,
-        "",
-    ]
-    return "\n".join(out), targets
+    protocols: dict[str, list[dict]] = {}
+    for s in steps:
+        if s["key"].startswith("quality-"):
+            protocols.setdefault(s["key"].split("-", 1)[1].rsplit("-", 1)[0], []).append(s)
+    for protocol, runs in protocols.items():
+        out += [
+            f"### {protocol}",
+            "",
+            "| method | trainable | seen ROUGE-L | seen ROUGE-Lsum | seen EM | unseen ROUGE-L | unseen EM | train s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in runs:
+            method = r["key"].rsplit("-", 1)[1]
+            d = r.get("data") or {}
+            if r["status"] != "ok" or not d:
+                out.append(f"| {method} | {r['status']}: {r.get('reason', '')} |  |  |  |  |  |  |")
+                continue
+            seen, unseen = d.get("seen", {}), d.get("unseen", {})
+            out.append(
+                f"| {method} | {fmt(d.get('trainable_parameters'), ',')} | {fmt(seen.get('rougeL'), '.2f')} "
+                f"| {fmt(seen.get('rougeLsum'), '.2f')} | {fmt(seen.get('exact_match'), '.2f')} "
+                f"| {fmt(unseen.get('rougeL'), '.2f')} | {fmt(unseen.get('exact_match'), '.2f')} "
+                f"| {fmt(d.get('train_seconds'), '.0f')} |"
+            )
+        out.append("")
+    return out
+
+
+def header(check: dict) -> list[str]:
+    env = next((s.get("data") for s in check["steps"] if s["key"] == "env"), None) or {}
+    v = env.get("versions", {})
+    line = " | ".join(
+        [f"device {env.get('device', '?')}"] + [f"{k} {v.get(k)}" for k in ("torch", "transformers", "peft") if k in v]
+    )
+    title = f"# GPU check: {check['mode']}" + (
+        " (DRY RUN on a CPU: the plumbing at tiny sizes, no figures)" if check["dry"] else ""
+    )
+    return [title, "", line, "", f"Budget {check['budget_s']:.0f} s, used {check['elapsed_s']:.0f} s.", ""]
+
+
+def render(check: dict) -> str:
+    """The page for one call's check.json."""
+    steps = check["steps"]
+    out = header(check) + ["## Steps", "", "| step | status | s | note |", "|---|---|---:|---|"]
+    targets = []
+    for s in steps:
+        data = s.get("data") or {}
+        targets += [{**t, "where": s["key"]} for t in (data.get("targets") or []) if isinstance(data, dict)]
+        note = s.get("reason", "")
+        if s["key"] == "tests" and data:
+            note = note or tests_lines(data)[0]
+        out.append(f"| {s['title']} | {s['status']} | {fmt(s.get('seconds'), '.0f')} | {note} |")
+    if targets:
+        out += ["", "## Targets", "", "| step | target | value | result |", "|---|---|---:|---|"]
+        out += [
+            f"| {t['where']} | {t['target']} | {fmt(t['value'], '.3f')} | {'PASS' if t['pass'] else 'FAIL'} |"
+            for t in targets
+        ]
+        out += ["", f"{sum(bool(t['pass']) for t in targets)} of {len(targets)} targets pass."]
+    for s in steps:
+        data = s.get("data")
+        if not data:
+            continue
+        if s["key"] == "tests":
+            out += ["", "## tests/test_cuda.py", "", *tests_lines(data)]
+        elif s["key"].startswith("speed-") and "results" in data:
+            out += ["", f"## {s['title']}", "", *speed_lines(data)]
+        elif s["key"] == "serving" and "results" in data:
+            out += ["", f"## {s['title']}", "", *serving_lines(data)]
+        elif s["key"] == "serve-vs-peft":
+            out += ["", f"## {s['title']}", "", *generic_lines(data)]
+    if any(s["key"].startswith("quality-") or s["key"] == "model" for s in steps):
+        out += ["", "## Quality (seed 0)", "", *quality_lines(steps)]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", type=Path, help="gpu_check.sh's results folder")
-    ap.add_argument("quality", type=Path, help="the quality runs' folder")
+    ap.add_argument("check", type=Path, help="a call's check.json")
     ap.add_argument("--out", type=Path, default=None, help="also write the page here")
-    ap.add_argument("--json", type=Path, default=None, help="write the targets (target, pass, value) here")
     args = ap.parse_args(argv)
-    page, targets = build(args.results, args.quality)
+    page = render(json.loads(args.check.read_text()))
     print(page)
     if args.out:
         args.out.write_text(page)
-    if args.json:
-        args.json.write_text(json.dumps(targets, indent=2) + "\n")
     return 0
 
 

@@ -172,3 +172,48 @@ def test_default_cache_dir_follows_orchmoe_cache(monkeypatch, tmp_path):
     assert default_features_dir() == tmp_path / "c" / "features"
     monkeypatch.delenv("ORCHMOE_CACHE")
     assert default_features_dir() == Path.home() / ".cache" / "orchmoe" / "features"
+
+
+def test_without_datasets_the_same_rows_are_computed_in_memory(data, tmp_path, monkeypatch):
+    """`datasets` is optional on the training path (the GPU image lacks it): the same rows, nothing on disk."""
+    tok = make_tiny_tokenizer()
+    cached = tokenized_features(data, tok, cache_dir=tmp_path / "with", **SETTINGS).to_list()
+    prompts = tokenized_features(data, tok, cache_dir=tmp_path / "with", part="eval", prompt_only=True, **SETTINGS)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    rows = tokenized_features(data, tok, cache_dir=tmp_path / "without", **SETTINGS)
+    assert type(rows).__name__ == "FeatureRows" and rows.to_list() == cached
+    assert rows.column_names == ["input_ids", "attention_mask", "labels", "task_id"]
+    assert pad_batch(rows[:2], tok.pad_token_id)["input_ids"].shape[0] == 2
+    evals = tokenized_features(data, tok, cache_dir=tmp_path / "without", part="eval", prompt_only=True, **SETTINGS)
+    assert evals.to_list() == prompts.to_list() and "labels" not in evals.column_names
+    assert not (tmp_path / "without").exists()
+
+
+# Makes `import NAME` fail for the packages the GPU image lacks, as they are absent there.
+BLOCKER = """
+import importlib.abc, sys
+ABSENT = {"datasets", "dill", "multiprocess", "trl", "gguf"}
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_orchmoe_train_runs_without_datasets(tiny_llama, superni, tmp_path):
+    """A tiny `orchmoe train` (training, checkpoint, evaluation) in a process where datasets, dill,
+    multiprocess, trl and gguf cannot be imported, as on the GPU image."""
+    from recipe_helpers import tiny_train_argv
+
+    argv = tiny_train_argv(tiny_llama, superni, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    script = BLOCKER + f"from orchmoe.recipe.cli import main\nraise SystemExit(main({argv!r}))\n"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), ORCHMOE_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["seen"]["overall"]["n"] > 0 and (tmp_path / "run" / "adapter").is_dir()
+    assert not (tmp_path / "cache" / "features").exists()  # tokenised in memory

@@ -201,6 +201,39 @@ def test_atomic_cache_reuses_valid_and_rebuilds_stale(tmp_path):
 # ------------------------------------------------------------------- SmolLM2 GGUF
 
 
+def test_special_tokens_are_set_from_the_gguf_metadata():
+    """What transformers 5.17 does to SmolLM2 (end and pad token = the start token), undone from the ids the
+    GGUF file names; the config and generation config follow; an id outside the vocabulary is refused."""
+    from helpers_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    tok.eos_token = tok.pad_token = "<s>"  # as the wrong conversion has it (the start token, id 2)
+    changed = gguf_cache.align_special_tokens(tok, model, {"bos": 2, "eos": 1, "pad": 0})
+    assert changed == {"eos": ("<s>", "</s>"), "pad": ("<s>", "<pad>")}
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (1, 0, 2)
+    assert (model.config.eos_token_id, model.config.pad_token_id, model.generation_config.eos_token_id) == (1, 0, 1)
+    assert gguf_cache.align_special_tokens(tok, model, {"bos": 2, "eos": 1, "pad": 0}) == {}  # already right
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gguf_cache.align_special_tokens(tok, model, {"eos": len(tok) + 5})
+
+
+def test_the_conversion_cache_is_keyed_by_transformers_version_and_format(tmp_path, monkeypatch):
+    """A conversion made by one transformers version (or an older conversion format) is never read by another."""
+    import transformers
+
+    gguf = tmp_path / "m-1B.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    here = gguf_cache.converted_dir(gguf, tmp_path)
+    assert here.name == f"m-1B-gguf.tf{transformers.__version__}.v{gguf_cache.CONVERSION_FORMAT}"
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    other_version = gguf_cache.converted_dir(gguf, tmp_path)
+    monkeypatch.setattr(gguf_cache, "CONVERSION_FORMAT", 99)
+    other_format = gguf_cache.converted_dir(gguf, tmp_path)
+    assert len({here, other_version, other_format}) == 3
+    assert other_format.name == "m-1B-gguf.tf5.17.0.v99"
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """Session-wide cache dir, removed afterwards (the fp32 copy is ~540 MB)."""
@@ -218,16 +251,17 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     gguf = gguf_cache.smollm2_gguf_path()
     assert gguf.is_file() and gguf.suffix == ".gguf"
 
-    models_dir = smollm2_cache / "models"
+    cached_dir = gguf_cache.converted_dir(gguf, smollm2_cache)  # keyed by the transformers version
+    models_dir = cached_dir.parent
     models_dir.mkdir(parents=True, exist_ok=True)
-    leftover = models_dir / f".tmp-{DEFAULT_MODEL}-{socket.gethostname()}-{_dead_pid()}-0000"
+    leftover = models_dir / f".tmp-{cached_dir.name}-{socket.gethostname()}-{_dead_pid()}-0000"
     leftover.mkdir()
     (leftover / "config.json").write_text("{ truncated")
 
     t0 = time.perf_counter()
     model, tok, info = load_model_and_tokenizer(cache_dir=smollm2_cache)
     first = time.perf_counter() - t0
-    cached_dir = models_dir / DEFAULT_MODEL
+    assert info["source"] == str(cached_dir)
     assert not leftover.exists()
     assert (cached_dir / "model.safetensors").is_file() and (cached_dir / gguf_cache.CACHE_MARKER).is_file()
     assert "quantization_config" not in json.loads((cached_dir / "config.json").read_text())
@@ -243,6 +277,9 @@ def test_smollm2_gguf_end_to_end(smollm2_cache):
     assert getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
     assert tok.pad_token is not None and model.config.pad_token_id == tok.pad_token_id
+    # the GGUF metadata's special tokens, whatever this transformers version's GGUF integration made of them
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tok.eos_token_id, model.config.eos_token_id, model.generation_config.eos_token_id) == (2, 2, 2)
     assert tok.chat_template
 
     msgs = [{"role": "user", "content": "What is the capital of France?"}]

@@ -10,6 +10,9 @@ the data, the tokenizer or a setting gives another fingerprint, hence another fi
 
 Under ``torch.distributed``/``accelerate``, build on the main process first
 (``with accelerator.main_process_first(): ...``) so the other processes find the cache ready.
+
+Without ``datasets`` installed (e.g. a GPU image that lacks it), the same rows are computed in memory
+(:class:`FeatureRows`): no disk cache, each process tokenises for itself; the values are identical.
 """
 
 from __future__ import annotations
@@ -17,15 +20,39 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from orchmoe.data import prompts
 from orchmoe.data.core import DataError, Example, MultiTaskData, PathLike, SuperNITask, cache_root
 
+logger = logging.getLogger(__name__)
+
 #: Bump when the feature layout changes (the prompt code's source is part of the fingerprint anyway).
 FEATURES_VERSION = 1
 PARTS = ("train", "eval", "unseen")
+
+
+class FeatureRows(list):
+    """The rows of :func:`tokenized_features` when ``datasets`` is not installed: a list of dicts that also
+    answers the two ``datasets.Dataset`` members its callers use (``column_names``, ``to_list``)."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0]) if self else []
+
+    def to_list(self) -> list[dict]:
+        return [dict(row) for row in self]
+
+
+def _datasets_or_none() -> Any:
+    """The ``datasets`` module, or None where it cannot be imported (it is optional on the training path)."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
 
 
 def default_features_dir() -> Path:
@@ -110,6 +137,12 @@ def _encode_batch(
     return out
 
 
+def _in_memory(columns: dict[str, list], **kwargs: Any) -> FeatureRows:
+    """The rows ``Dataset.map(_encode_batch)`` would give, computed here in one batch."""
+    out = _encode_batch(columns, **kwargs)
+    return FeatureRows(dict(zip(out, row)) for row in zip(*out.values()))
+
+
 def tokenized_features(
     data: MultiTaskData,
     tokenizer: Any,
@@ -142,10 +175,9 @@ def tokenized_features(
         ``attention_mask``, ``labels`` (not with ``prompt_only``) and ``task_id``: the same lists
         :func:`encode_example` gives (``task_id`` = the example's; -1 for unseen tasks). Rows index
         like a list of dicts, so the recipe's collate (:func:`orchmoe.data.pad_batch`) takes them
-        as they are; ``.to_list()`` gives plain dicts.
+        as they are; ``.to_list()`` gives plain dicts. Without ``datasets``: a :class:`FeatureRows`
+        of the same rows, computed in memory and not cached.
     """
-    import datasets
-
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     examples: list[Example] = getattr(data, part)
@@ -159,18 +191,24 @@ def tokenized_features(
         "chat_template": chat_template,
         "definition": definition,
     }
+    defs = {t: data.task_defs[t] for t in {ex.task for ex in examples}}
+    columns = {
+        "task": [ex.task for ex in examples],
+        "example_task_id": [ex.task_id for ex in examples],
+        "input": [ex.input for ex in examples],
+        "target": [ex.target for ex in examples],
+    }
+    datasets = _datasets_or_none()
+    if datasets is None:
+        logger.info(
+            "datasets is not installed: tokenising %d %s examples in memory (no disk cache)", len(examples), part
+        )
+        out = _encode_batch(columns, tokenizer=tokenizer, task_defs=defs, prompt_only=prompt_only, settings=settings)
+        return FeatureRows(dict(zip(out, row)) for row in zip(*out.values()))
     fingerprint = features_fingerprint(examples, data.task_defs, tokenizer, {**settings, "prompt_only": prompt_only})
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_features_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    table = datasets.Dataset.from_dict(
-        {
-            "task": [ex.task for ex in examples],
-            "example_task_id": [ex.task_id for ex in examples],
-            "input": [ex.input for ex in examples],
-            "target": [ex.target for ex in examples],
-        }
-    )
-    defs = {t: data.task_defs[t] for t in {ex.task for ex in examples}}
+    table = datasets.Dataset.from_dict(columns)
     return table.map(
         _encode_batch,
         batched=True,

