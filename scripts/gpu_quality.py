@@ -97,7 +97,7 @@ def missing_pieces(ctx) -> list[str]:
 CHECK_MODEL = r"""
 import json, sys
 import torch
-from orchmoe.gguf_cache import gguf_special_ids
+from orchmoe.loading.gguf import gguf_special_ids
 from orchmoe.loading import load_model_and_tokenizer
 gguf = sys.argv[1]
 model, tok, info = load_model_and_tokenizer(gguf, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -435,8 +435,8 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 def first_checkpoint(run: Path) -> Path:
-    found = sorted((int(p.name.split("-")[1]), p) for p in (run / "checkpoints").glob("step-*"))
-    assert found, f"no checkpoints/step-N in {run}: the run folder layout changed"
+    found = sorted((int(p.name.split("-")[1]), p) for p in run.glob("checkpoint-*"))
+    assert found, f"no checkpoint-N in {run}: the run folder layout changed"
     return found[0][1]
 
 
@@ -450,9 +450,9 @@ def recipe_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
     full, killed = root / "full", root / "killed"
     train_cli(tiny_dir, full)
     ckpt = first_checkpoint(full)
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpt, killed / "checkpoints" / ckpt.name)
-    for name in ("config.yaml", "train_log.jsonl"):
+    killed.mkdir(parents=True)
+    shutil.copytree(ckpt, killed / ckpt.name)
+    for name in (".orchmoe-run", "config.yaml", "train_log.jsonl"):
         shutil.copy(full / name, killed / name)
     train_cli(tiny_dir, killed)
     return full, killed

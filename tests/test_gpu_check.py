@@ -114,11 +114,9 @@ def test_junit_counts_name_the_failed_tests(tmp_path):
 
 def parsed(argv: list[str]):
     """`orchmoe train`'s parse of ``argv`` (the model and data are not read)."""
-    from orchmoe.recipe.cli import build_parser, train_config_from_args
+    from orchmoe.recipe.parse import parse_train_args
 
-    args, unknown = build_parser().parse_known_args(["train", *argv])
-    assert not unknown, unknown
-    return train_config_from_args(args)
+    return parse_train_args(argv)
 
 
 def test_train_argv_spells_flags_lists_and_values():

@@ -13,6 +13,7 @@ method's config (`method_arguments`), so ``--help`` shows the chosen method's op
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -236,13 +237,17 @@ class OrchmoeTrainingArguments(TrainingArguments):
     save_total_limit: int | None = opt(2, "checkpoints kept (older ones deleted)", "--keep-checkpoints")
     logging_steps: float = opt(10, "optimizer steps between train_log.jsonl records", "--log-every")
     report_to: list[str] = opt(["none"], "trackers: none, all, or names (tensorboard wandb mlflow ...)")
-    mixed_precision: str | None = opt(
-        None, "0.2 spelling of --bf16 / --fp16: no, bf16, fp16", choices=("no", "bf16", "fp16")
+    mixed_precision: str = opt(
+        "auto",
+        "auto (bf16 on a GPU that has it, else fp16; none on CPU), no, bf16, fp16 (also --bf16 / --fp16)",
+        choices=("auto", "no", "bf16", "fp16"),
     )
     disable_tqdm: bool = opt(False, "no progress bars", "--no-progress", "--no_progress")
 
     def __post_init__(self) -> None:
-        if self.mixed_precision is not None:
+        if self.mixed_precision == "auto" and not (self.bf16 or self.fp16):
+            self.mixed_precision = _auto_precision()
+        if self.mixed_precision in ("bf16", "fp16"):
             self.bf16, self.fp16 = self.mixed_precision == "bf16", self.mixed_precision == "fp16"
         self.no_training = self.max_steps == 0
         if self.save_steps == 0:
@@ -284,6 +289,14 @@ class OrchmoeTrainingArguments(TrainingArguments):
         check_trackers(self.report_to)
 
 
+def _auto_precision() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def _has_accelerator() -> bool:
     import torch
 
@@ -308,6 +321,7 @@ def check_trackers(report_to: Any) -> None:
         )
 
 
+@functools.cache
 def method_arguments(method: str) -> type:
     """A dataclass of ``method``'s own options (its config's fields, less the ones the recipe sets), for the parser;
     flags ``--NAME`` and ``--adapter.NAME``. Defaults are None: unset means the method's default."""

@@ -162,11 +162,15 @@ def _configure(training: OrchmoeTrainingArguments) -> None:
     training.logging_nan_inf_filter = False  # a NaN loss must stop the run (NonFiniteLossCallback), not be hidden
     training.ddp_broadcast_buffers = False  # the Task Router's statistics are kept equal by their own all-reduce
     if training.disable_tqdm:
-        import datasets
         from transformers.utils import logging as hf_logging
 
-        datasets.disable_progress_bars()
         hf_logging.disable_progress_bar()
+        try:  # optional on the training path (the features are then computed in memory)
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
 
 
 @contextlib.contextmanager
@@ -260,6 +264,7 @@ def _resolved(options: RunOptions, model, data, info: dict, features, state) -> 
         "seen_tasks": data.seen_tasks,
         "unseen_tasks": data.unseen_tasks,
         "num_processes": state.num_processes,
+        "mixed_precision": "bf16" if training.bf16 else "fp16" if training.fp16 else "no",
         "effective_batch_size": training.per_device_train_batch_size
         * state.num_processes
         * training.gradient_accumulation_steps,
