@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, report, analyze.
+"""The `orchmoe` command: train, eval, report, analyze, serve, predict.
 
     orchmoe train                                     # the builtin suite with the defaults
     orchmoe train --method poly --data path/to/natural-instructions --tasks 100 --out runs/poly
@@ -8,6 +8,8 @@
     orchmoe eval runs/orch
     orchmoe report runs/orch runs/poly runs/lora --out report.md
     orchmoe analyze runs/orch
+    orchmoe serve runs/orch                           # the OpenAI HTTP API (orchmoe.serving)
+    orchmoe predict runs/orch --input rows.jsonl --output answers.jsonl
 
 Every `train` flag is generated from a field of `orchmoe.recipe.TrainConfig` (its help, group and aliases);
 the adapter's flags from the registered methods' config dataclasses. Any expected failure is one line
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
     a.add_argument("--data", help="where the data are now (default: as trained)")
+    from ..serving.cli import add_predict_parser, add_serve_parser
+
+    add_serve_parser(sub)
+    add_predict_parser(sub)
     return p
 
 
@@ -203,6 +209,10 @@ def _run(args: argparse.Namespace) -> None:
             unseen_tasks=args.unseen_tasks,
             progress=not args.no_progress,
         )
+    elif args.command in ("serve", "predict"):
+        from ..serving import cli as serving_cli
+
+        (serving_cli.run_serve if args.command == "serve" else serving_cli.run_predict)(args)
     elif args.command == "report":
         from .report import write_report
 

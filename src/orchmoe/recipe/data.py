@@ -6,10 +6,17 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from ..data import MultiTaskData, load_multitask, tokenized_features
+from ..data import MultiTaskData, PromptFormat, load_multitask, tokenized_features
 from .options import TrainConfig
 
-__all__ = ["build_data", "train_features", "quiet_length_warning", "run_metadata", "prompt_settings"]
+__all__ = [
+    "build_data",
+    "train_features",
+    "quiet_length_warning",
+    "run_metadata",
+    "prompt_settings",
+    "prompt_format",
+]
 
 
 def build_data(cfg: TrainConfig) -> MultiTaskData:
@@ -34,6 +41,18 @@ def build_data(cfg: TrainConfig) -> MultiTaskData:
 def prompt_settings(cfg: TrainConfig) -> dict[str, Any]:
     """How prompts are built: the same for training, evaluation and analysis."""
     return {"n_pos": cfg.n_pos, "max_source_len": cfg.max_source_len, "chat_template": cfg.chat_template}
+
+
+def prompt_format(cfg: TrainConfig, decoder_only: bool) -> PromptFormat:
+    """The prompt format saved with the adapter (serving and prediction rebuild the training prompts from it)."""
+    return PromptFormat(
+        n_pos=cfg.n_pos,
+        max_source_len=cfg.max_source_len,
+        max_target_len=cfg.max_target_len,
+        max_new_tokens=cfg.max_new_tokens,
+        chat_template=cfg.chat_template,
+        decoder_only=decoder_only,
+    )
 
 
 def quiet_length_warning(tokenizer) -> None:
@@ -69,6 +88,7 @@ def run_metadata(cfg: TrainConfig, data: MultiTaskData, info: dict) -> dict[str,
         "data_dir": str(data.data_dir),
         "base_model": info["name"],
         "prompt": {**prompt_settings(cfg), "max_target_len": cfg.max_target_len},
+        "prompt_format": prompt_format(cfg, not info.get("is_encoder_decoder", False)).to_dict(),
         "seed": cfg.seed,
         "source_options": dict(getattr(data, "source_options", {}) or {}),
     }

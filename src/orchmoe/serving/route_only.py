@@ -1,0 +1,153 @@
+"""Route-only mode: compute the routing here, generate on an OpenAI-compatible multi-LoRA server.
+
+A parameter-mixing adapter under a fixed routing is one plain LoRA (`RoutedModel.export_peft_lora`), so an
+engine that serves many LoRAs (vLLM ``--enable-lora``, SGLang, LoRAX, or ``orchmoe serve --lora``) can
+generate once this process has chosen the LoRA: OrchMoE's most probable abstract task of pi(x) (exact for
+a hard-routed adapter; with a soft pi the argmax is an approximation), or the Poly/MHR task of the request.
+The prompt is built here (the training format, a chat template) and sent as token ids, so the upstream
+server sees exactly the tokens the routing was computed from. The upstream answers are streamed back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from .backend import Prepared
+from .engine import Event, Overloaded
+from .loader import Served
+from .protocol import ChatBody, CompletionBody, Limits, RequestError, build_request
+
+__all__ = ["RouteOnlyBackend", "lora_name", "route_of"]
+
+
+def lora_name(kind: str, index: int) -> str:
+    """The name of a bundle's LoRA, shared with ``orchmoe export --bundle``: ``abstract-K`` for OrchMoE's
+    abstract task K, ``task-T`` for a Poly/MHR task id T (``task-unseen`` for -1, the mean allocation)."""
+    if kind not in ("abstract", "task"):
+        raise ValueError(f"a bundle LoRA is per 'abstract' task or per 'task', not {kind!r}")
+    return f"{kind}-unseen" if index < 0 else f"{kind}-{index}"
+
+
+def route_of(served: Served, prompt_ids: list[int], route: Any) -> str:
+    """The bundle LoRA that serves this prompt (see `lora_name`)."""
+    model = served.model
+    if served.routes_by_task:
+        return lora_name("task", int(route))
+    if served.method == "orchmoe":
+        ids = torch.as_tensor([prompt_ids], dtype=torch.long, device=served.runner.device)
+        with torch.inference_mode():
+            pi = model.task_probabilities(input_ids=ids, attention_mask=torch.ones_like(ids))  # (1, K)
+        return lora_name("abstract", int(pi.argmax(-1)))
+    raise ValueError(
+        f"route-only mode needs an adapter that folds into plain LoRAs per routing (OrchMoE, Poly, MHR); "
+        f"{served.method} routes every token and has no such form"
+    )
+
+
+class _UpstreamStream:
+    """The upstream server's SSE chunks as engine `Event`s."""
+
+    def __init__(self, response, prompt_tokens: int) -> None:
+        self.response, self.lines = response, response.aiter_lines()
+        self.prompt_tokens, self.text, self.tokens = prompt_tokens, [], None
+        self.finished, self.reason = False, "stop"
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        async for line in self.lines:
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                self.finished = True
+                return Event("error", message=f"upstream: {chunk['error'].get('message')}")
+            if chunk.get("usage"):
+                self.tokens = chunk["usage"].get("completion_tokens")
+            for choice in chunk.get("choices") or []:
+                if choice.get("text"):
+                    self.text.append(choice["text"])
+                    return Event("delta", text=choice["text"])
+                if choice.get("finish_reason"):
+                    self.reason = choice["finish_reason"]
+        self.finished = True
+        await self.response.aclose()
+        text = "".join(self.text)
+        n = self.tokens if self.tokens is not None else 0
+        return Event(
+            "done", text=text, finish_reason=self.reason, prompt_tokens=self.prompt_tokens, completion_tokens=n
+        )
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            import asyncio
+
+            asyncio.ensure_future(self.response.aclose())  # closing the connection ends the upstream request
+
+
+class RouteOnlyBackend:
+    """Routes here, forwards to ``url`` (an OpenAI-compatible server with the bundle's LoRAs as models)."""
+
+    def __init__(self, served: Served, url: str, limits: Limits, *, timeout: float = 600.0, api_key: str | None = None):
+        import httpx
+
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--route-to {url!r}: give the upstream server's base URL, e.g. http://127.0.0.1:8001")
+        route_of(served, [served.tokenizer.eos_token_id or 0], None if not served.routes_by_task else 0)  # refuse early
+        self.served, self.limits = served, limits
+        self.url = url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
+        self._lock = threading.Lock()  # one routing computation at a time on the model
+
+    def model_ids(self) -> list[str]:
+        return self.served.model_ids()
+
+    def prepare(self, body: CompletionBody | ChatBody) -> Prepared:
+        request, model_id = build_request(self.served, body, self.limits)
+        with self._lock:
+            request.route = route_of(self.served, request.prompt_ids, request.route)
+        return Prepared(request, model_id, body)
+
+    async def open(self, prepared: Prepared) -> _UpstreamStream:
+        import httpx
+
+        req, p = prepared.request, prepared.request.params
+        payload = {"model": req.route, "prompt": req.prompt_ids, "max_tokens": p.max_tokens,
+                   "temperature": p.temperature, "top_p": p.top_p, "stop": list(p.stop) or None, "seed": p.seed,
+                   "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        try:
+            response = await self.client.send(
+                self.client.build_request("POST", f"{self.url}/v1/completions", json=payload), stream=True
+            )
+        except httpx.HTTPError as e:
+            raise RequestError(f"the upstream server {self.url} cannot be reached: {type(e).__name__}", 502) from None
+        if response.status_code >= 400:
+            raw = await response.aread()
+            await response.aclose()
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw[:200].decode("utf-8", "replace")
+            if response.status_code in (429, 503):
+                raise Overloaded(f"upstream: {message}", float(response.headers.get("retry-after", 1) or 1))
+            status = response.status_code if response.status_code < 500 else 502
+            raise RequestError(f"upstream ({req.route}): {message}", status)
+        return _UpstreamStream(response, len(req.prompt_ids))
+
+    def load(self) -> dict[str, Any]:
+        return {"upstream": self.url}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
