@@ -231,10 +231,11 @@ class RoutedRunner(_Runner):
         return logits, RowRouting(state.task_ids, state.task_probs, state.weights)
 
     def _decode_call(self, ids, mask, positions, batch):
-        if self._installed is not batch.routing:
-            r = batch.routing
-            self.model.routing_state.set(task_ids=r.task_ids, task_probs=r.task_probs, weights=r.weights)
-            self._installed = batch.routing
+        r, state = batch.routing, self.model.routing_state
+        current = state.task_ids is r.task_ids and state.task_probs is r.task_probs and state.weights is r.weights
+        if self._installed is not r or not current:  # (someone else may have routed the model in between)
+            state.set(task_ids=r.task_ids, task_probs=r.task_probs, weights=r.weights)
+            self._installed = r
         return self._call(self.base, ids, mask, positions, batch.cache, prefill=False)
 
     def cat_routing(self, a: RowRouting, b: RowRouting) -> RowRouting:
