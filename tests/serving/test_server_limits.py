@@ -127,8 +127,8 @@ def test_bounded_load(runs):
             rng = random.Random(seed)
             with httpx.Client(base_url=url, timeout=30) as http:
                 while time.time() < stop:
-                    body = {"prompt": " ".join(rng.choice(["the", "fox", "Maria", "42"]) for _ in range(rng.randint(1, 40))),
-                            "max_tokens": rng.randint(1, 24), "stream": rng.random() < 0.3}  # fmt: skip
+                    words = [rng.choice(["the", "fox", "Maria", "42"]) for _ in range(rng.randint(1, 40))]
+                    body = {"prompt": " ".join(words), "max_tokens": rng.randint(1, 24), "stream": rng.random() < 0.3}
                     resp = http.post("/v1/completions", json=body)
                     if resp.status_code == 429:
                         assert int(resp.headers["retry-after"]) >= 1
