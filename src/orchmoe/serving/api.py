@@ -189,13 +189,16 @@ async def _generate(request: Request, state: _State, kind: str) -> Response:
         raise Overloaded(f"too many open streams ({state.settings.max_streams})")
     stream = await state.backend.open(prepared)
     fmt = _Format(kind, prepared.model_id)
+    route = {"x-orchmoe-route": prepared.route_name} if prepared.route_name else {}
     if not body.stream:
-        return await _collect(request, state, stream, fmt)
+        response = await _collect(request, state, stream, fmt)
+        response.headers.update(route)
+        return response
     usage = bool((body.stream_options or {}).get("include_usage"))
     state.streams += 1
     state.metrics.streams.set(state.streams)
     return StreamingResponse(_sse(request, state, stream, fmt, usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+                             headers={"Cache-Control": "no-cache", **route})  # fmt: skip
 
 
 async def _next_or_gone(request: Request, stream, poll: float):

@@ -23,6 +23,7 @@ class Prepared:
     request: GenerationRequest
     model_id: str
     body: CompletionBody | ChatBody
+    route_name: str | None = None  # route-only mode: the upstream LoRA chosen (sent back as x-orchmoe-route)
 
 
 class EventStream:

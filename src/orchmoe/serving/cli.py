@@ -72,6 +72,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request (default: $ORCHMOE_API_KEY)")
     s.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=PATH",
                    help="serve this PEFT LoRA folder as model NAME (repeat for several)")  # fmt: skip
+    s.add_argument("--bundle", metavar="DIR", help="an `orchmoe export --bundle` folder: serve its LoRAs by name, "
+                   "or with --route-to, map the routing to its LoRAs through its manifest")  # fmt: skip
     s.add_argument("--route-to", metavar="URL", help="compute the routing here and forward each request to this "
                    "OpenAI-compatible server with the routing's LoRA (abstract-K / task-T) as model")  # fmt: skip
     g = s.add_argument_group("limits")

@@ -1,12 +1,12 @@
 """``orchmoe predict``: answers for every row of a jsonl or parquet file, through the server's engine.
 
 Rows hold a ``prompt``, or the training format (``definition``, ``input``, optional ``examples`` /
-``positive_examples``), and optionally ``id`` and ``task`` (Poly/MHR route by it: a seen task's name or id,
--1 for an unseen task; the other methods route by the prompt). Decoding is greedy, as the evaluation's.
-Answers are appended, each as one whole line, to a journal beside the output (``.NAME.partial``) as they
-finish; a killed run started again with the same command keeps the journal's answers (a torn last line is
-dropped) and does the rest. At the end the output is written in input order, atomically, and the journal
-removed. An existing output is never replaced without ``overwrite``.
+``positive_examples``), and optionally ``id`` and ``task`` (Poly/MHR route by it: a seen task's name or
+id; -1 or any other task name routes as an unseen task; the other methods route by the prompt). Decoding
+is greedy, as the evaluation's. Answers are appended, each as one whole line, to a journal beside the
+output (``.NAME.partial``) as they finish; a killed run started again with the same command keeps the
+journal's answers (a torn last line is dropped) and does the rest. At the end the output is written in
+input order, atomically, and the journal removed. An existing output is never replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def _request(served: Any, row: dict, max_tokens: int) -> GenerationRequest:
     if served.max_positions and len(ids) + max_tokens > served.max_positions:
         raise RequestError(f"the prompt ({len(ids)} tokens) + {max_tokens} new tokens is over the model's context")
     task = row.get("task")
+    if served.routes_by_task and isinstance(task, str) and task not in served.tasks and not task.lstrip("-").isdigit():
+        task = -1  # a task the adapter was not trained on: routed as unseen, as the evaluation routes it
     route = served.route(served.name, task if served.routes_by_task else None)
     return GenerationRequest(ids, route, SamplingParams(max_tokens=max_tokens))
 

@@ -10,6 +10,7 @@ server sees exactly the tokens the routing was computed from. The upstream answe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
@@ -21,19 +22,37 @@ from .engine import Event, Overloaded
 from .loader import Served
 from .protocol import ChatBody, CompletionBody, Limits, RequestError, build_request
 
-__all__ = ["RouteOnlyBackend", "lora_name", "route_of"]
+__all__ = ["RouteOnlyBackend", "lora_name", "route_of", "read_bundle"]
+
+BUNDLE_FORMAT = "orchmoe-lora-bundle"
 
 
 def lora_name(kind: str, index: int) -> str:
-    """The name of a bundle's LoRA, shared with ``orchmoe export --bundle``: ``abstract-K`` for OrchMoE's
-    abstract task K, ``task-T`` for a Poly/MHR task id T (``task-unseen`` for -1, the mean allocation)."""
+    """The name of a bundle's LoRA, as ``orchmoe export --bundle`` names them (``orchmoe.bundle.lora_name``):
+    ``abstract-K`` for OrchMoE's abstract task K, ``task-T`` for a Poly/MHR task id T, ``task-unseen`` for -1."""
     if kind not in ("abstract", "task"):
         raise ValueError(f"a bundle LoRA is per 'abstract' task or per 'task', not {kind!r}")
     return f"{kind}-unseen" if index < 0 else f"{kind}-{index}"
 
 
-def route_of(served: Served, prompt_ids: list[int], route: Any) -> str:
-    """The bundle LoRA that serves this prompt (see `lora_name`)."""
+def read_bundle(folder: str) -> dict[str, Any]:
+    """The ``manifest.json`` of an ``orchmoe export --bundle`` folder: its LoRAs (name -> folder) and routes."""
+    from pathlib import Path
+
+    path = Path(folder).expanduser() / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--bundle {folder}: no readable manifest.json ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("loras"), dict):
+        raise ValueError(f"--bundle {folder}: {path} is not an orchmoe LoRA bundle manifest")
+    data["lora_folders"] = {n: str((path.parent / e["path"]).resolve()) for n, e in data["loras"].items()}
+    return data
+
+
+def route_of(served: Served, prompt_ids: list[int], route: Any, bundle: dict | None = None) -> str:
+    """The bundle LoRA that serves this prompt (see `lora_name`); with a bundle's manifest, an abstract task
+    without a LoRA of its own goes where the manifest sends it (``route.abstract_task_to_lora``)."""
     model = served.model
     if served.routes_by_task:
         return lora_name("task", int(route))
@@ -41,7 +60,9 @@ def route_of(served: Served, prompt_ids: list[int], route: Any) -> str:
         ids = torch.as_tensor([prompt_ids], dtype=torch.long, device=served.runner.device)
         with torch.inference_mode():
             pi = model.task_probabilities(input_ids=ids, attention_mask=torch.ones_like(ids))  # (1, K)
-        return lora_name("abstract", int(pi.argmax(-1)))
+        k = int(pi.argmax(-1))
+        mapped = ((bundle or {}).get("route") or {}).get("abstract_task_to_lora") or {}
+        return mapped.get(str(k), lora_name("abstract", k))
     raise ValueError(
         f"route-only mode needs an adapter that folds into plain LoRAs per routing (OrchMoE, Poly, MHR); "
         f"{served.method} routes every token and has no such form"
@@ -49,12 +70,38 @@ def route_of(served: Served, prompt_ids: list[int], route: Any) -> str:
 
 
 class _UpstreamStream:
-    """The upstream server's SSE chunks as engine `Event`s."""
+    """The upstream server's SSE chunks as engine `Event`s. A task of its own reads the upstream response into a
+    queue, so a reader that stops waiting (to check its client) never interrupts the upstream read."""
 
     def __init__(self, response, prompt_tokens: int) -> None:
-        self.response, self.lines = response, response.aiter_lines()
-        self.prompt_tokens, self.text, self.tokens = prompt_tokens, [], None
-        self.finished, self.reason = False, "stop"
+        self.response, self.prompt_tokens = response, prompt_tokens
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.finished = False
+        self.task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        text, tokens, reason = [], 0, "stop"
+        try:
+            async for line in self.response.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    self.queue.put_nowait(Event("error", message=f"upstream: {chunk['error'].get('message')}"))
+                    return
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text"):
+                        text.append(choice["text"])
+                        self.queue.put_nowait(Event("delta", text=choice["text"]))
+                    reason = choice.get("finish_reason") or reason
+        except Exception as e:  # noqa: BLE001 - a broken upstream stream fails this request only
+            self.queue.put_nowait(Event("error", message=f"upstream stream failed: {type(e).__name__}"))
+            return
+        finally:
+            await self.response.aclose()
+        self.queue.put_nowait(Event("done", text="".join(text), finish_reason=reason,
+                                    prompt_tokens=self.prompt_tokens, completion_tokens=tokens))  # fmt: skip
 
     def __aiter__(self):
         return self
@@ -62,50 +109,36 @@ class _UpstreamStream:
     async def __anext__(self) -> Event:
         if self.finished:
             raise StopAsyncIteration
-        async for line in self.lines:
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                self.finished = True
-                return Event("error", message=f"upstream: {chunk['error'].get('message')}")
-            if chunk.get("usage"):
-                self.tokens = chunk["usage"].get("completion_tokens")
-            for choice in chunk.get("choices") or []:
-                if choice.get("text"):
-                    self.text.append(choice["text"])
-                    return Event("delta", text=choice["text"])
-                if choice.get("finish_reason"):
-                    self.reason = choice["finish_reason"]
-        self.finished = True
-        await self.response.aclose()
-        text = "".join(self.text)
-        n = self.tokens if self.tokens is not None else 0
-        return Event(
-            "done", text=text, finish_reason=self.reason, prompt_tokens=self.prompt_tokens, completion_tokens=n
-        )
+        event = await self.queue.get()
+        self.finished = event.kind != "delta"
+        return event
 
     def close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            import asyncio
-
-            asyncio.ensure_future(self.response.aclose())  # closing the connection ends the upstream request
+        """Stop reading: closing the connection ends the upstream request too."""
+        self.finished = True
+        if not self.task.done():
+            self.task.cancel()
 
 
 class RouteOnlyBackend:
     """Routes here, forwards to ``url`` (an OpenAI-compatible server with the bundle's LoRAs as models)."""
 
-    def __init__(self, served: Served, url: str, limits: Limits, *, timeout: float = 600.0, api_key: str | None = None):
+    def __init__(
+        self,
+        served: Served,
+        url: str,
+        limits: Limits,
+        *,
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        bundle: dict | None = None,
+    ):
         import httpx
 
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"--route-to {url!r}: give the upstream server's base URL, e.g. http://127.0.0.1:8001")
         route_of(served, [served.tokenizer.eos_token_id or 0], None if not served.routes_by_task else 0)  # refuse early
-        self.served, self.limits = served, limits
+        self.served, self.limits, self.bundle = served, limits, bundle
         self.url = url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
@@ -117,8 +150,8 @@ class RouteOnlyBackend:
     def prepare(self, body: CompletionBody | ChatBody) -> Prepared:
         request, model_id = build_request(self.served, body, self.limits)
         with self._lock:
-            request.route = route_of(self.served, request.prompt_ids, request.route)
-        return Prepared(request, model_id, body)
+            request.route = route_of(self.served, request.prompt_ids, request.route, self.bundle)
+        return Prepared(request, model_id, body, route_name=request.route)
 
     async def open(self, prepared: Prepared) -> _UpstreamStream:
         import httpx

@@ -19,6 +19,7 @@ from .protocol import Limits
 __all__ = ["ServeOptions", "build_app", "serve"]
 
 API_KEY_ENV = "ORCHMOE_API_KEY"
+UPSTREAM_KEY_ENV = "ORCHMOE_UPSTREAM_API_KEY"  # route-only mode: the key of the server requests are forwarded to
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ServeOptions:
     api_key: str | None = None
     loras: dict[str, str] = field(default_factory=dict)
     route_to: str | None = None
+    bundle: str | None = None
     max_batch: int = 16
     max_queue: int = 64
     max_prefill_tokens: int = 2048
@@ -72,15 +74,18 @@ def build_app(opts: ServeOptions):
         max_body_bytes=opts.max_body_bytes,
         max_streams=opts.max_streams,
     )
+    from .route_only import RouteOnlyBackend, read_bundle
+
+    bundle = read_bundle(opts.bundle) if opts.bundle else None
     if opts.route_to:
         if opts.loras:
             raise ValueError("--route-to forwards every request; it serves no --lora itself")
-        from .route_only import RouteOnlyBackend
-
         served = load_served(_need_path(opts), model=opts.model, dtype=opts.dtype, name=opts.name)
         backend = RouteOnlyBackend(served, opts.route_to, _limits(opts, served), timeout=opts.upstream_timeout,
-                                   api_key=settings.api_key)  # fmt: skip
+                                   api_key=os.environ.get(UPSTREAM_KEY_ENV), bundle=bundle)  # fmt: skip
         return create_app(backend, settings, metrics), served
+    if bundle is not None:
+        opts.loras = {**bundle["lora_folders"], **opts.loras}
     if opts.loras:
         if opts.path:
             raise ValueError("give either PATH (a routed adapter) or --lora NAME=PATH ..., not both")
