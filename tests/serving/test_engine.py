@@ -190,3 +190,53 @@ def test_engine_thread_survives_a_failing_sink():
     finally:
         assert engine.stop(10)
     assert c.finished[0].kind == "done" and threading.active_count() >= 1
+
+
+def test_peft_lora_rows_each_get_their_own_lora():
+    """Plain PEFT LoRAs by name (and the base model): batched answers equal PEFT's lone generate per LoRA."""
+    import peft
+
+    from orchmoe.serving.runner import PeftRunner
+
+    base = tiny_base("llama")
+    cfg = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, cfg, adapter_name="first")
+    model.add_adapter("second", cfg)
+    model.eval()
+    ps = prompts(6, seed=8)
+    names = ["first", "second", "__base__", "second", "first", "__base__"]
+    engine = Engine(PeftRunner(model, TOK), max_batch=3).start()
+    try:
+        out = run_engine(engine, [GenerationRequest(p, n, greedy(8)) for p, n in zip(ps, names)])
+    finally:
+        engine.stop(10)
+    for i, (p, name) in enumerate(zip(ps, names)):
+        ids = torch.tensor([p])
+        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=EOS, pad_token_id=0, adapter_names=[name])  # fmt: skip
+        new = seq[0, len(p) :].tolist()
+        new = new[: new.index(EOS)] if EOS in new else new
+        assert out[i].text == TOK.decode(new, skip_special_tokens=True), (i, name)
+    assert len({out[i].text for i in range(3)}) == 3  # the two LoRAs and the base model answer differently
+
+
+def test_a_failed_decoding_step_fails_its_rows_and_the_engine_goes_on():
+    model = routed("orchmoe")
+    runner = RoutedRunner(model, TOK)
+    decode, calls = runner.decode, []
+
+    def once_broken(batch, tokens):
+        calls.append(len(tokens))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return decode(batch, tokens)
+
+    runner.decode = once_broken
+    engine = Engine(runner, max_batch=4).start()
+    try:
+        first = run_engine(engine, [GenerationRequest(p, None, greedy(6)) for p in prompts(2, seed=9)])
+        later = run_engine(engine, [GenerationRequest(prompts(1, seed=10)[0], None, greedy(6))])
+    finally:
+        assert engine.stop(10)
+    assert any(e.kind == "error" and "simulated" in e.message for e in first.values())
+    assert later[0].kind == "done"
