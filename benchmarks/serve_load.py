@@ -2,7 +2,8 @@
 
 A real server process (``python -m orchmoe serve RUN``) answers requests built from one instance of each of
 16 different SuperNI tasks (the adapter's training tasks, in the structured training form: definition, input,
-demonstrations), greedy, ``new-tokens`` new tokens at most (rows stop at eos, as served answers do). Measured:
+demonstrations), greedy, exactly ``new-tokens`` new tokens each (``min_tokens`` = ``max_tokens``: eos is masked
+until then, as ``generate(min_new_tokens=...)`` does), so both modes generate the same tokens. Measured:
 
 * throughput: completed tokens/s with all 16 clients at once against the same 16 requests sent one after the
   other (each waits for the previous answer); p50 / p99 request latency of both (``reps`` rounds, medians);
@@ -11,7 +12,10 @@ demonstrations), greedy, ``new-tokens`` new tokens at most (rows stop at eos, as
 * peak RSS: the server's ``VmHWM`` after the load against a fresh process that loads the same model and adapter
   and runs one lone ``generate`` of the longest prompt;
 * greedy agreement: the server's answers (concurrent and sequential rounds) against lone ``model.generate``
-  calls here, prompt by prompt.
+  calls here (``min_new_tokens`` = ``max_new_tokens``), prompt by prompt.
+
+``--threads`` sets torch's CPU threads of the server, of this process and of the lone-generate process alike
+(on a CPU shared with other work, 1 thread is far steadier than 2: OpenMP threads wait for descheduled ones).
 
 Goals (issue 16, 2-core CPU, SmolLM2-135M fp32): concurrent >= 4x sequential tokens/s; TTFT <= 1.2x a direct
 generate; peak RSS <= 1.2x a lone generate's.
@@ -150,8 +154,8 @@ def lone_generate(served, ids: list[int], max_new: int):
     x = torch.tensor([ids])
     eos = served.tokenizer.eos_token_id
     out = served.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                                do_sample=False, eos_token_id=eos, pad_token_id=served.runner.pad_id,
-                                temperature=None, top_p=None, top_k=None)  # fmt: skip
+                                min_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                                pad_token_id=served.runner.pad_id, temperature=None, top_p=None, top_k=None)  # fmt: skip
     new = out[0, len(ids) :].tolist()
     return served.tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
 
@@ -176,8 +180,10 @@ def measure(args) -> dict:
     fmt, tok = served.prompt_format, served.tokenizer
     prompt_ids = [fmt.encode(tok, r["definition"], r["input"], r["examples"]) for r in reqs]
     keys = ("definition", "input", "examples")
-    bodies = [{**{k: r[k] for k in keys}, "max_tokens": args.new_tokens, "temperature": 0} for r in reqs]
-    server = Server(args.run, "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients))
+    n = args.new_tokens
+    bodies = [{**{k: r[k] for k in keys}, "max_tokens": n, "min_tokens": n, "temperature": 0} for r in reqs]
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    server = Server(args.run, "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients), *threads)
     try:
         sequential(server.url, bodies[:2])  # warm-up
         lone = [lone_generate(served, ids, args.new_tokens) for ids in prompt_ids]
@@ -188,7 +194,7 @@ def measure(args) -> dict:
         mid = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))[len(prompt_ids) // 2]
         t_server, t_direct = [], []
         for _ in range(args.ttft_reps):
-            t_server.append(ttft_server(server.url, {**bodies[mid], "max_tokens": 1}))
+            t_server.append(ttft_server(server.url, {**bodies[mid], "max_tokens": 1, "min_tokens": 1}))
             t0 = time.perf_counter()
             lone_generate(served, prompt_ids[mid], 1)
             t_direct.append(time.perf_counter() - t0)
@@ -196,7 +202,7 @@ def measure(args) -> dict:
     finally:
         exit_code = server.stop()
     lone_proc = subprocess.run([sys.executable, __file__, args.run, "--lone-rss", "--new-tokens", str(args.new_tokens),
-                                "--clients", str(args.clients)], capture_output=True, text=True, check=True)  # fmt: skip
+                                "--clients", str(args.clients), *threads], capture_output=True, text=True, check=True)  # fmt: skip
     lone_hwm = json.loads(lone_proc.stdout.strip().splitlines()[-1])["vm_hwm"]
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "tokens", "tokens_per_s", "p50_s", "p99_s")}
            for m, rs in rounds.items()}  # fmt: skip
@@ -213,9 +219,10 @@ def report(res: dict, args) -> None:
     ttft = res["ttft_server_s"] / res["ttft_direct_s"]
     rss = res["server_rss"] / res["lone_rss"]
     p = res["prompt_tokens"]
-    print(f"## serve_load: {res['method']} adapter of {args.run}, {args.clients} tasks, <= {args.new_tokens} new tokens,"
+    print(f"## serve_load: {res['method']} adapter of {args.run}, {args.clients} tasks, {args.new_tokens} new tokens each,"
           f" greedy, fp32; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{datetime.date.today()}; prompts {min(p)}-{max(p)} tokens (mean {sum(p) / len(p):.0f})")  # fmt: skip
+          f"{datetime.date.today()}; torch threads {args.threads or 'default'}; prompts {min(p)}-{max(p)} tokens "
+          f"(mean {sum(p) / len(p):.0f})")  # fmt: skip
     print()
     print("| mode | tokens | wall s | tokens/s | p50 latency s | p99 latency s | greedy = lone generate |")
     print("|---|---|---|---|---|---|---|")
@@ -244,9 +251,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=2, help="rounds of each mode (alternating order), medians")
     p.add_argument("--ttft-reps", type=int, default=5)
+    p.add_argument("--threads", type=int, help="torch CPU threads of every process (default: torch's)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--lone-rss", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.lone_rss:
         return lone_rss(args.run, args.new_tokens, args.clients)
     res = measure(args)

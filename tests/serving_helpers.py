@@ -22,13 +22,15 @@ from orchmoe.serving.sampling import SamplingParams
 from recipe_helpers import SMALL_DATA, tiny_train_argv
 
 
-def lone_greedy(model, prompt: list[int], max_new: int, eos: int | None, task_id: int | None = None) -> list[int]:
+def lone_greedy(
+    model, prompt: list[int], max_new: int, eos: int | None, task_id: int | None = None, min_new: int = 0
+) -> list[int]:
     """The new tokens of a lone greedy ``model.generate`` (a RoutedModel), cut before eos."""
     ids = torch.tensor([prompt])
     kwargs = {"task_ids": torch.tensor([task_id])} if task_id is not None else {}
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-        eos_token_id=eos, pad_token_id=0, temperature=None, top_p=None, top_k=None, **kwargs,
+        eos_token_id=eos, pad_token_id=0, temperature=None, top_p=None, top_k=None, min_new_tokens=min_new, **kwargs,
     )  # fmt: skip
     new = out[0, len(prompt) :].tolist()
     return new[: new.index(eos)] if eos is not None and eos in new else new

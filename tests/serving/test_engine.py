@@ -240,3 +240,16 @@ def test_a_failed_decoding_step_fails_its_rows_and_the_engine_goes_on():
         assert engine.stop(10)
     assert any(e.kind == "error" and "simulated" in e.message for e in first.values())
     assert later[0].kind == "done"
+
+
+def test_min_tokens_masks_eos_as_generate_min_new_tokens_does():
+    model = routed("orchmoe", seed=3)
+    ps = prompts(5, seed=11)
+    engine = Engine(RoutedRunner(model, TOK), max_batch=5).start()
+    try:
+        out = run_engine(engine, [GenerationRequest(p, None, greedy(12, min_tokens=12)) for p in ps])
+    finally:
+        engine.stop(10)
+    for i, p in enumerate(ps):
+        assert out[i].completion_tokens == 12
+        assert out[i].text == TOK.decode(lone_greedy(model, p, 12, EOS, min_new=12), skip_special_tokens=True)

@@ -54,6 +54,8 @@ def _lora(text: str) -> tuple[str, str]:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="the base model (default: the run's, else the one recorded in the adapter)")
     p.add_argument("--dtype", help="dtype of the base weights (default: the run's; auto = float32 on CPU)")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's; 1 is steadier on a "
+                   "CPU shared with other work)")  # fmt: skip
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -132,6 +134,10 @@ def run_serve(args: argparse.Namespace) -> None:
 def run_predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = predict(
         args.path,
         args.input,

@@ -78,6 +78,7 @@ class Handle:
         self.request, self.sink = request, sink
         self.id = next(self._ids)
         self.cancelled = False
+        self.done = False  # an end event ("done" or "error") was delivered
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -201,8 +202,9 @@ class Engine:
                     self._step()
                     self._retire()
             except Exception as e:  # noqa: BLE001 - never let the thread die: fail the batch, go on
-                rows, self._rows, self._batch = self._rows, [], None
-                self._fail([r.handle for r in rows], e)
+                handles = [r.handle for r in self._rows] + [h for h in newcomers if not h.done]
+                self._rows, self._batch = [], None
+                self._fail(list({id(h): h for h in handles if not h.done}.values()), e)
             self.stats.queue(*self.load)
 
     def _take_newcomers(self) -> list[Handle]:
@@ -257,6 +259,10 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits) -> None:
         """Each row's next token from its logits (b, V), its new text, and whether it is finished."""
+        early = [i for i, r in enumerate(rows) if len(r.tokens) < r.params.min_tokens]
+        if early and self.runner.eos_id is not None:
+            logits = logits.clone()  # (an inference tensor of the runner's: not written in place)
+            logits[early, self.runner.eos_id] = float("-inf")  # min_tokens: no eos yet
         tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
         now = time.perf_counter()
         limit = self.runner.max_positions
@@ -298,6 +304,7 @@ class Engine:
             _deliver(h, Event("delta", text=rest))
         n_prompt, n_out = len(h.request.prompt_ids), len(row.tokens)
         self.stats.finished(n_prompt, n_out, time.perf_counter() - h.submitted, row.finish)
+        h.done = True
         _deliver(
             h,
             Event(
@@ -307,5 +314,6 @@ class Engine:
 
     def _fail(self, handles: list[Handle], error: BaseException) -> None:
         for h in handles:
+            h.done = True
             self.stats.finished(len(h.request.prompt_ids), 0, time.perf_counter() - h.submitted, "error")
             _deliver(h, Event("error", message=f"the model failed on this request: {type(error).__name__}: {error}"))

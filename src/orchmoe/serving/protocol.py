@@ -55,6 +55,7 @@ class _Common(BaseModel):
     n: StrictInt | None = 1
     stream: StrictBool | None = False
     seed: StrictInt | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     task: StrictStr | StrictInt | None = None
     stream_options: dict[str, Any] | None = None
     logprobs: Any = None
@@ -140,6 +141,8 @@ def _sampling(body: _Common, limits: Limits, n_prompt: int, max_positions: int) 
             f"{max_positions} tokens",
             param="max_tokens",
         )
+    if body.min_tokens is not None and body.min_tokens > max_tokens:
+        raise RequestError(f"min_tokens={body.min_tokens} is over max_tokens={max_tokens}", param="min_tokens")
     stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
     if any(len(s) > 64 for s in stop):
         raise RequestError("a stop string is longer than 64 characters", param="stop")
@@ -149,6 +152,7 @@ def _sampling(body: _Common, limits: Limits, n_prompt: int, max_positions: int) 
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(stop),
         seed=body.seed,
+        min_tokens=body.min_tokens or 0,
     )
 
 

@@ -160,6 +160,8 @@ class RouteOnlyBackend:
         payload = {"model": req.route, "prompt": req.prompt_ids, "max_tokens": p.max_tokens,
                    "temperature": p.temperature, "top_p": p.top_p, "stop": list(p.stop) or None, "seed": p.seed,
                    "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        if p.min_tokens:
+            payload["min_tokens"] = p.min_tokens  # vLLM's extension, as this server's
         try:
             response = await self.client.send(
                 self.client.build_request("POST", f"{self.url}/v1/completions", json=payload), stream=True

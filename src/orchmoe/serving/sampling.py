@@ -27,6 +27,8 @@ class SamplingParams:
         top_p: nucleus sampling threshold in (0, 1].
         stop: strings that end the answer (not included in it).
         seed: the seed of this row's generator (None: a fresh random one).
+        min_tokens: eos is not chosen before this many tokens (vLLM's ``min_tokens``; ``generate``'s
+            ``min_new_tokens``): its logit is masked out.
     """
 
     max_tokens: int = 16
@@ -34,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:

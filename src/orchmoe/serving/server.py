@@ -47,6 +47,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     max_streams: int = 64
     upstream_timeout: float = 600.0
+    threads: int | None = None
     log_level: str = "warning"
 
 
@@ -147,6 +148,10 @@ def serve(opts: ServeOptions) -> None:
     """Load, bind, print the address, serve until SIGTERM/SIGINT (then drain and return)."""
     import uvicorn
 
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     sock = _bind(opts.host, opts.port)  # bound before loading: a taken port fails in a second, not a minute
     app, served = build_app(opts)
     host, port = sock.getsockname()[:2]
