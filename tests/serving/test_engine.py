@@ -253,3 +253,26 @@ def test_min_tokens_masks_eos_as_generate_min_new_tokens_does():
     for i, p in enumerate(ps):
         assert out[i].completion_tokens == 12
         assert out[i].text == TOK.decode(lone_greedy(model, p, 12, EOS, min_new=12), skip_special_tokens=True)
+
+
+def test_a_broken_iteration_fails_its_requests_instead_of_losing_them():
+    """An error outside the model calls (here: merging caches) fails the running rows and the newcomers taken from
+    the queue; nobody waits forever and the engine serves the next requests."""
+    model = routed("lora")
+    runner = RoutedRunner(model, TOK)
+    merge, broken = runner.merge, [True]
+
+    def merge_once_broken(a, b):
+        if broken and a is not None:
+            broken.clear()
+            raise RuntimeError("merge failed")
+        return merge(a, b)
+
+    runner.merge = merge_once_broken
+    engine = Engine(runner, max_batch=4).start()
+    try:
+        first = run_engine(engine, [GenerationRequest(p, None, greedy(4)) for p in prompts(3, seed=12)])
+        later = run_engine(engine, [GenerationRequest(prompts(1, seed=13)[0], None, greedy(4))])
+    finally:
+        assert engine.stop(10)
+    assert sorted(e.kind for e in first.values()).count("error") >= 1 and later[0].kind == "done"

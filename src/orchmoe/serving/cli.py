@@ -133,7 +133,9 @@ def run_serve(args: argparse.Namespace) -> None:
 
 def run_predict(args: argparse.Namespace) -> None:
     from .predict import predict
+    from .server import steady_heap
 
+    steady_heap()
     if args.threads:
         import torch
 

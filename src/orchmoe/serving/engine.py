@@ -223,6 +223,9 @@ class Engine:
         return taken
 
     def _admit(self, handles: list[Handle]) -> None:
+        """Prefill the newcomers (in groups), choose their first tokens, then merge them into the running batch
+        at once (one copy of the running cache per admission, not one per newcomer)."""
+        rows, batches = [], []
         for start in range(0, len(handles), self.prefill_batch):
             group = handles[start : start + self.prefill_batch]
             try:
@@ -235,10 +238,12 @@ class Engine:
                 else:
                     self._fail(group, e)
                 continue
-            rows = [_Row(h, self.runner.tokenizer) for h in group]
-            self._batch = self.runner.merge(self._batch, batch)
+            new = [_Row(h, self.runner.tokenizer) for h in group]
+            self._advance(new, logits)
+            rows, batches = rows + new, batches + [batch]
+        if batches:
+            self._batch = self.runner.merge(self._batch, *batches)
             self._rows += rows
-            self._advance(rows, logits)
 
     def _admit_one_by_one(self, group: list[Handle]) -> None:
         saved, self.prefill_batch = self.prefill_batch, 1

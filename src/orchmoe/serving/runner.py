@@ -19,25 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from .kvcache import UnsupportedModelError, cache_layers, join_caches, select_rows
 
 __all__ = ["KVBatch", "RoutedRunner", "PeftRunner", "UnsupportedModelError", "RowRouting"]
-
-
-class UnsupportedModelError(ValueError):
-    """A model whose KV cache the engine cannot merge (encoder-decoder, sliding-window or linear attention)."""
-
-
-def _layers(cache: Any) -> list:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = list(getattr(cache, "layers", []))
-    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
-    if odd:
-        raise UnsupportedModelError(
-            f"continuous batching merges full-attention KV caches; this model's cache has {sorted(odd)} layers"
-        )
-    return layers
 
 
 @dataclass
@@ -95,14 +80,7 @@ class KVBatch:
 
     @property
     def width(self) -> int:
-        layers = _layers(self.cache)
-        return int(layers[0].keys.shape[-2]) if layers and layers[0].is_initialized else 0
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(b, h, T, d) -> (b, h, width, d) with zeros before: padded columns are masked out, and zeros (not
-    garbage) keep a masked column from turning an attention sum into NaN."""
-    return F.pad(t, (0, 0, width - t.shape[-2], 0)) if t.shape[-2] < width else t
+        return int(cache_layers(self.cache)[0].keys.shape[-2])
 
 
 def mask_of(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -132,15 +110,15 @@ class _Runner:
         )
 
     # -- batch operations ------------------------------------------------------------------------
-    def merge(self, a: KVBatch | None, b: KVBatch) -> KVBatch:
-        """One batch of ``a``'s rows then ``b``'s: both caches left-padded to the wider one and concatenated."""
-        if a is None or a.size == 0:
-            return b
-        width = max(a.width, b.width)
-        for la, lb in zip(_layers(a.cache), _layers(b.cache)):
-            la.keys = torch.cat([_left_pad(la.keys, width), _left_pad(lb.keys, width)])
-            la.values = torch.cat([_left_pad(la.values, width), _left_pad(lb.values, width)])
-        return KVBatch(a.cache, torch.cat([a.lengths, b.lengths]), self.cat_routing(a.routing, b.routing))
+    def merge(self, a: KVBatch | None, *others: KVBatch) -> KVBatch:
+        """One batch of ``a``'s rows (None: none) then each of ``others``', every cache left-padded to the widest
+        (`orchmoe.serving.kvcache.join_caches`), the routing concatenated."""
+        parts = ([a] if a is not None and a.size else []) + list(others)
+        cache, _ = join_caches([p.cache for p in parts])
+        routing = parts[0].routing
+        for p in parts[1:]:
+            routing = self.cat_routing(routing, p.routing)
+        return KVBatch(cache, torch.cat([p.lengths for p in parts]), routing)
 
     def select(self, batch: KVBatch, keep: Sequence[int]) -> KVBatch | None:
         """The batch of rows ``keep`` only (None when empty), its columns cut to the longest remaining row."""
@@ -148,11 +126,8 @@ class _Runner:
             return None
         index = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
         lengths = batch.lengths.index_select(0, index)
-        width = int(lengths.max())
-        for layer in _layers(batch.cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, -width:]
-            layer.values = layer.values.index_select(0, index)[:, :, -width:]
-        return KVBatch(batch.cache, lengths, self.select_routing(batch.routing, index, keep))
+        cache = select_rows(batch.cache, index, int(lengths.max()))
+        return KVBatch(cache, lengths, self.select_routing(batch.routing, index, keep))
 
     # -- forwards ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -176,7 +151,7 @@ class _Runner:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (n, width): 0.. on the real tokens
         cache = DynamicCache(config=self.base.config)
         logits, routing = self._prefill_call(ids, mask, positions, cache, routes)
-        _layers(cache)  # refuse a cache that cannot be merged before it joins a batch
+        cache_layers(cache)  # refuse a cache that cannot be merged before it joins a batch
         return logits[:, -1].float(), KVBatch(cache, lengths, routing)
 
     @torch.inference_mode()

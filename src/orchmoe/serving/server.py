@@ -126,6 +126,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def steady_heap(threshold: int = 256 * 1024) -> bool:
+    """glibc only: give every allocation over ``threshold`` bytes its own mapping, returned to the system when
+    freed. A server allocates and frees KV caches of changing sizes for as long as it runs; with glibc's
+    default (a threshold that rises after frees) they come from the heap, which fragments and whose peak
+    resident size only grows. Returns whether it was set."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # mallopt's M_MMAP_THRESHOLD (setting it also turns the dynamic threshold off)
+    return bool(libc.mallopt(m_mmap_threshold, threshold))
+
+
 def _draining_server_class():
     import signal
 
@@ -152,6 +167,7 @@ def serve(opts: ServeOptions) -> None:
         import torch
 
         torch.set_num_threads(opts.threads)
+    steady_heap()
     sock = _bind(opts.host, opts.port)  # bound before loading: a taken port fails in a second, not a minute
     app, served = build_app(opts)
     host, port = sock.getsockname()[:2]
