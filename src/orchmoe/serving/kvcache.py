@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicLayer
 __all__ = ["GrowingLayer", "UnsupportedModelError", "cache_layers", "join_caches", "select_rows"]
 
 #: free columns a buffer is given when it is (re)built: a reallocation every this many decoding steps
-HEADROOM = 32
+HEADROOM = 16
 
 
 class UnsupportedModelError(ValueError):
