@@ -197,7 +197,16 @@ async def _generate(request: Request, state: _State, kind: str) -> Response:
     usage = bool((body.stream_options or {}).get("include_usage"))
     state.streams += 1
     state.metrics.streams.set(state.streams)
-    return StreamingResponse(_sse(request, state, stream, fmt, usage), media_type="text/event-stream",
+    closed = []
+
+    def cleanup() -> None:  # once, whether the stream ran to its end, broke, or never started
+        if not closed:
+            closed.append(True)
+            stream.close()
+            state.streams -= 1
+            state.metrics.streams.set(state.streams)
+
+    return _Stream(cleanup, _sse(request, state, stream, fmt, usage, cleanup), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **route})  # fmt: skip
 
 
@@ -229,7 +238,22 @@ async def _collect(request: Request, state: _State, stream, fmt: _Format) -> Res
         stream.close()
 
 
-async def _sse(request: Request, state: _State, stream, fmt: _Format, usage: bool):
+class _Stream(StreamingResponse):
+    """A streaming response that always runs ``cleanup`` (frees the request's row and its stream slot), even
+    when the client is gone before the first byte and the body generator never starts."""
+
+    def __init__(self, cleanup, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cleanup()
+
+
+async def _sse(request: Request, state: _State, stream, fmt: _Format, usage: bool, cleanup):
     try:
         if fmt.chat:
             yield fmt.sse(fmt.chunk("", None, first=True))  # the assistant's role, as OpenAI's first chunk
@@ -252,9 +276,7 @@ async def _sse(request: Request, state: _State, stream, fmt: _Format, usage: boo
                 yield "data: [DONE]\n\n"
                 return
     finally:
-        stream.close()
-        state.streams -= 1
-        state.metrics.streams.set(state.streams)
+        cleanup()
 
 
 class _Format:
