@@ -133,3 +133,28 @@ def test_a_hard_to_reach_upstream_is_a_502(runs):
     with serving(app) as url:
         resp = httpx.post(url + "/v1/completions", json={"prompt": "abc"})
     assert resp.status_code == 502 and "cannot be reached" in resp.json()["error"]["message"]
+
+
+def test_a_bundle_is_served_by_name_and_maps_the_routing(runs, tiny_llama, tmp_path, references):
+    """An `orchmoe export --bundle` folder (its manifest's layout): `--bundle` serves its LoRAs by name, and
+    route-only mode sends an abstract task without a LoRA of its own where the manifest says."""
+    from orchmoe.serving.route_only import read_bundle, route_of
+
+    served = references["orchmoe"]
+    (tmp_path / "loras").mkdir()
+    served.model.export_peft_lora(tmp_path / "loras" / "abstract-0", abstract_task=0)
+    K = served.model.adapter_config.n_abstract_tasks
+    route = {"by": "prompt", "abstract_task_to_lora": {str(k): "abstract-0" for k in range(K)}}
+    manifest = {"format": "orchmoe-lora-bundle", "method": "orchmoe",
+                "loras": {"abstract-0": {"path": "loras/abstract-0"}}, "route": route}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    bundle = read_bundle(str(tmp_path))
+    assert route_of(served, [5, 6, 7], None, bundle) == "abstract-0"
+    app, lora_set = build_app(ServeOptions(bundle=str(tmp_path), model=str(tiny_llama)))
+    with serving(app) as url:
+        ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        assert ids[0] == "abstract-0" and lora_set.method == "lora-set"
+        assert httpx.post(url + "/v1/completions", json={"model": "abstract-0", "prompt": "abc"}).status_code == 200
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an orchmoe LoRA bundle"):
+        read_bundle(str(tmp_path))

@@ -12,6 +12,7 @@ as the base model's name (no LoRA).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -170,8 +171,7 @@ def load_served(
     base, tokenizer, info = load_model_and_tokenizer(spec, dtype=dtype or options.get("dtype") or "auto")
     routed = load_adapter(base, adapter_dir, base_model_name=info["name"])
     fmt = PromptFormat.from_adapter_metadata(routed.adapter_metadata, where=str(adapter_dir))
-    if fmt.decoder_only == bool(info["is_encoder_decoder"]):
-        raise ValueError(f"{adapter_dir}: the prompt format says decoder_only={fmt.decoder_only}; the model disagrees")
+    fmt = dataclasses.replace(fmt, decoder_only=not info["is_encoder_decoder"])  # the model knows (old adapters)
     method = routed.adapter_config.method
     tasks = dict(routed.adapter_metadata.get("task_to_id") or {}) if routed.adapter_config.needs_task_ids else {}
     if routed.adapter_config.needs_task_ids and not tasks:
