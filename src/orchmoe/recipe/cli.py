@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, report, analyze.
+"""The `orchmoe` command: train, eval, report, analyze, serve, predict.
 
     orchmoe train                                     # the builtin suite with the defaults
     orchmoe train --method poly --data path/to/natural-instructions --tasks 100 --out runs/poly
@@ -9,6 +9,8 @@
     orchmoe eval runs/orch --data path/to/superni --tasks task1,task2     # other data, into runs/orch/eval-*/
     orchmoe report runs/orch runs/poly runs/lora --out report.md
     orchmoe analyze runs/orch
+    orchmoe serve runs/orch                           # the OpenAI HTTP API (orchmoe.serving)
+    orchmoe predict runs/orch --input rows.jsonl --output answers.jsonl
 
 ``train`` parses its options with `transformers.HfArgumentParser` (`orchmoe.recipe.parse`). Any expected
 failure is one line naming the problem and exit code 2; ``--debug`` shows the traceback.
@@ -93,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
     a.add_argument("--data", help="where the data are now (default: as trained)")
+    from ..serving.cli import add_predict_parser, add_serve_parser
+
+    add_serve_parser(sub)
+    add_predict_parser(sub)
     return p
 
 
@@ -119,6 +125,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
+    elif args.command in ("serve", "predict"):
+        from ..serving import cli as serving_cli
+
+        (serving_cli.run_serve if args.command == "serve" else serving_cli.run_predict)(args)
     elif args.command == "report":
         from orchmoe.recipe.report import write_report
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchmoe.data import PromptFormat
 from orchmoe.evaluation.evaluate import format_metrics_markdown, score_predictions
 from orchmoe.evaluation.generate import generate_predictions
 from orchmoe.recipe.args import ArgumentsError, DataArguments
@@ -30,7 +31,7 @@ def evaluate_model(
     model,
     tokenizer,
     data,
-    prompt: dict,
+    prompt: PromptFormat,
     *,
     max_new_tokens: int,
     batch_size: int,
@@ -40,7 +41,7 @@ def evaluate_model(
     """Generate for the held-out instances of the seen tasks and the unseen tasks, and score them.
 
     Args:
-        model: the PeftModel; data: a `MultiTaskData`; prompt: the prompt format (n_pos, max_source_len, chat_template).
+        model: the PeftModel; data: a `MultiTaskData`; prompt: how the prompts are built (the adapter's format).
         accelerator: several processes share the generation (each gets the predictions of all).
     Returns:
         (one record per example, the aggregated scores, generation seconds).
@@ -56,9 +57,9 @@ def evaluate_model(
         tokenizer,
         examples,
         data.task_defs,
-        n_pos=prompt["n_pos"],
-        max_source_len=prompt["max_source_len"],
-        chat_template=prompt.get("chat_template", False),
+        n_pos=prompt.n_pos,
+        max_source_len=prompt.max_source_len,
+        chat_template=prompt.chat_template,
         max_new_tokens=max_new_tokens,
         decoder_only=not is_encoder_decoder(model.get_base_model()),
         batch_size=batch_size,
@@ -104,11 +105,13 @@ def evaluate_trained(model, tokenizer, data, options: RunOptions, run: RunFolder
     """The evaluation at the end of ``orchmoe train``: every process generates, the main one scores and logs the
     scores to the trackers (still open: it runs as the training ends). Returns (metrics, records) on the main
     process ({} and [] elsewhere); `write_trained` writes them once the run's summary exists."""
-    prompt = options.data.prompt_format()
+    prompt = PromptFormat.from_adapter_metadata(model.adapter_metadata)  # what the recipe saved with the adapter
     generation = {
         "max_new_tokens": options.generation_tokens,
         "batch_size": options.training.per_device_eval_batch_size,
-        **prompt,
+        "n_pos": prompt.n_pos,
+        "max_source_len": prompt.max_source_len,
+        "chat_template": prompt.chat_template,
     }
     accelerator = trainer.accelerator
     records, agg, seconds = evaluate_model(
@@ -203,14 +206,26 @@ def evaluate_run(
             _check_same_tasks(routed, ds, run)
         else:
             _relabel(routed, ds)
-        prompt = {**data_args.prompt_format(), **(routed.adapter_metadata.get("prompt_format") or {})}
+        prompt = PromptFormat.from_adapter_metadata(routed.adapter_metadata, where=str(run.adapter_dir))
         tokens = max_new_tokens or saved.get("max_new_tokens") or data_args.max_target_len
         size = batch_size or int(saved.get("per_device_eval_batch_size", 16))
         records, agg, seconds = evaluate_model(
             routed, tokenizer, ds, prompt, max_new_tokens=tokens, batch_size=size, progress=progress
         )
         metrics = _metrics(
-            routed, ds, run, agg, len(records), seconds, {"max_new_tokens": tokens, "batch_size": size, **prompt}
+            routed,
+            ds,
+            run,
+            agg,
+            len(records),
+            seconds,
+            {
+                "max_new_tokens": tokens,
+                "batch_size": size,
+                "n_pos": prompt.n_pos,
+                "max_source_len": prompt.max_source_len,
+                "chat_template": prompt.chat_template,
+            },
         )
         if folder is not None:
             metrics["data"] = {"data": data_args.data, "tasks": tasks or unseen_tasks or "all"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchmoe.data import MultiTaskData, load_multitask, quiet_length_warning, tokenized_features
+from orchmoe.data import MultiTaskData, PromptFormat, load_multitask, quiet_length_warning, tokenized_features
 from orchmoe.recipe.args import ArgumentsError, DataArguments
 
-__all__ = ["build_data", "data_arguments", "parse_unseen", "run_metadata", "train_features"]
+__all__ = ["build_data", "data_arguments", "parse_unseen", "prompt_format", "run_metadata", "train_features"]
 
 
 def parse_unseen(value: str) -> Any:
@@ -78,7 +78,19 @@ def train_features(data_args: DataArguments, data: MultiTaskData, tokenizer: Any
     )
 
 
-def run_metadata(data_args: DataArguments, data: MultiTaskData, info: dict, seed: int) -> dict[str, Any]:
+def prompt_format(data_args: DataArguments, decoder_only: bool, max_new_tokens: int | None = None) -> PromptFormat:
+    """How the run's prompts are built (training, evaluation, analysis, serving): saved with the adapter."""
+    return PromptFormat(
+        n_pos=data_args.n_pos,
+        max_source_len=data_args.max_source_len,
+        max_target_len=data_args.max_target_len,
+        max_new_tokens=max_new_tokens,
+        chat_template=data_args.chat_template,
+        decoder_only=decoder_only,
+    )
+
+
+def run_metadata(data_args: DataArguments, data: MultiTaskData, info: dict, seed: int, fmt: PromptFormat) -> dict:
     """What the saved adapter records about its training data and prompts (its record's ``metadata``)."""
     return {
         "tasks": data.seen_tasks,
@@ -88,7 +100,7 @@ def run_metadata(data_args: DataArguments, data: MultiTaskData, info: dict, seed
         "data": data_args.data,
         "data_dir": str(data.data_dir),
         "base_model": info["name"],
-        "prompt_format": data_args.prompt_format(),
+        "prompt_format": fmt.to_dict(),
         "seed": seed,
         "source_options": dict(getattr(data, "source_options", {}) or {}),
     }

@@ -27,7 +27,7 @@ from orchmoe.recipe.args import RESUME_FREE, ArgumentsError, OrchmoeTrainingArgu
 from orchmoe.recipe.callbacks import CheckpointCallback, RunLogCallback
 from orchmoe.recipe.launch import check_launch
 from orchmoe.recipe.parse import RunOptions
-from orchmoe.recipe.run_data import build_data, run_metadata, train_features
+from orchmoe.recipe.run_data import build_data, prompt_format, run_metadata, train_features
 from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.utils.fileio import DiskFullError, is_disk_full, reporting_disk_full
 from orchmoe.version import __version__
@@ -213,9 +213,9 @@ def train(options: RunOptions) -> dict[str, Any]:
         if options.eval.eval and not data.eval and not data.unseen:
             raise ArgumentsError("nothing to evaluate: --eval-per-task is 0 and there are no unseen tasks (--no-eval)")
         model, tokenizer, info = _build_model(options, data, training)
-        tuner = model.base_model
-        tuner.adapter_metadata = run_metadata(options.data, data, info, training.seed)
         decoder_only = not is_encoder_decoder(model.get_base_model())
+        fmt = prompt_format(options.data, decoder_only, options.eval.max_new_tokens)
+        model.base_model.adapter_metadata = run_metadata(options.data, data, info, training.seed, fmt)
         if options.data.chat_template and not decoder_only:
             raise ArgumentsError("--chat-template is for decoder-only models; this model is encoder-decoder")
         with training.main_process_first(desc="tokenise"):

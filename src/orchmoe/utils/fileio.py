@@ -33,6 +33,7 @@ __all__ = [
     "check_replaceable",
     "atomic_write_text",
     "atomic_torch_save",
+    "append_lines",
     "fsync_tree",
     "fsync_dir",
     "DiskFullError",
@@ -168,6 +169,23 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     return atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def append_lines(target: str | os.PathLike, lines: list[str]) -> None:
+    """Append whole lines to a journal file and flush them to disk: one ``write`` of complete lines, so a
+    kill leaves at most one torn last line, which its reader drops (``orchmoe predict`` resumes this way)."""
+    if not lines:
+        return
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    with reporting_disk_full(target):
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_torch_save(target: str | os.PathLike, obj: Any) -> Path:

@@ -126,8 +126,11 @@ def build_task_prompts(
             by_task[ex.task].append(ex)
     for t in by_task:
         info.categories.setdefault(t, split.task_defs[t].category)
-    fmt = data_args.prompt_format()
-    settings = {"n_pos": fmt["n_pos"], "max_source_len": fmt["max_source_len"], "chat_template": fmt["chat_template"]}
+    settings = {
+        "n_pos": data_args.n_pos,
+        "max_source_len": data_args.max_source_len,
+        "chat_template": data_args.chat_template,
+    }
     return {
         t: [
             (ids, [1] * len(ids))
