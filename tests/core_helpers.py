@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig
+from orchmoe import METHODS
+from orchmoe.core.registry import config_class
 from tiny_models import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, tiny_model
 
 VOCAB = 64
@@ -16,7 +17,8 @@ PAD, EOS, BOS = TINY_PAD_ID, TINY_EOS_ID, TINY_BOS_ID
 N_TASKS = 3
 
 ARCHS = ("llama", "gpt2", "t5")
-METHOD_NAMES = ("lora", "molora", "poly", "mhr", "mode", "orchmoe")
+#: every registered method (a new one is tested without editing the suite)
+METHOD_NAMES = tuple(METHODS)
 
 #: tolerance of two fp32 computations of the same function along different paths (another operation order,
 #: another matmul shape): x86 CPUs (AMD EPYC vs Intel Xeon) pick different kernels and differ in the last bits
@@ -43,23 +45,9 @@ def tiny_base(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 def method_config(method: str, target_modules=None, **overrides):
-    """A small config of each method (defaults picked so every test runs in milliseconds)."""
-    base = dict(target_modules=target_modules)
-    if method == "lora":
-        cfg = LoraConfig(rank=4, **base)
-    elif method == "molora":
-        cfg = MoLoRAConfig(n_skills=4, rank=2, top_k=2, aux_loss_coef=0.01, **base)
-    elif method == "poly":
-        cfg = PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2, **base)
-    elif method == "mhr":
-        cfg = MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4, **base)
-    elif method == "mode":
-        cfg = MoDEConfig(n_skills=3, rank=4, expert_rank=2, **base)
-    elif method == "orchmoe":
-        cfg = OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=3, **base)
-    else:  # pragma: no cover
-        raise ValueError(method)
-    return cfg.replace(**overrides) if overrides else cfg
+    """The registry's small config of each method (`AdapterConfig.small`: every test runs in milliseconds) for
+    the suite's `N_TASKS` tasks."""
+    return config_class(method).small(N_TASKS, target_modules=target_modules, **overrides)
 
 
 def randomize_adapter(model, seed: int = 1, std: float = 0.3) -> None:
@@ -71,7 +59,7 @@ def randomize_adapter(model, seed: int = 1, std: float = 0.3) -> None:
 
 
 def task_kwargs(method: str, task_ids) -> dict:
-    return {"task_ids": torch.as_tensor(task_ids)} if method in ("poly", "mhr") else {}
+    return {"task_ids": torch.as_tensor(task_ids)} if config_class(method).routing == "task_ids" else {}
 
 
 def toy_batch(arch: str, n_per_task: int = 4, seed: int = 0):

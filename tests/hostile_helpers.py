@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 from recipe_helpers import SMALL_DATA, tiny_train_argv
 
 # An error line that starts with an exception class name is an error the CLI did not expect.

@@ -75,7 +75,7 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 def train_tiny_run(model_dir: Path, data: Path, out: Path, method: str, *extra: str, seed: int = 1) -> Path:
     """A 2-step recipe run of ``method`` on the tiny model, its adapter then randomised (so the routing moves
     the logits) and saved back with the recipe's metadata."""
-    from orchmoe.recipe.cli import main
+    from orchmoe.cli import main
 
     argv = tiny_train_argv(model_dir, data, out, **SMALL_DATA, lr=None)
     assert main([*argv, "--method", method, "--max-steps", "2", "--no-eval", "--no-progress", *extra]) == 0

@@ -75,7 +75,7 @@ def test_quality_runs_skip_finished_ones_and_summarise(shared_superni, tiny_llam
 
 def test_routing_control_reports_step_0_trained_and_frozen_runs(tiny_llama, superni, tmp_path):
     """The Task Router's NMI with the tasks before training, after, and with the allocation logits frozen."""
-    from orchmoe.recipe.cli import main
+    from orchmoe.cli import main
 
     for name, extra in (("run", []), ("frozen", ["--router-lr", "0"])):
         assert main(tiny_train_argv(tiny_llama, superni, tmp_path / name, *extra, max_steps=3, eval=False)) == 0
@@ -91,7 +91,7 @@ def test_routing_control_reports_step_0_trained_and_frozen_runs(tiny_llama, supe
 
 
 def test_serve_load_measures_a_real_server_against_lone_generates(tiny_llama, superni, tmp_path):
-    from orchmoe.recipe.cli import main
+    from orchmoe.cli import main
 
     assert main(tiny_train_argv(tiny_llama, superni, tmp_path / "orch", max_steps=1, eval=False)) == 0
     out = _run(

@@ -40,7 +40,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchmoe import LoraConfig, MHRConfig, MoDEConfig, MoLoRAConfig, OrchMoEConfig, PolyConfig, get_model
+import orchmoe
+from orchmoe import get_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -62,7 +63,7 @@ needs_device = pytest.mark.skipif(
 TIMEOUT = float(os.environ.get("ORCHMOE_TEST_TIMEOUT", "120"))
 DEADLINE = float(os.environ.get("ORCHMOE_TEST_DEADLINE", "inf"))  # wall clock: the GPU check's time for the tests
 
-METHODS = ("lora", "molora", "poly", "mhr", "mode", "orchmoe")
+METHODS = tuple(orchmoe.METHODS)  # every registered method
 PRECISIONS = ("autocast", "bf16")  # fp32 weights under bf16 autocast (the recipe's --mixed-precision bf16); all bf16
 N_TASKS, VOCAB = 3, 96
 # relative (Frobenius) errors; see the module docstring. Router gradients: MoLoRA/MoDE gates, the Task Router, the
@@ -132,14 +133,8 @@ def tiny_base(seed: int = 0):
 
 
 def method_config(method: str):
-    return {
-        "lora": lambda: LoraConfig(rank=4),
-        "molora": lambda: MoLoRAConfig(n_skills=4, rank=2, top_k=2, aux_loss_coef=0.01),
-        "poly": lambda: PolyConfig(n_tasks=N_TASKS, n_skills=4, rank=2),
-        "mhr": lambda: MHRConfig(n_tasks=N_TASKS, n_skills=4, rank=2, n_splits=4),
-        "mode": lambda: MoDEConfig(n_skills=3, rank=4, expert_rank=2),
-        "orchmoe": lambda: OrchMoEConfig(n_skills=4, rank=2, n_abstract_tasks=N_TASKS),
-    }[method]()
+    """The registry's small config of the method (`AdapterConfig.small`) for `N_TASKS` tasks."""
+    return orchmoe.METHODS[method].small(N_TASKS)
 
 
 def routed_model(method: str, seed: int = 1):
@@ -163,7 +158,7 @@ def inputs(method: str, device) -> dict:
     labels[:, :5] = -100
     labels[mask == 0] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if method in ("poly", "mhr"):
+    if orchmoe.METHODS[method].routing == "task_ids":
         batch["task_ids"] = torch.arange(3) % N_TASKS
     return {k: v.to(device) for k, v in batch.items()}
 

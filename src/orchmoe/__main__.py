@@ -2,6 +2,6 @@
 
 import sys
 
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 
 sys.exit(main())

@@ -205,7 +205,7 @@ def test_orchmoe_train_runs_without_datasets(tiny_llama, superni, tmp_path):
     from recipe_helpers import tiny_train_argv
 
     argv = tiny_train_argv(tiny_llama, superni, tmp_path / "run", max_steps=2, checkpoint_every=1)
-    script = BLOCKER + f"from orchmoe.recipe.cli import main\nraise SystemExit(main({argv!r}))\n"
+    script = BLOCKER + f"from orchmoe.cli import main\nraise SystemExit(main({argv!r}))\n"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), ORCHMOE_CACHE=str(tmp_path / "cache"))
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False

@@ -74,8 +74,8 @@ def test_old_adapters_load_with_a_warning():
 
 def test_the_recipe_saves_the_format_with_the_adapter(tiny_llama, superni, tmp_path):
     from orchmoe import load_adapter
+    from orchmoe.cli import main
     from orchmoe.loading.pretrained import load_model_and_tokenizer
-    from orchmoe.recipe.cli import main
     from recipe_helpers import SMALL_DATA, tiny_train_argv
 
     out = tmp_path / "run"

@@ -286,3 +286,27 @@ def test_too_few_instances_via_load_multitask(data_dir):
         load_multitask(data_dir, 1, n_train=10, n_eval=2)
     d = load_multitask(data_dir, 1, n_train=3, n_eval=2)
     assert len(d.train) == 3 and len(d.eval) == 2 and d.unseen == []
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "..", "sub\\task", "nul\0name", "", "  "])
+def test_task_and_split_names_never_leave_the_data_folder(data_dir, name):
+    outside = data_dir.parent / "outside.json"
+    outside.write_text(json.dumps(_task_json()))  # a valid task file one level up: must not be read
+    with pytest.raises(DataError, match="not a plain name|empty task name"):
+        load_task(data_dir, name)
+    with pytest.raises(DataError, match="not a plain name|empty split name"):
+        read_split(data_dir, name)
+
+
+def test_byte_order_marks_are_not_part_of_names_or_json(data_dir):
+    _write(data_dir, "bom", "\ufeff" + json.dumps(_task_json()))
+    (data_dir / "splits" / "default" / "train_tasks.txt").write_text("\ufeffbom\n", encoding="utf-8")
+    (data_dir / "splits" / "default" / "test_tasks.txt").write_text("")
+    assert load_task(data_dir, "bom").definition == "Copy the input."
+    assert read_split(data_dir, "default") == ["bom"]
+
+
+def test_deeply_nested_json_is_a_data_error(data_dir):
+    _write(data_dir, "deep", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="deep.json"):
+        load_task(data_dir, "deep")

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from orchmoe.cli import main
 from orchmoe.core.config import METHODS
 from orchmoe.recipe.args import DataArguments, EvalArguments, ModelArguments
-from orchmoe.recipe.cli import main
 from recipe_helpers import REPO, SMALL_DATA, save_tiny, tiny_train_argv  # noqa: F401
 
 

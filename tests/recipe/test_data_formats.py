@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

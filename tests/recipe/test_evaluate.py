@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from orchmoe import LoraConfig, OrchMoEConfig, PolyConfig, get_model
+from orchmoe.cli import main
 from orchmoe.evaluation.evaluate import format_metrics_markdown
 from orchmoe.evaluation.generate import generate_predictions
 from orchmoe.evaluation.metrics import score_example
-from orchmoe.recipe.cli import main
 from orchmoe.recipe.evaluate import evaluate_run
 from orchmoe.recipe.run_data import build_data
 from orchmoe.recipe.train import train

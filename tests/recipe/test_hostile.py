@@ -182,7 +182,7 @@ ADAPTER_CONFIGS = [
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, superni, tmp_path_factory) -> Path:
     """A finished, evaluated 2-step OrchMoE run (its adapter and folder are copied and spoiled below)."""
-    from orchmoe.recipe.cli import main
+    from orchmoe.cli import main
 
     out = tmp_path_factory.mktemp("hostile") / "run"
     args = train_args(tiny_llama, superni, out, "--max-steps", "2", "--eval", "--checkpoint-every", "0")

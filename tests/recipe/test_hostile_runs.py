@@ -30,7 +30,7 @@ CKPT = "checkpoint-{}"
 @pytest.fixture(scope="module")
 def reference(tiny_llama, superni, tmp_path_factory) -> Path:
     """The unbroken run every resumed one must equal."""
-    from orchmoe.recipe.cli import main
+    from orchmoe.cli import main
 
     out = tmp_path_factory.mktemp("reference") / "run"
     assert main(train_args(tiny_llama, superni, out)) == 0

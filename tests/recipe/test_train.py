@@ -16,9 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from orchmoe.cli import main
 from orchmoe.core.registry import METHODS
 from orchmoe.recipe.args import ArgumentsError
-from orchmoe.recipe.cli import main
 from orchmoe.recipe.parse import parse_train_args
 from orchmoe.recipe.run_data import build_data
 from orchmoe.recipe.run_folder import RunFolder

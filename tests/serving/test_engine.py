@@ -43,7 +43,7 @@ def test_batched_greedy_equals_lone_generate(method, arch):
     rows: rows join while others decode, leave at eos or max_tokens; every answer equals a lone generate."""
     model = routed(method, arch)
     ps = prompts(10)
-    tasks = [i % 3 if i != 7 else -1 for i in range(10)] if method in ("poly", "mhr") else [None] * 10
+    tasks = [i % 3 if i != 7 else -1 for i in range(10)] if method_config(method).needs_task_ids else [None] * 10
     lengths = [6 + (i * 5) % 13 for i in range(10)]  # different max_tokens: rows leave at different steps
     engine = Engine(RoutedRunner(model, TOK), max_batch=4, max_prefill_tokens=64).start()
     try:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 from orchmoe.serving.predict import journal_path
 from serving_helpers import lone_greedy
 

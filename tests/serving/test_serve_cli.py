@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
+from orchmoe.cli import main
 from orchmoe.loading.pretrained import load_model_and_tokenizer
-from orchmoe.recipe.cli import main
 from orchmoe.serving.route_only import lora_name
 from orchmoe.serving.server import ServeOptions, build_app
 from serving_helpers import serving

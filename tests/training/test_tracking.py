@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 from recipe_helpers import tiny_train_argv
 
 pytest.importorskip("tensorboard")

@@ -10,7 +10,7 @@ import torch
 
 from core_helpers import tiny_base
 from orchmoe import OrchMoEConfig, RoutingError, get_model
-from orchmoe.recipe.cli import main
+from orchmoe.cli import main
 
 
 def test_export_by_a_batch_of_two_prompts_is_an_error(tmp_path):

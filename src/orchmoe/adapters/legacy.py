@@ -61,8 +61,6 @@ def config_from_legacy(meta: dict, where: str | os.PathLike) -> AdapterConfig:
             fields["alpha"] = 1.0
     elif fields.get("alpha") is None:
         raise LegacyAdapterError(f"{file}: the config has no 'alpha' (the update scale); orchmoe always records it")
-    if fields.get("method") == "orchmoe" and "normalize_prompt" in fields:  # 0.1, before prompt_norm existed
-        fields["prompt_norm"] = "layernorm" if fields.pop("normalize_prompt") else "none"
     try:
         config = config_from_dict(fields)
     except (ConfigError, TypeError) as e:

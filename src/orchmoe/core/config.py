@@ -135,6 +135,8 @@ class AdapterConfig(PeftConfig):
 
     method: ClassVar[str] = ""
     routing: ClassVar[str] = "none"
+    #: fields of a small instance of the method (`small`): what the tests and examples build
+    small_fields: ClassVar[dict[str, Any]] = {}
 
     target_modules: list[str] | str | None = option(None, "layers to adapt: leaf names or one regex over module paths")
     rank: int = option(8, "LoRA rank r of each expert")
@@ -255,6 +257,19 @@ class AdapterConfig(PeftConfig):
         """`method_fields` as indented JSON with sorted keys."""
         return json.dumps(self.method_fields(), indent=2, sort_keys=True)
 
+    @classmethod
+    def small(cls, n_tasks: int = 3, **changes: Any) -> AdapterConfig:
+        """A small instance (`small_fields`) fitted to ``n_tasks`` tasks, then ``changes``: the config the test
+        suite and the registry's checks build for every method, so a new method needs no test edits."""
+        config = cls(**cls.small_fields).for_tasks(n_tasks)
+        return config.replace(**changes) if changes else config
+
+    @classmethod
+    def upgrade_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Fields saved by an older orchmoe, renamed to this version's (a method with renamed fields overrides
+        this); used by `config_from_dict` before unknown fields are refused."""
+        return fields
+
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with ``changes`` applied, validated (`ConfigError`)."""
         return dataclasses.replace(self, **changes)  # __post_init__ validates
@@ -281,6 +296,7 @@ class LoraConfig(AdapterConfig):
     """Plain LoRA: one (A, B) pair per layer, no router."""
 
     method: ClassVar[str] = "lora"
+    small_fields: ClassVar[dict[str, Any]] = {"rank": 4}
 
 
 @dataclass
@@ -289,6 +305,7 @@ class MoLoRAConfig(AdapterConfig):
     Switch load balancing; ``shared_down`` gives MoLoRA-SD / HydraLoRA."""
 
     method: ClassVar[str] = "molora"
+    small_fields: ClassVar[dict[str, Any]] = {"n_skills": 4, "rank": 2, "top_k": 2, "aux_loss_coef": 0.01}
     routing: ClassVar[str] = "tokens"
     n_skills: int = option(4, "number of experts S")
     rank: int = option(2, "LoRA rank r of each expert")
@@ -332,6 +349,7 @@ class PolyConfig(AdapterConfig):
     ``n_splits > 1`` routes each of h input/output blocks separately (MHR)."""
 
     method: ClassVar[str] = "poly"
+    small_fields: ClassVar[dict[str, Any]] = {"n_skills": 4, "rank": 2}
     routing: ClassVar[str] = "task_ids"
     n_tasks: int = option(1, "number of training tasks T (set by the recipe from the data)")
     n_skills: int = option(4, "number of skills S")
@@ -364,6 +382,7 @@ class MHRConfig(PolyConfig):
     """Multi-Head Routing: Poly with h routing blocks per layer."""
 
     method: ClassVar[str] = "mhr"
+    small_fields: ClassVar[dict[str, Any]] = {"n_skills": 4, "rank": 2, "n_splits": 4}
     n_splits: int = option(8, "routing blocks per layer h")  # type: ignore[assignment]
 
 
@@ -374,6 +393,7 @@ class MoDEConfig(AdapterConfig):
     of rank p. p = r is MoLoRA-SD, m = 1 is LoRA."""
 
     method: ClassVar[str] = "mode"
+    small_fields: ClassVar[dict[str, Any]] = {"n_skills": 3, "rank": 4, "expert_rank": 2}
     routing: ClassVar[str] = "tokens"
     n_skills: int = option(4, "experts per rank block m")
     rank: int = option(4, "rank r of the shared down-projection")
@@ -417,6 +437,7 @@ class OrchMoEConfig(AdapterConfig):
     parameter mixing; no task id."""
 
     method: ClassVar[str] = "orchmoe"
+    small_fields: ClassVar[dict[str, Any]] = {"n_skills": 4, "rank": 2}
     routing: ClassVar[str] = "prompt"
     n_skills: int = option(4, "number of skills S")
     rank: int = option(2, "LoRA rank r of each skill")
@@ -440,6 +461,14 @@ class OrchMoEConfig(AdapterConfig):
         """The Task Router: a linear d x K with bias, or d -> hidden -> K with biases."""
         K, H = self.n_abstract_tasks, self.task_router_hidden
         return d_model * H + H + H * K + K if H > 0 else d_model * K + K
+
+    @classmethod
+    def upgrade_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """0.1 saved ``normalize_prompt`` (a bool) where 0.2 has ``prompt_norm``."""
+        if "normalize_prompt" in fields:
+            fields = dict(fields)
+            fields["prompt_norm"] = "layernorm" if fields.pop("normalize_prompt") else "none"
+        return fields
 
     def for_tasks(self, n_tasks: int, explicit: set[str] | frozenset[str] = frozenset()) -> AdapterConfig:
         """K = T unless set: the paper's setting (its Figure 3 uses K = 100 on NI-100)."""
@@ -476,8 +505,7 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
         cls = config_class(method)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if method == "orchmoe" and "normalize_prompt" in d:  # adapters saved before prompt_norm existed
-        d["prompt_norm"] = "layernorm" if d.pop("normalize_prompt") else "none"
+    d = cls.upgrade_fields(d)
     names = {f.name for f in dataclasses.fields(cls)}
     d.pop("peft_type", None)  # the method's own (set by the config)
     unknown = sorted(set(d) - names)

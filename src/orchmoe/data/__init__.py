@@ -7,6 +7,7 @@ formats with example rows. ``tokenized_features`` (:mod:`orchmoe.data.features`)
 of the protocol with ``datasets`` and caches it on disk.
 """
 
+from orchmoe.data.batching import pad_batch
 from orchmoe.data.builtin import (
     BUILTIN_TASKS,
     BUILTIN_VERSION,
@@ -15,7 +16,7 @@ from orchmoe.data.builtin import (
     generate_task,
     write_builtin,
 )
-from orchmoe.data.core import BUILTIN, DataError, Example, MultiTaskData, SuperNITask, TaskSource, cache_root
+from orchmoe.data.core import BUILTIN, DataError, Example, MultiTaskData, SuperNITask, TaskSource
 from orchmoe.data.features import default_features_dir, tokenized_features, tokenizer_fingerprint
 from orchmoe.data.multitask import (
     available_tasks,
@@ -29,13 +30,10 @@ from orchmoe.data.multitask import (
 from orchmoe.data.prompt_format import PROMPT_FORMAT_KEY, PromptFormat, PromptFormatWarning
 from orchmoe.data.prompts import (
     IGNORE_INDEX,
-    batch_mix,
     encode_answer,
     encode_example,
     encode_prompt,
     format_prompt,
-    length_grouped_batches,
-    pad_batch,
     quiet_length_warning,
 )
 from orchmoe.data.sources import open_source
@@ -56,17 +54,14 @@ __all__ = [
     "SuperNITask",
     "TaskSource",
     "available_tasks",
-    "batch_mix",
     "builtin_data_dir",
     "builtin_task_names",
-    "cache_root",
     "default_features_dir",
     "encode_answer",
     "encode_example",
     "encode_prompt",
     "format_prompt",
     "generate_task",
-    "length_grouped_batches",
     "load_multitask",
     "load_task",
     "open_source",

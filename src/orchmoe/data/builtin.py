@@ -27,7 +27,8 @@ from pathlib import Path
 
 from orchmoe.data import builtin_generators as gen
 from orchmoe.data.builtin_generators import Generated
-from orchmoe.data.core import DataError, cache_root
+from orchmoe.data.core import DataError
+from orchmoe.utils.fileio import cache_root
 
 #: Bump when generated content changes; caches with another version are rewritten.
 BUILTIN_VERSION = 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchmoe.data.core import DataError, SuperNITask
+from orchmoe.data.core import DataError, SuperNITask, parse_examples
 
 TASK_COLUMNS = ("task_name", "task")
 POSITIVE_COLUMNS = ("positive_examples", "pos_examples", "Positive Examples")
@@ -125,8 +125,6 @@ def _references(value: Any, where: str, column: str) -> list[str]:
 
 
 def _positive_examples(value: Any, origin: str, column: str) -> list[dict[str, str]]:
-    from orchmoe.data.superni import _parse_examples
-
     if value is None:
         return []
     if isinstance(value, str):
@@ -134,7 +132,7 @@ def _positive_examples(value: Any, origin: str, column: str) -> list[dict[str, s
             value = json.loads(value) if value.strip() else []
         except json.JSONDecodeError as e:
             raise DataError(f"{origin}: column {column!r} is a string but not JSON ({e.msg})") from e
-    return _parse_examples(value, column, Path(origin))
+    return parse_examples(value, column, Path(origin))
 
 
 def _categories(value: Any) -> list[str]:

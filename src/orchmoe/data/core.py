@@ -8,17 +8,23 @@ This module imports nothing else from :mod:`orchmoe.data`, so every other module
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from orchmoe.utils.fileio import cache_root  # noqa: F401  (re-exported for the data modules)
 
 PathLike = str | Path
 
 #: Special value of ``data`` that means "the embedded procedurally generated dataset".
 BUILTIN = "builtin"
+
+
+def names_builtin(data: Any) -> bool:
+    """Whether ``data`` means the embedded dataset: the one place this is decided. A real folder named
+    ``builtin`` in the working directory wins, so the special value never shadows user data."""
+    return isinstance(data, str) and data == BUILTIN and not Path(data).is_dir()
+
+
 UNKNOWN_CATEGORY = "Unknown"
 
 
@@ -153,3 +159,23 @@ class TaskSource:
 
     def missing(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if not self.has_task(n)]
+
+
+def parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
+    """Demonstrations (``Positive Examples``) as ``{input, output, explanation}`` strings; :class:`DataError`
+    naming ``path`` and the entry when one is malformed. Shared by the folder and table readers."""
+    if not isinstance(value, list):
+        raise DataError(f"{path}: {key!r} must be a list, got {type(value).__name__}")
+    out = []
+    for i, ex in enumerate(value):
+        if not isinstance(ex, Mapping) or "input" not in ex or "output" not in ex:
+            raise DataError(f"{path}: {key}[{i}] must be an object with 'input' and 'output'")
+        output = ex["output"]
+        if isinstance(output, list):  # a few community files store a list; keep its first entry
+            if not output:
+                raise DataError(f"{path}: {key}[{i}] has an empty 'output' list")
+            output = output[0]
+        if ex["input"] is None or output is None:
+            raise DataError(f"{path}: {key}[{i}] has a null 'input' or 'output'; fill it in or remove it")
+        out.append({"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))})
+    return out

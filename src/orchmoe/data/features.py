@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe.data import prompts
-from orchmoe.data.core import DataError, Example, MultiTaskData, PathLike, SuperNITask, cache_root
+from orchmoe.data.core import DataError, Example, MultiTaskData, PathLike, SuperNITask
+from orchmoe.utils.fileio import cache_root
 
 logger = logging.getLogger(__name__)
 

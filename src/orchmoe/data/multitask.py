@@ -322,8 +322,33 @@ def _build_examples(
     return train, evals, unseen_ex, defs
 
 
+def _seen_tasks(
+    source: TaskSource,
+    tasks: int | Sequence[str] | str,
+    split: str,
+    task_seed: int,
+    min_instances: int,
+    named_unseen: list[str] | None,
+    loaded: dict[str, SuperNITask],
+) -> list[str]:
+    """The seen tasks, sorted (their ids follow this order); an empty list means only unseen tasks, to score
+    a trained adapter on new data."""
+    if isinstance(tasks, (list, tuple)) and not tasks:
+        return []
+    chosen = select_tasks(
+        source,
+        tasks,
+        split=split,
+        seed=task_seed,
+        min_instances=min_instances,
+        exclude=named_unseen or (),
+        _loaded=loaded,
+    )
+    return sorted(chosen)
+
+
 def load_multitask(
-    data_dir: Any,
+    data: Any,
     tasks: int | Sequence[str] | str,
     split: str = "default",
     n_train: int | None = 1000,
@@ -340,7 +365,7 @@ def load_multitask(
     """Load the multi-task protocol in one call, from data in any accepted format.
 
     Args:
-        data_dir: the data: a SuperNI folder, ``"builtin"``, a data file or folder, or a hub id
+        data: the data: a SuperNI folder, ``"builtin"``, a data file or folder, or a hub id
             (see :mod:`orchmoe.data.tables` for every format, with example rows).
         tasks: which seen tasks (:func:`select_tasks`); they get ``task_to_id`` ids in sorted-name order. An empty
             list: none (only unseen tasks, to score a trained adapter on new data).
@@ -362,27 +387,12 @@ def load_multitask(
         ``allow_fewer_train``); named tasks with too few instances are an error unless ``allow_fewer_train``.
     """
     options = {"task_column": task_column} if task_column is not None else {}
-    source = open_source(data_dir, cache_dir=cache_dir, **options)
+    source = open_source(data, cache_dir=cache_dir, **options)
     min_instances = n_eval + 1 if n_train is None or allow_fewer_train else n_train + n_eval
     loaded: dict[str, SuperNITask] = {}
     task_seed = seed if task_seed is None else task_seed  # the task draw; instances always follow `seed`
     named_unseen = _explicit_unseen(source, n_unseen_tasks, split, task_seed)
-    no_seen = isinstance(tasks, (list, tuple)) and not tasks  # only unseen tasks: scoring an adapter on new data
-    seen = (
-        []
-        if no_seen
-        else sorted(
-            select_tasks(
-                source,
-                tasks,
-                split=split,
-                seed=task_seed,
-                min_instances=min_instances,
-                exclude=named_unseen or (),
-                _loaded=loaded,
-            )
-        )
-    )
+    seen = _seen_tasks(source, tasks, split, task_seed, min_instances, named_unseen, loaded)
     task_to_id = {name: i for i, name in enumerate(seen)}
     if named_unseen is not None:
         unseen = named_unseen

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from orchmoe.data.prompts import _special_affixes, encode_prompt
+from orchmoe.data.prompts import encode_prompt, special_affixes
 
 __all__ = ["PROMPT_FORMAT_KEY", "TEMPLATES", "PromptFormat", "PromptFormatWarning"]
 
@@ -144,7 +144,7 @@ class PromptFormat:
     def encode_text(self, tokenizer: Any, text: str) -> list[int]:
         """Token ids of a raw prompt text, with the special tokens the training prompts started with (BOS for
         tokenizers that add one; nothing after it for a decoder-only model); no chat template is applied."""
-        pre, post = _special_affixes(tokenizer)
+        pre, post = special_affixes(tokenizer)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         return (pre if not self.chat_template else []) + ids + ([] if self.decoder_only else post)
 

@@ -1,4 +1,4 @@
-"""Tk-Instruct prompts, tokenisation with the SuperNI truncation rules, padding and batching.
+"""Tk-Instruct prompts and their tokenisation with the SuperNI truncation rules (padding: :mod:`orchmoe.data.batching`).
 
 Prompt (``definition + k positive examples``, k = 2 by default, as in Tk-Instruct)::
 
@@ -23,12 +23,8 @@ answer; encoder-decoder models get the prompt as encoder input and ``answer + eo
 
 from __future__ import annotations
 
-import random
 import weakref
-from collections.abc import Mapping, Sequence
 from typing import Any
-
-import torch
 
 IGNORE_INDEX = -100
 _CHAT_SENTINEL = "\u2063ORCHMOE_PROMPT_SLOT\u2063"
@@ -86,15 +82,15 @@ def _cached(tokenizer: Any, key: str, compute) -> Any:
     return slot[key]
 
 
-def _special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     """Special tokens the tokenizer adds around a text (e.g. BOS before, T5's EOS after).
 
     Found by encoding a probe with and without special tokens, so it works for any tokenizer.
     """
-    return _cached(tokenizer, "special", _compute_special_affixes)
+    return _cached(tokenizer, "special", _computespecial_affixes)
 
 
-def _compute_special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+def _computespecial_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     probe = "orchmoe probe"
     with_sp = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     plain = _enc(tokenizer, probe)
@@ -154,7 +150,7 @@ def _prompt_ids(
         sp_pre, sp_post = [], []  # the template text already carries BOS etc.; never add them twice
     else:
         pre_text = post_text = ""
-        sp_pre, sp_post = _special_affixes(tokenizer)
+        sp_pre, sp_post = special_affixes(tokenizer)
         if decoder_only:
             sp_post = []  # an EOS between prompt and answer would teach the model to stop
     budget = max_source_len - len(sp_pre) - len(sp_post)
@@ -266,158 +262,3 @@ def encode_example(
         ids = prompt + ans
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + ans}
     return {"input_ids": prompt, "attention_mask": [1] * len(prompt), "labels": ans}
-
-
-# --------------------------------------------------------------------------------------------
-# Collation
-
-
-def _pad(seqs: Sequence[Sequence[int]], value: int, side: str, length: int) -> torch.Tensor:
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s) == 0:
-            continue
-        t = torch.as_tensor(list(s), dtype=torch.long)
-        if side == "right":
-            out[i, : len(s)] = t
-        else:
-            out[i, length - len(s) :] = t
-    return out
-
-
-def pad_batch(
-    features: Sequence[Mapping[str, Any]],
-    pad_id: int,
-    padding_side: str = "right",
-    *,
-    decoder_only: bool = True,
-) -> dict[str, Any]:
-    """Pad a list of encoded examples into tensors.
-
-    * ``input_ids`` padded with ``pad_id`` on ``padding_side`` (use "left" for decoder-only
-      generation so every prompt ends at the last position; "right" is fine for training);
-      ``attention_mask`` (given or all ones) padded with 0.
-    * ``labels`` padded with -100: decoder-only labels are aligned with ``input_ids`` (same side,
-      same length); encoder-decoder labels are right-padded to their own length.
-    * ``task_id`` / ``task_ids`` (an int per example) become ``task_ids``, a LongTensor (B,).
-    * Any other key: ints become a LongTensor, anything else is returned as a list.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not features:
-        raise ValueError("cannot collate an empty batch")
-    ids = [f["input_ids"] for f in features]
-    length = max(len(s) for s in ids)
-    masks = [f.get("attention_mask", [1] * len(s)) for f, s in zip(features, ids)]
-    batch: dict[str, Any] = {
-        "input_ids": _pad(ids, pad_id, padding_side, length),
-        "attention_mask": _pad(masks, 0, padding_side, length),
-    }
-    if "labels" in features[0]:
-        labels = [f["labels"] for f in features]
-        if decoder_only:
-            bad = [i for i, (lab, s) in enumerate(zip(labels, ids)) if len(lab) != len(s)]
-            if bad:
-                raise ValueError(f"decoder-only features {bad[:5]} have labels of another length than input_ids")
-            batch["labels"] = _pad(labels, IGNORE_INDEX, padding_side, length)
-        else:
-            batch["labels"] = _pad(labels, IGNORE_INDEX, "right", max(len(lab) for lab in labels))
-    for key in features[0]:
-        if key in ("input_ids", "attention_mask", "labels"):
-            continue
-        values = [f[key] for f in features]
-        name = "task_ids" if key in ("task_id", "task_ids") else key
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            batch[name] = torch.tensor(values, dtype=torch.long)
-        else:
-            batch[name] = values
-    return batch
-
-
-# --------------------------------------------------------------------------------------------
-# Length-grouped batching
-
-
-def length_grouped_batches(
-    lengths: Sequence[int],
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    *,
-    mega_batch_mult: int = 50,
-    drop_last: bool = False,
-    num_replicas: int = 1,
-    rank: int = 0,
-    groups: Sequence[int] | None = None,
-) -> list[list[int]]:
-    """Batches of indices whose examples have similar lengths (less padding, same randomness).
-
-    ``shuffle=True``: shuffle all indices, sort each mega-batch of ``mega_batch_mult *
-    batch_size`` by length (longest first), cut into batches, then shuffle the batch order; a
-    deterministic function of ``seed``. With ``groups`` (a task id per example) the shuffle is
-    stratified: each task's examples are spread evenly over the order, so every window holds the
-    tasks in proportion and a small ``mega_batch_mult`` gives batches that mix tasks (with
-    multi-task data, prompt length is mostly set by the task: a large window sorts a batch back
-    into a single task). ``shuffle=False``: sort everything by length, longest
-    first (for evaluation/generation). Each index appears exactly once (only the last batch can
-    be short; ``drop_last`` removes it).
-
-    Sharding: with ``num_replicas > 1`` this rank gets every ``num_replicas``-th batch starting at
-    ``rank``; the batch list is first padded by repeating batches from the start (or trimmed when
-    ``drop_last``) so all ranks get the same number of batches, as ``DistributedSampler`` does.
-    Leave ``num_replicas=1`` when the DataLoader goes through ``accelerate.prepare``: accelerate
-    already hands whole batches of a batch sampler to the processes round-robin.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
-    n = len(lengths)
-    rng = random.Random(seed)
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"groups has {len(groups)} entries for {n} lengths")
-    if shuffle:
-        order = _stratified_order(groups, rng) if groups is not None else list(range(n))
-        if groups is None:
-            rng.shuffle(order)
-        mega = max(1, mega_batch_mult) * batch_size
-        order = [i for s in range(0, n, mega) for i in sorted(order[s : s + mega], key=lambda j: -lengths[j])]
-    else:
-        order = sorted(range(n), key=lambda j: -lengths[j])
-    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    if shuffle:
-        rng.shuffle(batches)
-    if num_replicas > 1 and batches:
-        if drop_last:
-            batches = batches[: len(batches) - len(batches) % num_replicas]
-        else:
-            extra = (-len(batches)) % num_replicas
-            batches = batches + [batches[i % len(batches)] for i in range(extra)]
-        batches = batches[rank::num_replicas]
-    return batches
-
-
-def _stratified_order(groups: Sequence[int], rng: random.Random) -> list[int]:
-    """A random order in which each group's members sit at evenly spaced, jittered positions."""
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    keyed = []
-    for g in sorted(members):
-        idx = members[g]
-        rng.shuffle(idx)
-        keyed += [((j + rng.random()) / len(idx), rng.random(), i) for j, i in enumerate(idx)]
-    return [i for *_, i in sorted(keyed)]
-
-
-def batch_mix(batches: Sequence[Sequence[int]], groups: Sequence[int], lengths: Sequence[int]) -> dict[str, float]:
-    """How mixed and how tight a batch order is: mean distinct groups per batch, and the share of
-    padding tokens (batch size x longest length, minus the real lengths)."""
-    if not batches:
-        return {"tasks_per_batch": 0.0, "padding_share": 0.0}
-    distinct = sum(len({groups[i] for i in b}) for b in batches) / len(batches)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    real = sum(lengths[i] for b in batches for i in b)
-    return {"tasks_per_batch": distinct, "padding_share": 1.0 - real / padded if padded else 0.0}

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from orchmoe.data.core import BUILTIN, DataError, PathLike, TaskSource
+from orchmoe.data.core import BUILTIN, DataError, PathLike, TaskSource, names_builtin
 from orchmoe.data.superni import FolderSource, is_superni_dir
 
 _OPEN: OrderedDict[tuple, TaskSource] = OrderedDict()
@@ -55,7 +55,7 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
     """
     if isinstance(data, TaskSource):
         return data
-    if isinstance(data, str) and data == BUILTIN and not Path(data).is_dir():
+    if names_builtin(data):
         return FolderSource(BUILTIN)
     path = Path(data).expanduser()
     if path.exists():

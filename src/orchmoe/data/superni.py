@@ -22,11 +22,12 @@ from typing import Any
 
 from orchmoe.data.builtin import builtin_data_dir
 from orchmoe.data.core import (
-    BUILTIN,
     DataError,
     PathLike,
     SuperNITask,
     TaskSource,
+    names_builtin,
+    parse_examples,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def resolve_data_dir(data_dir: PathLike) -> Path:
     that the special value never shadows user data. Other formats (files, hub ids) are opened by
     :func:`orchmoe.data.open_source`, not here.
     """
-    if isinstance(data_dir, str) and data_dir == BUILTIN and not Path(data_dir).is_dir():
+    if names_builtin(data_dir):
         return builtin_data_dir()
     path = Path(data_dir).expanduser()
     if not path.exists():
@@ -67,8 +68,21 @@ def is_superni_dir(path: Path) -> bool:
     return path.is_dir() and (path / "tasks").is_dir()
 
 
+def plain_name(name: str, what: str) -> str:
+    """``name`` if it is one plain file name (a task or a split): a name with a path separator, ``..``, a
+    NUL or nothing in it would read a file outside the data folder, so it is a :class:`DataError`."""
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"empty {what} name {name!r}")
+    if "/" in name or "\\" in name or "\0" in name or name in (".", "..") or name.startswith(".."):
+        raise DataError(
+            f"{what} name {name!r} is not a plain name (no '/', '\\', '..' or NUL): it would leave the data folder"
+        )
+    return name
+
+
 def task_path(data_dir: PathLike, name: str) -> Path:
-    return Path(data_dir) / "tasks" / f"{name}.json"
+    """The file of task ``name`` in a folder in the official layout (``tasks/<name>.json``)."""
+    return Path(data_dir) / "tasks" / f"{plain_name(name, 'task')}.json"
 
 
 def read_name_file(path: Path) -> list[str]:
@@ -77,7 +91,7 @@ def read_name_file(path: Path) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first name
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for line in text.splitlines():
@@ -95,7 +109,7 @@ def read_split_file(root: Path, split: str, part: str) -> list[str]:
     """Names in ``root/splits/<split>/<part>_tasks.txt``; :class:`DataError` naming the file if absent."""
     if part not in ("train", "test"):
         raise ValueError(f"part must be 'train' or 'test', got {part!r}")
-    path = root / "splits" / split / f"{part}_tasks.txt"
+    path = root / "splits" / plain_name(split, "split") / f"{part}_tasks.txt"
     if not path.is_file():
         known = sorted(p.name for p in (root / "splits").glob("*") if p.is_dir())
         raise DataError(f"split file {path} not found (splits present in {root}: {known})")
@@ -117,24 +131,6 @@ def _as_str_list(value: Any, what: str, path: Path) -> list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise DataError(f"{path}: {what!r} must be a string or a list of strings, got {type(value).__name__}")
-
-
-def _parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
-    if not isinstance(value, list):
-        raise DataError(f"{path}: {key!r} must be a list, got {type(value).__name__}")
-    out = []
-    for i, ex in enumerate(value):
-        if not isinstance(ex, Mapping) or "input" not in ex or "output" not in ex:
-            raise DataError(f"{path}: {key}[{i}] must be an object with 'input' and 'output'")
-        output = ex["output"]
-        if isinstance(output, list):  # a few community files store a list; keep its first entry
-            if not output:
-                raise DataError(f"{path}: {key}[{i}] has an empty 'output' list")
-            output = output[0]
-        if ex["input"] is None or output is None:
-            raise DataError(f"{path}: {key}[{i}] has a null 'input' or 'output'; fill it in or remove it")
-        out.append({"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))})
-    return out
 
 
 def _parse_instances(value: Any, path: Path) -> list[dict[str, Any]]:
@@ -174,12 +170,14 @@ def read_task_file(path: Path, name: str) -> SuperNITask:
     error), missing required keys, or an empty instance list.
     """
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # a leading BOM is not JSON but not an error either
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}") from e
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from e
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a task file") from None
     if not isinstance(raw, Mapping):
         raise DataError(f"{path}: top level must be a JSON object, got {type(raw).__name__}")
     missing = [k for k in REQUIRED_TASK_KEYS if k not in raw]
@@ -190,8 +188,8 @@ def read_task_file(path: Path, name: str) -> SuperNITask:
     return SuperNITask(
         name=name,
         definition=definition,
-        positive_examples=_parse_examples(raw["Positive Examples"], "Positive Examples", path),
-        negative_examples=_parse_examples(raw.get("Negative Examples", []), "Negative Examples", path),
+        positive_examples=parse_examples(raw["Positive Examples"], "Positive Examples", path),
+        negative_examples=parse_examples(raw.get("Negative Examples", []), "Negative Examples", path),
         categories=_as_str_list(raw["Categories"], "Categories", path),
         instances=_parse_instances(raw["Instances"], path),
         source_path=path,

@@ -52,7 +52,7 @@ import numpy as np
 from orchmoe.data.columns import RowBlock, Schema, detect_schema, needed_columns, task_from_rows
 from orchmoe.data.core import DataError, SuperNITask, TaskSource
 from orchmoe.data.reading import Part
-from orchmoe.data.superni import read_split_file, split_dirs
+from orchmoe.data.superni import plain_name, read_split_file, split_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class TableSource(TaskSource):
     def split_tasks(self, split: str, part: str) -> list[str]:
         if part not in ("train", "test"):
             raise ValueError(f"part must be 'train' or 'test', got {part!r}")
-        if self.split_root is not None and (self.split_root / "splits" / split).is_dir():
+        if self.split_root is not None and (self.split_root / "splits" / plain_name(split, "split")).is_dir():
             return read_split_file(self.split_root, split, part)
         if split != "default":
             raise DataError(f"{self.location} has no split {split!r} (splits: {self.split_names()})")

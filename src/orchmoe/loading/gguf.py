@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from orchmoe.utils.fileio import CACHE_ENV, cache_root  # noqa: F401  (re-exported)
+from orchmoe.utils.fileio import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "CACHE_MARKER",
     "CONVERSION_FORMAT",
-    "cache_root",
     "smollm2_gguf_path",
     "convert_gguf",
     "converted_dir",

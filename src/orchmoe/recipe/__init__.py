@@ -1,5 +1,6 @@
-"""The command line, thin on top of the library: ``orchmoe train`` (a recipe over `transformers.Trainer`),
-``eval``, ``report``, ``analyze``. Its modules: the options (`args`, `parse`), the run folder (`run_folder`),
+"""The recipe behind ``orchmoe train``/``eval``/``report``/``analyze`` (the command line itself is
+`orchmoe.cli`): training over `transformers.Trainer`, thin on top of the library.
+Its modules: the options (`args`, `parse`), the run folder (`run_folder`),
 the training recipe (`train`), the evaluation of a run (`evaluate`), reports and analyses.
 
 Import the analysis from `orchmoe.recipe.analysis` (it needs matplotlib and scipy).

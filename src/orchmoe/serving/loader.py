@@ -47,6 +47,8 @@ class Served:
         loras: the names of a LoRA set.
         base_name: the base model's name.
         model: the model (a `RoutedModel` or ``peft.PeftModel``).
+        routing: what the adapter's router reads (its config's ``routing``: ``"prompt"``, ``"task_ids"``,
+            ``"tokens"``, ``"none"``; ``"none"`` for a LoRA set).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Served:
     loras: list[str] = field(default_factory=list)
     base_name: str = ""
     model: Any = None
+    routing: str = "none"
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +72,7 @@ class Served:
 
     @property
     def routes_by_task(self) -> bool:
-        return self.method in ("poly", "mhr")
+        return self.routing == "task_ids"
 
     def model_ids(self) -> list[str]:
         if self.method == "lora-set":
@@ -180,7 +183,8 @@ def load_served(
     folder = Path(path).expanduser().resolve()
     default = folder.parent.name if folder.name == "adapter" else folder.name
     served_name = _checked_name(name or default or "orchmoe")
-    return Served(served_name, RoutedRunner(routed, tokenizer), tokenizer, fmt, method, tasks, [], info["name"], routed)
+    return Served(served_name, RoutedRunner(routed, tokenizer), tokenizer, fmt, method, tasks, [], info["name"], routed,
+                  routed.adapter_config.routing)  # fmt: skip
 
 
 def _checked_name(name: str) -> str:

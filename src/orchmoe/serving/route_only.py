@@ -56,7 +56,7 @@ def route_of(served: Served, prompt_ids: list[int], route: Any, bundle: dict | N
     model = served.model
     if served.routes_by_task:
         return lora_name("task", int(route))
-    if served.method == "orchmoe":
+    if served.routing == "prompt":
         ids = torch.as_tensor([prompt_ids], dtype=torch.long, device=served.runner.device)
         with torch.inference_mode():
             pi = model.task_probabilities(input_ids=ids, attention_mask=torch.ones_like(ids))  # (1, K)

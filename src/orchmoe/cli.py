@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
     a.add_argument("--data", help="where the data are now (default: as trained)")
-    from ..serving.cli import add_predict_parser, add_serve_parser
+    from orchmoe.serving.cli import add_predict_parser, add_serve_parser
 
     add_serve_parser(sub)
     add_predict_parser(sub)
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
             progress=not args.no_progress,
         )
     elif args.command in ("serve", "predict"):
-        from ..serving import cli as serving_cli
+        from orchmoe.serving import cli as serving_cli
 
         (serving_cli.run_serve if args.command == "serve" else serving_cli.run_predict)(args)
     elif args.command == "report":
