@@ -310,3 +310,35 @@ def test_deeply_nested_json_is_a_data_error(data_dir):
     _write(data_dir, "deep", "[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="deep.json"):
         load_task(data_dir, "deep")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["Instances"][1].update(input=["a", "list"]),
+            r"Instances\[1\]: 'input' must be a string, got list",
+        ),
+        (
+            lambda c: c["Instances"][0].update(output=["", "  "]),
+            r"Instances\[0\] \(id 't-0'\) has no non-empty reference",
+        ),
+        (lambda c: c["Instances"][2].update(id={"an": "object"}), r"Instances\[2\]: 'id' must be a string, got dict"),
+        (lambda c: c["Positive Examples"][0].update(input={"x": 1}), r"Positive Examples\[0\]: 'input' must be a str"),
+        (lambda c: c["Positive Examples"][0].update(output=None), r"Positive Examples\[0\] has a null 'output'"),
+    ],
+    ids=["list-input", "empty-references", "object-id", "object-demo", "null-demo"],
+)
+def test_values_that_are_not_text_are_named_not_stringified(data_dir, change, message):
+    content = _task_json()
+    change(content)
+    _write(data_dir, "bad", content)
+    with pytest.raises(DataError, match=message):
+        load_task(data_dir, "bad")
+
+
+def test_numbers_are_text(data_dir):
+    content = _task_json()
+    content["Instances"][0].update(id=7, input=12.5, output=["3"])
+    _write(data_dir, "numbers", content)
+    assert load_task(data_dir, "numbers").instances[0] == {"id": "7", "input": "12.5", "output": ["3"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -439,3 +440,20 @@ def test_analyze_run_rejects_methods_without_allocation(tmp_path, data_dir):
     run = _write_run(tmp_path, LoraConfig(rank=2), data_dir)
     with pytest.raises(AnalysisError, match="no task-skill allocation"):
         analyze_run(run)
+
+
+def test_analyze_out_never_writes_over_the_users_files(tmp_path, data_dir):
+    run = _write_run(tmp_path, PolyConfig(n_tasks=4, n_skills=3), data_dir)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "analysis.md").write_text("my notes")
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(AnalysisError, match=r"holds files an analysis did not write \(notes\.txt\)"):
+        analyze_run(run, out_dir=mine)
+    assert (mine / "analysis.md").read_text() == "my notes"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(AnalysisError, match=r"is a FIFO \(named pipe\); name a new or empty folder"):
+        analyze_run(run, out_dir=tmp_path / "fifo")
+    analyze_run(run, out_dir=tmp_path / "out")
+    again = analyze_run(run, out_dir=tmp_path / "out")  # its own earlier analysis is replaced
+    assert json.loads((tmp_path / "out" / "analysis.json").read_text()) == json.loads(json.dumps(again))

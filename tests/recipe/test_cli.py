@@ -133,6 +133,15 @@ def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(("orchmoe train: error:", "orchmoe: error:"))
+    assert not (tmp_path / "x").exists()  # a failed run leaves no empty run folder behind
+
+
+def test_a_failed_run_keeps_a_folder_it_did_not_make(tiny_llama, superni, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    assert main(base_args(tiny_llama, superni, out) + ["--tasks", "../elsewhere"]) == 2
+    assert "not a plain name" in capsys.readouterr().err
+    assert out.is_dir()  # the user's folder stays (marked as a run folder now, and empty otherwise)
 
 
 def test_bad_config_file_names_the_key(tiny_llama, superni, tmp_path, capsys):

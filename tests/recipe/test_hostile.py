@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -321,10 +322,24 @@ COMMANDS = [
     ("report-out-is-folder", ["report", "{run}", "--out", "{tmp}"], lambda r: None, "is a directory; name a file"),
     ("analyze-missing", ["analyze", "{tmp}/nope"], None, "does not exist"),
     (
+        "eval-fifo",
+        ["eval", "{tmp}/fifo"],
+        lambda r: os.mkfifo(r.parent / "fifo"),
+        "is a FIFO (named pipe), not a folder",
+    ),
+    ("report-fifo", ["report", "{tmp}/fifo"], lambda r: os.mkfifo(r.parent / "fifo"), "is a FIFO (named pipe), not a"),
+    ("analyze-fifo", ["analyze", "{tmp}/fifo"], lambda r: os.mkfifo(r.parent / "fifo"), "is a FIFO (named pipe), not"),
+    (
+        "analyze-out-holds-user-files",
+        ["analyze", "{run}", "--out", "{run}"],
+        lambda r: None,
+        "holds files an analysis did not write",
+    ),
+    (
         "analyze-out-is-file",
         ["analyze", "{run}", "--out", "{run}/config.yaml"],
         lambda r: None,
-        "config.yaml is a file; name a folder",
+        "config.yaml is a regular file; name a new or empty folder",
     ),
     (
         "analyze-garbage-config",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchmoe.data.core import DataError, SuperNITask, parse_examples
+from orchmoe.data.core import DataError, SuperNITask, as_text, parse_examples
 
 TASK_COLUMNS = ("task_name", "task")
 POSITIVE_COLUMNS = ("positive_examples", "pos_examples", "Positive Examples")
@@ -103,25 +103,16 @@ def detect_schema(columns: Sequence[str], origin: str, task_column: str | None =
 # Cell values
 
 
-def _text(value: Any, where: str, column: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if value is None:
-        raise DataError(f"{where} has a null {column!r}; fill it in or remove the row")
-    raise DataError(
-        f"{where}: {column!r} must be a string, got {type(value).__name__} "
-        "(conversational/message lists are not supported)"
-    )
-
-
 def _references(value: Any, where: str, column: str) -> list[str]:
     if isinstance(value, (list, tuple)):
         if not value:
             raise DataError(f"{where} has an empty {column!r} list (no reference output)")
-        return [_text(v, where, column) for v in value]
-    return [_text(value, where, column)]
+        refs = [as_text(v, where, column) for v in value]
+    else:
+        refs = [as_text(value, where, column)]
+    if not any(r.strip() for r in refs):  # nothing to learn or to score against
+        raise DataError(f"{where} has no non-empty {column!r} (no reference output)")
+    return refs
 
 
 def _positive_examples(value: Any, origin: str, column: str) -> list[dict[str, str]]:
@@ -170,15 +161,15 @@ def _shared_instruction(blocks: Sequence[RowBlock]) -> str | None:
 def _row_input(block: RowBlock, j: int, where: str, shared: str | None) -> str:
     s = block.schema
     if s.instruction is None:
-        return _text(block.columns[s.input][j], where, s.input)
+        return as_text(block.columns[s.input][j], where, s.input)
     instr = block.columns[s.instruction][j]
     raw = block.columns[s.input][j] if s.input else None
     if instr is None and raw is None:
         raise DataError(f"{where} has a null {s.instruction!r} and no {s.input or 'input'!r}")
-    text = "" if raw is None else _text(raw, where, s.input)
+    text = "" if raw is None else as_text(raw, where, s.input)
     if shared is not None or instr is None:
         return text
-    instr = _text(instr, where, s.instruction)
+    instr = as_text(instr, where, s.instruction)
     return f"{instr.strip()}\n\n{text}" if text.strip() else instr
 
 
@@ -195,7 +186,7 @@ def task_from_rows(name: str, blocks: Sequence[RowBlock], source_path: Path | No
             text = _row_input(block, j, where, shared)
             refs = _references(block.columns[s.output][j], where, s.output)
             if s.id is not None:
-                iid = _text(block.columns[s.id][j], where, s.id)
+                iid = as_text(block.columns[s.id][j], where, s.id)
             else:
                 iid = f"{name}-{n_rows}"
             n_rows += 1
@@ -220,7 +211,7 @@ def task_from_rows(name: str, blocks: Sequence[RowBlock], source_path: Path | No
     categories = _categories(head.columns[s.category][0]) if s.category else []
     return SuperNITask(
         name=name,
-        definition=_text(definition, head.origin, "definition").strip(),
+        definition=as_text(definition, head.origin, "definition").strip(),
         positive_examples=positive,
         categories=categories,
         instances=list(instances.values()),

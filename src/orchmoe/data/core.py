@@ -161,6 +161,22 @@ class TaskSource:
         return [n for n in names if not self.has_task(n)]
 
 
+def as_text(value: Any, where: str, what: str) -> str:
+    """``value`` as the text of a prompt or an answer: a string, or a number written out. A null, a list or an
+    object is a :class:`DataError` naming ``where`` and ``what``: stringified, it would put ``None`` or
+    ``['a', 'b']`` into a prompt without a word. Shared by the folder and table readers."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if value is None:
+        raise DataError(f"{where} has a null {what!r}; fill it in or remove it")
+    raise DataError(
+        f"{where}: {what!r} must be a string, got {type(value).__name__} "
+        "(conversational/message lists are not supported)"
+    )
+
+
 def parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
     """Demonstrations (``Positive Examples``) as ``{input, output, explanation}`` strings; :class:`DataError`
     naming ``path`` and the entry when one is malformed. Shared by the folder and table readers."""
@@ -175,7 +191,13 @@ def parse_examples(value: Any, key: str, path: Path) -> list[dict[str, str]]:
             if not output:
                 raise DataError(f"{path}: {key}[{i}] has an empty 'output' list")
             output = output[0]
-        if ex["input"] is None or output is None:
-            raise DataError(f"{path}: {key}[{i}] has a null 'input' or 'output'; fill it in or remove it")
-        out.append({"input": str(ex["input"]), "output": str(output), "explanation": str(ex.get("explanation", ""))})
+        where = f"{path}: {key}[{i}]"
+        explanation = ex.get("explanation")
+        out.append(
+            {
+                "input": as_text(ex["input"], where, "input"),
+                "output": as_text(output, where, "output"),
+                "explanation": "" if explanation is None else as_text(explanation, where, "explanation"),
+            }
+        )
     return out

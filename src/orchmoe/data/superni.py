@@ -26,6 +26,7 @@ from orchmoe.data.core import (
     PathLike,
     SuperNITask,
     TaskSource,
+    as_text,
     names_builtin,
     parse_examples,
 )
@@ -148,12 +149,11 @@ def _parse_instances(value: Any, path: Path) -> list[dict[str, Any]]:
         missing = [k for k in ("id", "input", "output") if k not in inst]
         if missing:
             raise DataError(f"{path}: Instances[{i}] is missing key(s) {missing}")
-        if inst["id"] is None or inst["input"] is None:
-            raise DataError(f"{path}: Instances[{i}] has a null {'id' if inst['id'] is None else 'input'}")
+        where = f"{path}: Instances[{i}]"
+        key, text = as_text(inst["id"], where, "id"), as_text(inst["input"], where, "input")
         refs = _as_str_list(inst["output"], f"Instances[{i}].output", path)
-        if not refs:
-            raise DataError(f"{path}: Instances[{i}] (id {inst['id']!r}) has no reference output")
-        key, text = str(inst["id"]), str(inst["input"])
+        if not any(r.strip() for r in refs):  # nothing to learn or to score against
+            raise DataError(f"{where} (id {key!r}) has no non-empty reference output")
         if key in by_id:  # a repeated instance is one instance (so it cannot land in both train and eval)
             if by_id[key]["input"] != text:
                 raise DataError(f"{path}: Instances[{i}] repeats id {key!r} with a different input")

@@ -179,9 +179,7 @@ def evaluate_run(
     from orchmoe.adapters.folder import load_adapter
     from orchmoe.loading import load_model_and_tokenizer
 
-    run = RunFolder(run_dir)
-    if not run.path.is_dir():
-        raise FileNotFoundError(f"run folder {str(run.path)!r} does not exist")
+    run = RunFolder(run_dir).require_existing()
     if not run.adapter_dir.is_dir():
         raise FileNotFoundError(
             f"{run.path} has no adapter/ folder: train it first (or it is not an orchmoe run folder)"

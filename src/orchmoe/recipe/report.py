@@ -21,9 +21,7 @@ __all__ = ["load_run", "build_report", "write_report"]
 
 def load_run(run_dir: str | os.PathLike) -> dict:
     """A run's metrics.json (with its folder path added); a clear error when it was never evaluated."""
-    run = RunFolder(run_dir)
-    if not run.path.is_dir():
-        raise FileNotFoundError(f"run folder {str(run.path)!r} does not exist")
+    run = RunFolder(run_dir).require_existing()
     metrics = run.read_metrics()
     if metrics.get("train_seconds") is None:
         summary = run.read_summary()

@@ -193,6 +193,16 @@ class RunFolder:
             keep = [r for r in self.read_log() if isinstance(r.get("step"), int) and r["step"] <= step]
             atomic_write_text(self.path / self.LOG, "".join(json.dumps(r) + "\n" for r in keep))
 
+    def require_existing(self) -> RunFolder:
+        """This folder if it exists as a folder: `FileNotFoundError` when nothing is there, `NotADirectoryError`
+        naming what is there instead (a file, a link, a FIFO), so ``eval``/``report``/``analyze`` say which."""
+        kind = path_kind(self.path)
+        if kind is None:
+            raise FileNotFoundError(f"run folder {str(self.path)!r} does not exist")
+        if kind != "folder":
+            raise NotADirectoryError(f"run folder {str(self.path)!r} is a {kind}, not a folder")
+        return self
+
     # -- ownership: the marker and the lock --------------------------------------------------------
     def is_run_folder(self) -> bool:
         """Whether orchmoe made this folder (its marker: the only proof; an adapter copied in is not)."""
@@ -238,6 +248,22 @@ class RunFolder:
     def release(self) -> None:
         """Give the lock back (the kernel also drops it when the process dies)."""
         self._lock.release()
+
+    def remove_if_unused(self) -> bool:
+        """Remove the folder when it holds nothing but its marker and lock (a command that made it failed before
+        writing anything): a mistyped option leaves no empty run folder behind. True when removed."""
+        if self.locked or path_kind(self.path) != "folder":
+            return False
+        if {p.name for p in self.path.iterdir()} - {self.MARKER, self.LOCK}:
+            return False
+        for name in (self.MARKER, self.LOCK):
+            if path_kind(self.path / name) == "regular file":
+                os.unlink(self.path / name)
+        try:
+            os.rmdir(self.path)
+        except OSError:  # something appeared meanwhile: keep it
+            return False
+        return True
 
     @property
     def locked(self) -> bool:

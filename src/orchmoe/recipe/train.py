@@ -29,7 +29,7 @@ from orchmoe.recipe.launch import check_launch
 from orchmoe.recipe.parse import RunOptions
 from orchmoe.recipe.run_data import build_data, prompt_format, run_metadata, train_features
 from orchmoe.recipe.run_folder import RunFolder
-from orchmoe.utils.fileio import DiskFullError, is_disk_full, reporting_disk_full
+from orchmoe.utils.fileio import DiskFullError, is_disk_full, path_kind, reporting_disk_full
 from orchmoe.version import __version__
 
 __all__ = ["options_record", "train"]
@@ -204,7 +204,9 @@ def train(options: RunOptions) -> dict[str, Any]:
     state = PartialState()
     check_launch(state.num_processes)
     record = options_record(options)
+    made_here = state.is_main_process and path_kind(run.path) is None
     plan = _prepare_folder(run, options, record, state)
+    finished = False
     try:
         t0 = time.perf_counter()
         data = build_data(options.data, training.seed)
@@ -233,9 +235,12 @@ def train(options: RunOptions) -> dict[str, Any]:
 
                 metrics, records = final.result if final.result is not None else final.evaluate()
                 summary["metrics"] = write_trained(run, metrics, records) if state.is_main_process else {}
+        finished = True
         return summary
     finally:
         run.release()
+        if made_here and not finished:
+            run.remove_if_unused()
 
 
 def _final_evaluation(trainer, model, tokenizer, data, options: RunOptions, run: RunFolder):

@@ -39,7 +39,7 @@ from orchmoe.recipe.args import ArgumentsError
 from orchmoe.recipe.run_data import build_data, data_arguments
 from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.tuner.model import RoutedModel
-from orchmoe.utils.fileio import atomic_write_text
+from orchmoe.utils.fileio import atomic_write_text, path_kind
 
 __all__ = ["RunInfo", "read_run", "load_run_model", "build_task_prompts", "analyze_model", "analyze_run"]
 
@@ -66,8 +66,10 @@ def read_run(run_dir: PathLike) -> RunInfo:
     """The run's adapter metadata, configuration and metrics; every missing or malformed piece is an
     `AnalysisError` naming the file."""
     folder = RunFolder(run_dir)
-    if not folder.path.is_dir():
-        raise AnalysisError(f"run folder {folder.path} does not exist")
+    try:
+        folder.require_existing()
+    except OSError as e:
+        raise AnalysisError(str(e)) from None
     try:
         meta = read_adapter_config(folder.adapter_dir)
     except (FileNotFoundError, AdapterMismatchError) as e:
@@ -245,10 +247,7 @@ def analyze_model(
     """
     kind = allocation_kind(model)
     cfg = model.adapter_config
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AnalysisError(f"analysis output {out} is a file; name a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _analysis_folder(out_dir)
     matrices = allocation_matrices(model)
     rows = _task_rows(model, matrices, kind, tasks, prompts_by_task, batch_size)
     task_list, profile, mean_pi = rows["tasks"], rows["profile"], rows["mean_pi"]
@@ -289,6 +288,38 @@ def analyze_model(
     atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
     atomic_write_text(out / "analysis.md", analysis_markdown(result, profile, mean_pi))
     return result
+
+
+#: every file an analysis writes: a folder holding anything else is the user's, never written into
+ANALYSIS_FILES = frozenset(
+    {
+        "analysis.json",
+        "analysis.md",
+        "allocations.npz",
+        "allocation_heatmaps.png",
+        "task_skill_heatmap.png",
+        "task_abstract_heatmap.png",
+        "dendrogram.png",
+    }
+)
+
+
+def _analysis_folder(out_dir: PathLike) -> Path:
+    """``out_dir``, created if absent; refused when it is not a folder (a file, a link, a FIFO) or holds files
+    an analysis does not write, so that ``--out`` never overwrites a user's own ``analysis.md``."""
+    out = Path(out_dir)
+    kind = path_kind(out)
+    if kind not in (None, "folder"):
+        raise AnalysisError(f"analysis output {out} is a {kind}; name a new or empty folder")
+    if kind == "folder":
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ANALYSIS_FILES or not p.is_file())
+        if foreign:
+            raise AnalysisError(
+                f"analysis output {out} holds files an analysis did not write ({', '.join(foreign[:5])}); "
+                "name a new or empty folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _clusters(profile: np.ndarray, tasks: list[str], cats: dict[str, str], n_categories: int) -> dict[str, Any]:
