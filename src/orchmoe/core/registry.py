@@ -6,9 +6,30 @@ A router module registers itself for the configs it serves::
     @register_method(MHRConfig)
     class PolyRouter(ModelRouter): ...
 
-and everything else (the model, budgets, export, analysis, the recipe) asks the config or the
-router instead of testing which class a config is. Adding a method is a config, a router and
-one decorator line.
+and everything else (the model, budgets, export, analysis, the recipe, serving) asks the config or the
+router instead of testing which class a config is.
+
+Adding a method, the whole checklist (``tests/core/test_registry.py`` does it with a toy method and runs
+it through the command line, the analysis and the export):
+
+1. **A config**: a dataclass subclassing `orchmoe.core.config.AdapterConfig` with ``method`` (its name),
+   ``routing`` (what its router reads: ``"none"``, ``"tokens"``, ``"task_ids"`` or ``"prompt"``),
+   ``small_fields`` (a small instance: the test suite builds every method from it), its own fields
+   declared with ``option(default, help)`` (the command line's flags and the docs' table come from them),
+   and what differs from the base: ``n_experts``, ``layer_parameters``/``model_parameters`` (its
+   trainable-parameter count), ``for_tasks`` (fields set from the number of training tasks) and
+   ``validate`` (its own checks).
+2. **A router**: a `orchmoe.core.routers.ModelRouter` (one allocation per example, parameter mixing)
+   or `orchmoe.core.routers.LayerRouter` (per-token gates, output mixing) with ``from_config``; a
+   model router that learns a task-skill allocation exposes it through ``allocation_matrices()``
+   (the analysis and the export ask for it).
+3. **One line**: ``@register_method(MyConfig)`` above the router class, in a module that is imported
+   (the built-in routers: `orchmoe.core.routers`; a plug-in: any module imported before use).
+
+Nothing else: PEFT's method registry (`orchmoe.tuner.registration`, through `on_register`), the
+command line's options (`orchmoe.recipe.args.method_arguments`), the tests (``tests/core_helpers.py``),
+the docs' options table (``python scripts/docs_methods.py``), analysis, export and serving all read
+this registry.
 """
 
 from __future__ import annotations
