@@ -53,7 +53,7 @@ CONFIGS = {
 }
 METHODS = [*CONFIGS, "peft-lora"]
 PARAMETER_MIXING = ("poly", "mhr", "orchmoe")
-HOST_CHECKS = ("_task_ids",)  # CPU task ids validated on the host: no device sync on an accelerator
+HOST_CHECKS = ("checked_task_ids",)  # CPU task ids validated on the host: no device sync on an accelerator
 
 
 def smollm2_shape(width: int = 576, vocab: int = 49152, layers: int = 30, seed: int = 0):

@@ -19,7 +19,7 @@ def _syncs(tiny_llama, superni, tmp_path, method: str, steps: int) -> tuple[int,
     # RoutedModel._task_ids validates task ids that live on the CPU on the host (on an accelerator it uses
     # torch._assert_async): on a CPU-only run that is no device wait, so it is counted apart. Set-up and the end
     # of the run are the same for both step counts; only the last step logs (log_every > steps).
-    with OpCounter(exclude=("_task_ids",)) as counter:
+    with OpCounter(exclude=("checked_task_ids",)) as counter:
         train(cfg)
     ours = counter.syncs_from("/orchmoe/")
     return ours, counter.host_syncs - ours

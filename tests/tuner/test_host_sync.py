@@ -28,7 +28,7 @@ from core_helpers import (
 from opcount import OpCounter
 from orchmoe import get_model
 
-HOST_CHECKS = ("_task_ids",)  # see the module docstring
+HOST_CHECKS = ("checked_task_ids",)  # see the module docstring
 BASE_SYNC_SITES = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")
 
 # every method with its defaults, plus the options that take other code paths

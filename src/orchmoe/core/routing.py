@@ -15,9 +15,11 @@ the next, and ``torch.compile`` does not recompile per prompt batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["RoutingState", "RoutingError", "prompt_token_mask"]
+__all__ = ["RoutingState", "RoutingError", "checked_task_ids", "prompt_token_mask"]
 
 
 class RoutingError(ValueError):
@@ -178,3 +180,49 @@ def prompt_token_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor 
     prompt = mask.bool() & (labels == -100)
     empty = ~prompt.any(dim=1, keepdim=True)
     return torch.where(empty, mask.bool(), prompt)
+
+
+def checked_task_ids(cfg: Any, task_ids: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+    """``task_ids`` as a (b,) long tensor on ``device`` after the checks a method's routing needs.
+
+    Args:
+        cfg: the adapter's config (``method``, ``needs_task_ids``, ``n_tasks``).
+        task_ids: what the caller passed: None, a list, or a tensor of shape (b,) or (b, 1).
+        batch: b, the batch size.
+        device: where the ids are used.
+    Returns:
+        The ids, or None for a method that does not route by task id.
+    Raises:
+        RoutingError: ids missing for Poly/MHR, given to a method that ignores them, not integers, of the
+            wrong shape or count, or out of range (checked on the host when they are there; on a device with
+            an asynchronous assert, so no host sync).
+    """
+    if task_ids is None:
+        if cfg.needs_task_ids:
+            raise RoutingError(
+                f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate(). "
+                "Through a peft.PeftModelForCausalLM built by a bare peft.get_peft_model, call "
+                "orchmoe.accept_task_ids(model) first: PEFT's forward hands task_ids only to its own Poly"
+            )
+        return None
+    if not cfg.needs_task_ids:
+        raise RoutingError(f"{cfg.method} does not route by task id: drop task_ids (they would be ignored)")
+    ids = torch.as_tensor(task_ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise RoutingError(f"task_ids must be integers, got {ids.dtype}")
+    if ids.dim() > 1 and not (ids.dim() == 2 and ids.shape[1] == 1):
+        raise RoutingError(f"task_ids must be one id per example, shape ({batch},); got {tuple(ids.shape)}")
+    ids = ids.to(torch.long).reshape(-1)
+    if ids.numel() != batch:
+        raise RoutingError(f"got {ids.numel()} task_ids for a batch of {batch}")
+    n_tasks = cfg.n_tasks
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # on the host for free; else no sync
+        bad = ids[(ids < -1) | (ids >= n_tasks)]
+        if bad.numel():
+            raise RoutingError(
+                f"task id {int(bad[0])} out of range: this {cfg.method} adapter has n_tasks={n_tasks} "
+                f"(ids 0..{n_tasks - 1}, or -1 for an unseen task)"
+            )
+    else:
+        torch._assert_async(((ids >= -1) & (ids < n_tasks)).all(), "task id out of range")
+    return ids.to(device, non_blocking=True)

@@ -36,7 +36,7 @@ from orchmoe.core.config import AdapterConfig, ConfigError
 from orchmoe.core.layer import RoutedLoraLayer
 from orchmoe.core.registry import router_class
 from orchmoe.core.routers import LayerRouter, RoutingInputs
-from orchmoe.core.routing import RoutingError, RoutingState, prompt_token_mask
+from orchmoe.core.routing import RoutingError, RoutingState, checked_task_ids, prompt_token_mask
 from orchmoe.core.targets import DEFAULT_TARGET_MODULES, find_target_layers
 from orchmoe.tuner import calls
 
@@ -295,38 +295,6 @@ class RoutedModel(BaseTuner):
             raise ConfigError(f"{self.adapter_config.method} has no task router")
         return self.task_router(self.prompt_summary(input_ids, attention_mask, inputs_embeds, prompt_mask))
 
-    def _task_ids(self, task_ids, batch: int, device) -> torch.Tensor | None:
-        cfg = self.adapter_config
-        if task_ids is None:
-            if cfg.needs_task_ids:
-                raise RoutingError(
-                    f"{cfg.method} routes by task id: pass task_ids=... (one per example) to forward()/generate(). "
-                    "Through a peft.PeftModelForCausalLM built by a bare peft.get_peft_model, call "
-                    "orchmoe.accept_task_ids(model) first: PEFT's forward hands task_ids only to its own Poly"
-                )
-            return None
-        if not cfg.needs_task_ids:
-            raise RoutingError(f"{cfg.method} does not route by task id: drop task_ids (they would be ignored)")
-        ids = torch.as_tensor(task_ids)
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise RoutingError(f"task_ids must be integers, got {ids.dtype}")
-        if ids.dim() > 1 and not (ids.dim() == 2 and ids.shape[1] == 1):
-            raise RoutingError(f"task_ids must be one id per example, shape ({batch},); got {tuple(ids.shape)}")
-        ids = ids.to(torch.long).reshape(-1)
-        if ids.numel() != batch:
-            raise RoutingError(f"got {ids.numel()} task_ids for a batch of {batch}")
-        n_tasks = cfg.n_tasks
-        if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # on the host for free; else no sync
-            bad = ids[(ids < -1) | (ids >= n_tasks)]
-            if bad.numel():
-                raise RoutingError(
-                    f"task id {int(bad[0])} out of range: this {cfg.method} adapter has n_tasks={n_tasks} "
-                    f"(ids 0..{n_tasks - 1}, or -1 for an unseen task)"
-                )
-        else:
-            torch._assert_async(((ids >= -1) & (ids < n_tasks)).all(), "task id out of range")
-        return ids.to(device, non_blocking=True)
-
     def set_routing(
         self,
         *,
@@ -353,7 +321,7 @@ class RoutedModel(BaseTuner):
         if ref is None:
             raise RoutingError("routing needs input_ids or inputs_embeds")
         batch = ref.shape[0]
-        inputs = RoutingInputs(batch=batch, task_ids=self._task_ids(task_ids, batch, ref.device))
+        inputs = RoutingInputs(batch=batch, task_ids=checked_task_ids(cfg, task_ids, batch, ref.device))
         if cfg.routing == "prompt":
             mask = (
                 routing_mask
