@@ -16,7 +16,7 @@ def _python_blocks() -> list[str]:
 
 def test_readme_has_the_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) >= 3 and "get_model" in blocks[0] and "RoutedTrainer" in "".join(blocks)
+    assert len(blocks) >= 3 and "get_model" in blocks[0] and "Trainer(model=model" in "".join(blocks)
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
