@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -26,6 +27,7 @@ __all__ = [
     "atomic_torch_save",
     "fsync_tree",
     "fsync_dir",
+    "atomic_folder",
     "DiskFullError",
     "reporting_disk_full",
     "is_disk_full",
@@ -139,6 +141,59 @@ def fsync_tree(path: Path) -> None:
         if p.is_file():
             _fsync_file(p)
     fsync_dir(path)
+
+
+_PARTIAL_MARK = ".orchmoe-partial"  # inside a folder still being written by atomic_folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder: yield an empty hidden sibling (``.NAME.partial-PID``) to fill; on a clean exit it is
+    flushed and renamed onto `target`, replacing a folder there (so `target` is a whole folder at every moment:
+    the old one until the rename, then the new one). On an error the sibling is deleted; a killed process leaves
+    only the hidden sibling, which the next `atomic_folder` for the same target deletes once its process is gone.
+
+    Args:
+        target: the folder to (re)place; the caller decides whether an existing one may be replaced.
+    Yields:
+        The folder to write into.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for p in target.parent.glob(f".{target.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and (p / _PARTIAL_MARK).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    stage = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    (stage / _PARTIAL_MARK).touch()
+    try:
+        with reporting_disk_full(target):
+            yield stage
+            (stage / _PARTIAL_MARK).unlink()
+            fsync_tree(stage)
+            old = target.parent / f".{target.name}.replaced-{os.getpid()}" if target.exists() else None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+            os.replace(stage, target)
+            fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 # -- manifests: what a complete folder holds ---------------------------------------------------

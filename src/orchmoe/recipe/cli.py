@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, report, analyze.
+"""The `orchmoe` command: train, eval, report, analyze, export.
 
     orchmoe train                                     # the builtin suite with the defaults
     orchmoe train --method poly --data path/to/natural-instructions --tasks 100 --out runs/poly
@@ -8,6 +8,7 @@
     orchmoe eval runs/orch
     orchmoe report runs/orch runs/poly runs/lora --out report.md
     orchmoe analyze runs/orch
+    orchmoe export runs/orch --bundle bundles/orch   # PEFT LoRAs for vLLM / SGLang (see orchmoe.recipe.export_cmd)
 
 Every `train` flag is generated from a field of `orchmoe.recipe.TrainConfig` (its help, group and aliases);
 the adapter's flags from the registered methods' config dataclasses. Any expected failure is one line
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
     a.add_argument("--data", help="where the data are now (default: as trained)")
+    from .export_cmd import add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
@@ -207,6 +211,10 @@ def _run(args: argparse.Namespace) -> None:
         from .report import write_report
 
         write_report(args.runs, args.out)
+    elif args.command == "export":
+        from .export_cmd import run_export
+
+        run_export(args)
     elif args.command == "analyze":
         try:
             from .analysis import analyze_run
