@@ -1,0 +1,236 @@
+"""One batch of prompts from N different SuperNI tasks: orchmoe's routed generate against PEFT's mixed-adapter
+batch of the exported bundle's LoRAs.
+
+orchmoe decodes the batch in one ``generate`` with each row routed inside every layer (Poly/MHR by its task
+id, OrchMoE by its prompt). The adapter is then exported as a multi-LoRA bundle (`orchmoe.bundle.write_bundle`:
+Poly/MHR one LoRA per task, OrchMoE one per abstract task the prompts use), the LoRAs are loaded by name into
+one `peft.PeftModel`, and the same batch is decoded with ``generate(..., adapter_names=[each row's LoRA])``,
+which PEFT runs as one sub-batch per adapter in every adapted layer. Greedy, KV cache, exactly
+``--new-tokens`` new tokens per row (``min_new_tokens``), left-padded real prompts built as in training.
+Timed: whole ``generate()`` calls, the two sides alternating, median over ``--reps`` after one warm-up each.
+Also reported: how many rows' tokens agree (Poly/MHR and hard OrchMoE compute the same function: all, up to
+floating-point ties; soft OrchMoE's bundle serves argmax pi's LoRA alone).
+
+With ``--run RUN`` (repeatable) the trained adapters of those runs and one held-out prompt per seen task;
+without, fresh adapters of ``--methods`` with ``--tasks`` tasks and random weights (B != 0, spread routing), on
+one prompt each of ``--tasks`` tasks drawn from ``--data``: throughput does not depend on the weights' values.
+
+    python benchmarks/serve_vs_peft.py --run runs/poly-16 --run runs/orchmoe-16          # CPU, trained runs
+    python benchmarks/serve_vs_peft.py --device cuda --dtype bf16 --tasks 64 --data ../shared/superni --json s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_models
+import orchmoe
+from orchmoe import MHRConfig, OrchMoEConfig, PolyConfig, get_model, load_adapter
+from orchmoe.bundle import BundleManifest, RoutedPrompt, load_peft_loras, write_bundle
+from orchmoe.data import encode_prompt, load_multitask, pad_batch
+from serving import randomize
+from speed import hardware, shared_copy, sync
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "superni"
+PROMPT = {"n_pos": 1, "max_source_len": 160, "chat_template": False}  # the recipe's defaults
+
+
+def run_batch(run: Path, n: int, data: str | None, tok, decoder_only: bool) -> list[RoutedPrompt]:
+    """One held-out prompt of each of the run's first `n` seen tasks (by task id), built as it trained."""
+    from orchmoe.recipe.export_cmd import run_prompts
+
+    prompts = run_prompts(run, data, tok, decoder_only, None)
+    first = {}
+    for p in prompts:
+        if p.split == "eval" and p.task_id not in first:
+            first[p.task_id] = p
+    if len(first) < n:
+        raise SystemExit(f"{run} has held-out prompts of {len(first)} tasks, fewer than --tasks {n}")
+    return [first[t] for t in sorted(first)[:n]]
+
+
+def fresh_batch(data: str, n: int, tok, seed: int) -> list[RoutedPrompt]:
+    """One prompt of each of `n` tasks drawn from the train split of `data`."""
+    ds = load_multitask(data, n, n_train=0, n_eval=1, n_unseen_tasks=0, seed=seed, task_seed=seed)
+    return [
+        RoutedPrompt(tuple(encode_prompt(tok, ds.task_defs[ex.task], ex.input, **PROMPT)), ex.task, ex.task_id, "eval")
+        for ex in ds.eval
+    ]
+
+
+def fresh_config(method: str, n: int, targets: list[str]):
+    """The sizes of the recipe's defaults (4 skills x r2 on q/v), one routing slot per task."""
+    if method == "poly":
+        return PolyConfig(target_modules=targets, n_tasks=n, n_skills=4, rank=2)
+    if method == "mhr":
+        return MHRConfig(target_modules=targets, n_tasks=n, n_skills=4, rank=2, n_splits=8)
+    if method == "orchmoe":
+        return OrchMoEConfig(target_modules=targets, n_skills=4, rank=2, n_abstract_tasks=n)
+    raise SystemExit(f"unknown method {method!r}: poly, mhr or orchmoe")
+
+
+def timed(fn, reps_out: list[float], device) -> torch.Tensor:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    reps_out.append(time.perf_counter() - t0)
+    return out
+
+
+def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: int) -> dict:
+    """Time orchmoe's routed batch and PEFT's mixed batch of the bundle's LoRAs on the same prompts."""
+    batch = pad_batch([{"input_ids": list(p.ids)} for p in prompts], pad, "left", decoder_only=True)
+    ids, mask = batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device)
+    extra = {"task_ids": torch.tensor([p.task_id for p in prompts], device=args.device)}
+    extra = extra if routed.adapter_config.needs_task_ids else {}
+    with tempfile.TemporaryDirectory(prefix="serve-vs-peft-") as tmp:
+        t0 = time.perf_counter()
+        manifest = write_bundle(routed, Path(tmp) / "bundle", prompts=prompts, check=0)
+        export_s = time.perf_counter() - t0
+        bundle = BundleManifest(Path(tmp) / "bundle", manifest)
+        if routed.adapter_config.routing == "prompt":
+            rows = [bundle.lora_for(abstract_task=k) for k in _argmax(routed, ids, mask)]
+        else:
+            rows = [bundle.lora_for(task=p.task_id) for p in prompts]
+        used = {name: Path(tmp) / "bundle" / "loras" / name for name in dict.fromkeys(rows)}
+        pm = load_peft_loras(shared_copy(base), used)
+
+    def gen(model, new, **kw):
+        g = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=pad,
+                 temperature=None, top_p=None, top_k=None)  # fmt: skip
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, **kw, **g)[:, ids.shape[1] :]
+
+    ours_s, peft_s = [], []
+    gen(routed, 2, **extra), gen(pm, 2, adapter_names=rows)  # warm-up
+    for _ in range(args.reps):
+        a = timed(lambda: gen(routed, args.new_tokens, **extra), ours_s, args.device)
+        b = timed(lambda: gen(pm, args.new_tokens, adapter_names=rows), peft_s, args.device)
+    same = (a.cpu() == b.cpu()).all(1)
+    n, ours, theirs = len(prompts), statistics.median(ours_s), statistics.median(peft_s)
+    out = {
+        "adapter": label,
+        "method": routed.adapter_config.method,
+        "tasks_in_batch": len({p.task for p in prompts}),
+        "loras_in_peft_batch": len(used),
+        "bundle_exact": manifest["exact"],
+        "ours_s": ours,
+        "peft_s": theirs,
+        "ours_tok_s": n * args.new_tokens / ours,
+        "peft_tok_s": n * args.new_tokens / theirs,
+        "speedup": theirs / ours,
+        "rows_equal": float(same.float().mean()),
+        "export_s": round(export_s, 2),
+        "all_ours_s": ours_s,
+        "all_peft_s": peft_s,
+    }
+    print(
+        f"  {label}: ours {ours:.2f} s, PEFT {theirs:.2f} s, x{out['speedup']:.2f}, rows equal {out['rows_equal']:.3f}"
+    )
+    return out
+
+
+def _argmax(routed, ids, mask) -> list[int]:
+    with torch.no_grad():
+        return routed.task_probabilities(ids, mask).argmax(-1).tolist()
+
+
+def markdown(rows: list[dict], n_tokens: int) -> str:
+    out = [
+        "| adapter | method | tasks in batch | LoRAs in PEFT's batch | orchmoe s | PEFT s | orchmoe tok/s | PEFT tok/s "
+        "| speed-up | rows equal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['adapter']} | {r['method']} | {r['tasks_in_batch']} | {r['loras_in_peft_batch']} | {r['ours_s']:.2f} "
+            f"| {r['peft_s']:.2f} | {r['ours_tok_s']:.1f} | {r['peft_tok_s']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['rows_equal']:.3f}{'' if r['bundle_exact'] else ' (soft pi: argmax LoRA)'} |"
+        )
+    return "\n".join(out) + f"\n\n(tok/s: new tokens of the whole batch, {n_tokens} per row, per second)"
+
+
+def parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="append", default=[], metavar="RUN", help="a trained run folder (repeatable)")
+    ap.add_argument("--methods", default="poly,orchmoe", help="without --run: fresh adapters of these methods")
+    ap.add_argument("--tasks", type=int, default=16, help="prompts in the batch, each of its own task")
+    ap.add_argument("--data", default=None, help=f"SuperNI data (default: the run's, else {DEFAULT_DATA})")
+    ap.add_argument("--model", default=None, help="base checkpoint (default: the run's, else SmolLM2-135M-Instruct)")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="without --run: the adapted layers")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, metavar="PATH")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import peft
+
+    dtype = DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    model = args.model
+    if model is None and args.run:
+        from orchmoe.recipe.run_folder import RunFolder
+
+        model = RunFolder(args.run[0]).read_config()[0].model
+    base, tok, name = bench_models.load_base(model, None, dtype, args.device)
+    pad = bench_models.pad_id(tok, base)
+    meta = {
+        "command": "python benchmarks/serve_vs_peft.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "hardware": hardware(args.device),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "model": name,
+        "versions": {"torch": torch.__version__, "peft": peft.__version__, "orchmoe": orchmoe.__version__},
+        "peft_loading": "PeftModel.from_pretrained / load_adapter with their defaults (one adapter name per LoRA)",
+        "batch": f"{args.tasks} prompts of {args.tasks} tasks, {args.new_tokens} new tokens, greedy, {args.reps} reps",
+    }
+    print(
+        f"# serve vs PEFT  {meta['date']}\n{name} | {meta['hardware']} | {args.device} {args.dtype} | {meta['batch']}\n"
+    )
+    rows = []
+    if args.run:
+        for run in map(Path, args.run):
+            prompts = run_batch(run, args.tasks, args.data, tok, True)
+            routed = load_adapter(shared_copy(base), run / "adapter").to(device=args.device, dtype=dtype).eval()
+            rows.append(compare(f"{run.name} (trained)", routed, base, prompts, args, pad))
+    else:
+        prompts = fresh_batch(args.data or str(DEFAULT_DATA), args.tasks, tok, args.seed)
+        for method in [m for m in args.methods.split(",") if m]:
+            cfg = fresh_config(method, args.tasks, args.targets.split(","))
+            routed = get_model(shared_copy(base), cfg).to(device=args.device, dtype=dtype).eval()
+            randomize(routed, seed=args.seed)
+            rows.append(compare(f"{method} (random weights)", routed, base, prompts, args, pad))
+    print("\n" + markdown(rows, args.new_tokens))
+    meta["total_s"] = round(time.perf_counter() - t0, 1)
+    print(f"\ntotal {meta['total_s']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
