@@ -240,7 +240,7 @@ def write_bundle(
     prompt_source: str | None = None,
     all_abstract_tasks: bool = False,
     fresh_base: Callable[[], torch.nn.Module] | None = None,
-    check: int = 64,
+    check: int = 32,
     max_new_tokens: int = 32,
     batch_size: int = 16,
     overwrite: bool = False,

@@ -46,7 +46,7 @@ def add_export_parser(sub) -> None:
     one.add_argument("--prompt", metavar="TEXT", help="OrchMoE: the routing of this prompt (as sent to a model)")
     x.add_argument("--prompts", metavar="FILE", help="bundle: jsonl of prompts to route (prompt, or definition+input)")
     x.add_argument("--all-abstract-tasks", action="store_true", help="bundle (OrchMoE): every abstract task")
-    x.add_argument("--check", type=int, default=64, metavar="N", help="bundle: prompts checked (0: none; default 64)")
+    x.add_argument("--check", type=int, default=32, metavar="N", help="bundle: prompts checked (0: none; default 32)")
     x.add_argument("--max-new-tokens", type=int, default=32, help="bundle: answer length of the check (default 32)")
     x.add_argument("--batch-size", type=int, default=16, help="bundle: prompts per generate call of the check")
     x.add_argument("--model", help="where the base model is now (default: as trained)")
