@@ -105,7 +105,10 @@ def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: in
         else:
             rows = [bundle.lora_for(task=p.task_id) for p in prompts]
         used = {name: Path(tmp) / "bundle" / "loras" / name for name in dict.fromkeys(rows)}
+        t1 = time.perf_counter()
         pm = load_peft_loras(shared_copy(base), used)
+        print(f"  {label}: bundle written in {export_s:.1f} s, {len(used)} LoRAs loaded into PEFT in "
+              f"{time.perf_counter() - t1:.1f} s", flush=True)  # fmt: skip
 
     def gen(model, new, **kw):
         g = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -114,7 +117,9 @@ def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: in
             return model.generate(input_ids=ids, attention_mask=mask, **kw, **g)[:, ids.shape[1] :]
 
     ours_s, peft_s = [], []
+    t1 = time.perf_counter()
     gen(routed, 2, **extra), gen(pm, 2, adapter_names=rows)  # warm-up
+    print(f"  {label}: warm-up (2 new tokens each) {time.perf_counter() - t1:.1f} s", flush=True)
     for _ in range(args.reps):
         a = timed(lambda: gen(routed, args.new_tokens, **extra), ours_s, args.device)
         b = timed(lambda: gen(pm, args.new_tokens, adapter_names=rows), peft_s, args.device)
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         for run in map(Path, args.run):
             prompts = run_batch(run, args.tasks, args.data, tok, True)
+            print(f"  {run.name}: {len(prompts)} prompts of {min(map(len, (p.ids for p in prompts)))}-"
+                  f"{max(map(len, (p.ids for p in prompts)))} tokens", flush=True)  # fmt: skip
             routed = load_adapter(shared_copy(base), run / "adapter").to(device=args.device, dtype=dtype).eval()
             rows.append(compare(f"{run.name} (trained)", routed, base, prompts, args, pad))
     else:
