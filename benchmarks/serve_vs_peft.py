@@ -124,9 +124,10 @@ def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: in
     few = {k: v[:2] for k, v in extra.items()}
     gen(routed, 2, slice(0, 2), -16, **few), gen(pm, 2, slice(0, 2), -16, adapter_names=rows[:2])
     print(f"  {label}: warm-up {time.perf_counter() - t1:.1f} s", flush=True)
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         a = timed(lambda: gen(routed, args.new_tokens, **extra), ours_s, args.device)
         b = timed(lambda: gen(pm, args.new_tokens, adapter_names=rows), peft_s, args.device)
+        print(f"  {label}: rep {rep + 1}: ours {ours_s[-1]:.2f} s, PEFT {peft_s[-1]:.2f} s", flush=True)
     same = (a.cpu() == b.cpu()).all(1)
     n, ours, theirs = len(prompts), statistics.median(ours_s), statistics.median(peft_s)
     out = {
