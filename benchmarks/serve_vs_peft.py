@@ -81,13 +81,35 @@ def fresh_config(method: str, n: int, targets: list[str]):
     raise SystemExit(f"unknown method {method!r}: poly, mhr or orchmoe")
 
 
-def timed(fn, reps_out: list[float], device) -> torch.Tensor:
+def timed(fn, wall: list[float], cpu: list[float], device) -> torch.Tensor:
+    """Run fn, appending its wall-clock seconds and this process's CPU seconds (every thread's)."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    reps_out.append(time.perf_counter() - t0)
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
     return out
+
+
+def export_and_load(label: str, routed, base, prompts, ids, mask, tmp: Path):
+    """Write the bundle of `routed` for these prompts, pick each row's LoRA, load the used LoRAs into PEFT."""
+    t0 = time.perf_counter()
+    manifest = write_bundle(routed, tmp / "bundle", prompts=prompts, check=0)
+    export_s = time.perf_counter() - t0
+    bundle = BundleManifest(tmp / "bundle", manifest)
+    if routed.adapter_config.routing == "prompt":
+        with torch.no_grad():
+            ks = routed.task_probabilities(ids, mask).argmax(-1).tolist()
+        rows = [bundle.lora_for(abstract_task=k) for k in ks]
+    else:
+        rows = [bundle.lora_for(task=p.task_id) for p in prompts]
+    used = {name: tmp / "bundle" / "loras" / name for name in dict.fromkeys(rows)}
+    t1 = time.perf_counter()
+    pm = load_peft_loras(shared_copy(base), used)
+    print(f"  {label}: bundle written in {export_s:.1f} s, {len(used)} LoRAs loaded into PEFT in "
+          f"{time.perf_counter() - t1:.1f} s", flush=True)  # fmt: skip
+    return manifest, rows, pm, export_s
 
 
 def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: int) -> dict:
@@ -97,19 +119,7 @@ def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: in
     extra = {"task_ids": torch.tensor([p.task_id for p in prompts], device=args.device)}
     extra = extra if routed.adapter_config.needs_task_ids else {}
     with tempfile.TemporaryDirectory(prefix="serve-vs-peft-") as tmp:
-        t0 = time.perf_counter()
-        manifest = write_bundle(routed, Path(tmp) / "bundle", prompts=prompts, check=0)
-        export_s = time.perf_counter() - t0
-        bundle = BundleManifest(Path(tmp) / "bundle", manifest)
-        if routed.adapter_config.routing == "prompt":
-            rows = [bundle.lora_for(abstract_task=k) for k in _argmax(routed, ids, mask)]
-        else:
-            rows = [bundle.lora_for(task=p.task_id) for p in prompts]
-        used = {name: Path(tmp) / "bundle" / "loras" / name for name in dict.fromkeys(rows)}
-        t1 = time.perf_counter()
-        pm = load_peft_loras(shared_copy(base), used)
-        print(f"  {label}: bundle written in {export_s:.1f} s, {len(used)} LoRAs loaded into PEFT in "
-              f"{time.perf_counter() - t1:.1f} s", flush=True)  # fmt: skip
+        manifest, rows, pm, export_s = export_and_load(label, routed, base, prompts, ids, mask, Path(tmp))
 
     def gen(model, new, rows_=slice(None), cut=0, **kw):
         g = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -118,43 +128,39 @@ def compare(label: str, routed, base, prompts: list[RoutedPrompt], args, pad: in
         with torch.no_grad():
             return model.generate(input_ids=x, attention_mask=m, **kw, **g)[:, x.shape[1] :]
 
-    ours_s, peft_s = [], []
+    t = {"ours_wall": [], "ours_cpu": [], "peft_wall": [], "peft_cpu": []}
     t1 = time.perf_counter()
     # warm-up: the whole code path (routing, PEFT's sub-batches of two adapters) on two rows' last 16 tokens
     few = {k: v[:2] for k, v in extra.items()}
     gen(routed, 2, slice(0, 2), -16, **few), gen(pm, 2, slice(0, 2), -16, adapter_names=rows[:2])
     print(f"  {label}: warm-up {time.perf_counter() - t1:.1f} s", flush=True)
     for rep in range(args.reps):
-        a = timed(lambda: gen(routed, args.new_tokens, **extra), ours_s, args.device)
-        b = timed(lambda: gen(pm, args.new_tokens, adapter_names=rows), peft_s, args.device)
-        print(f"  {label}: rep {rep + 1}: ours {ours_s[-1]:.2f} s, PEFT {peft_s[-1]:.2f} s", flush=True)
-    same = (a.cpu() == b.cpu()).all(1)
-    n, ours, theirs = len(prompts), statistics.median(ours_s), statistics.median(peft_s)
+        a = timed(lambda: gen(routed, args.new_tokens, **extra), t["ours_wall"], t["ours_cpu"], args.device)
+        b = timed(lambda: gen(pm, args.new_tokens, adapter_names=rows), t["peft_wall"], t["peft_cpu"], args.device)
+        print(f"  {label}: rep {rep + 1}: ours {t['ours_wall'][-1]:.2f} s (cpu {t['ours_cpu'][-1]:.2f} s), "
+              f"PEFT {t['peft_wall'][-1]:.2f} s (cpu {t['peft_cpu'][-1]:.2f} s)", flush=True)  # fmt: skip
+    stat = {"median": statistics.median, "min": min}[args.stat]
+    ours, theirs = stat(t[f"ours_{args.timer}"]), stat(t[f"peft_{args.timer}"])
+    n = len(prompts)
     out = {
         "adapter": label,
         "method": routed.adapter_config.method,
         "tasks_in_batch": len({p.task for p in prompts}),
-        "loras_in_peft_batch": len(used),
+        "loras_in_peft_batch": len(set(rows)),
         "bundle_exact": manifest["exact"],
+        "timer": f"{args.stat} {args.timer} seconds",
         "ours_s": ours,
         "peft_s": theirs,
         "ours_tok_s": n * args.new_tokens / ours,
         "peft_tok_s": n * args.new_tokens / theirs,
         "speedup": theirs / ours,
-        "rows_equal": float(same.float().mean()),
+        "rows_equal": float((a.cpu() == b.cpu()).all(1).float().mean()),
         "export_s": round(export_s, 2),
-        "all_ours_s": ours_s,
-        "all_peft_s": peft_s,
+        "times": t,
     }
-    print(
-        f"  {label}: ours {ours:.2f} s, PEFT {theirs:.2f} s, x{out['speedup']:.2f}, rows equal {out['rows_equal']:.3f}"
-    )
+    print(f"  {label}: ours {ours:.2f} s, PEFT {theirs:.2f} s ({out['timer']}), x{out['speedup']:.2f}, "
+          f"rows equal {out['rows_equal']:.3f}", flush=True)  # fmt: skip
     return out
-
-
-def _argmax(routed, ids, mask) -> list[int]:
-    with torch.no_grad():
-        return routed.task_probabilities(ids, mask).argmax(-1).tolist()
 
 
 def markdown(rows: list[dict], n_tokens: int) -> str:
@@ -169,7 +175,10 @@ def markdown(rows: list[dict], n_tokens: int) -> str:
             f"| {r['peft_s']:.2f} | {r['ours_tok_s']:.1f} | {r['peft_tok_s']:.1f} | {r['speedup']:.2f}x "
             f"| {r['rows_equal']:.3f}{'' if r['bundle_exact'] else ' (soft pi: argmax LoRA)'} |"
         )
-    return "\n".join(out) + f"\n\n(tok/s: new tokens of the whole batch, {n_tokens} per row, per second)"
+    timer = rows[0]["timer"] if rows else ""
+    return (
+        "\n".join(out) + f"\n\n(s: {timer} of one generate() of the batch; tok/s: its new tokens, {n_tokens} per row)"
+    )
 
 
 def parse(argv) -> argparse.Namespace:
@@ -182,6 +191,13 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--targets", default="q_proj,v_proj", help="without --run: the adapted layers")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--timer",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall clock, or this process's CPU time (robust to other jobs on a shared CPU; use 1 thread)",
+    )
+    ap.add_argument("--stat", default="median", choices=["median", "min"], help="over the repetitions")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
@@ -217,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "peft_loading": "PeftModel.from_pretrained / load_adapter with their defaults (one adapter name per LoRA)",
         "batch": f"{args.tasks} prompts of {args.tasks} tasks, {args.new_tokens} new tokens, greedy, {args.reps} reps",
     }
-    print(
-        f"# serve vs PEFT  {meta['date']}\n{name} | {meta['hardware']} | {args.device} {args.dtype} | {meta['batch']}\n"
+    print(  # flush: the header before the first (long) measurement
+        f"# serve vs PEFT  {meta['date']}\n{name} | {meta['hardware']} | {args.device} {args.dtype} | {meta['batch']}\n",
+        flush=True,
     )
     rows = []
     if args.run:
