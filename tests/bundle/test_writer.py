@@ -128,6 +128,7 @@ def test_check_of_an_exact_bundle_agrees_everywhere(method, tmp_path):
     )  # fmt: skip
     a = manifest["agreement"]
     assert a["prompts"] == 6 and a["answers_equal"] == 6 and a["rate"] == 1.0
+    assert a["adapter_changes_answer"] > 0  # the agreement is about answers the adapter decides
     assert "6 of 6" in (tmp_path / "b" / "README.md").read_text()
 
 

@@ -143,7 +143,8 @@ def check_bundle(
         max_new_tokens: answer length.
         batch_size: prompts per generate call.
     Returns:
-        ``prompts``, ``answers_equal``, ``rate``, ``first_token_equal`` and what was compared.
+        ``prompts``, ``answers_equal``, ``rate``, ``first_token_equal``, ``adapter_changes_answer`` (prompts whose
+        routed answer differs from the base model's: the check means little when it is 0) and what was compared.
     """
     pick = stratified_pick(rows, limit)
     device = next(model.parameters()).device
@@ -162,9 +163,14 @@ def check_bundle(
     def theirs(batch_rows, **kw):
         return pm.generate(**kw, adapter_names=[rows[pick[r]] for r in batch_rows])
 
+    def plain(batch_rows, **kw):
+        with pm.disable_adapter():
+            return pm.generate(**kw)
+
     common = dict(batch_size=batch_size, decoder_only=decoder_only, device=device)
     a = greedy_answers(ours, ids, gen, **common)
     b = greedy_answers(theirs, ids, gen, **common)
+    c = greedy_answers(plain, ids, gen, **common)
     equal = sum(x == y for x, y in zip(a, b))
     first = sum(x[:1] == y[:1] for x, y in zip(a, b))
     n = len(pick)
@@ -173,8 +179,10 @@ def check_bundle(
         "answers_equal": equal,
         "rate": equal / n if n else None,
         "first_token_equal": first / n if n else None,
+        "adapter_changes_answer": sum(x != z for x, z in zip(a, c)),
         "max_new_tokens": max_new_tokens,
         "loras_checked": len(set(rows[i] for i in pick)),
         "compared": "greedy answers (new tokens up to eos) of orchmoe's routed model vs PEFT's mixed-adapter batch "
-        "of the bundle's LoRAs, each prompt on the LoRA the bundle routes it to",
+        "of the bundle's LoRAs, each prompt on the LoRA the bundle routes it to; adapter_changes_answer: prompts "
+        "whose routed answer differs from the base model's (with none, agreement says nothing)",
     }

@@ -82,7 +82,10 @@ def _exactness_section(manifest: dict[str, Any]) -> list[str]:
             "",
             f"Checked on {a['prompts']} prompts ({a['loras_checked']} LoRAs, greedy, {a['max_new_tokens']} new "
             f"tokens): the bundle's answer equals the routed adapter's on {a['answers_equal']} of {a['prompts']} "
-            f"({100 * a['rate']:.1f} %; first token {100 * a['first_token_equal']:.1f} %). Compared: {a['compared']}.",
+            f"({100 * a['rate']:.1f} %; first token {100 * a['first_token_equal']:.1f} %). The adapter changes the "
+            f"base model's answer on {a['adapter_changes_answer']} of these prompts"
+            + (" (none: the agreement says nothing about routing)" if a["adapter_changes_answer"] == 0 else "")
+            + f". Compared: {a['compared']}.",
         ]
     elif not manifest["exact"]:
         lines += ["", "Not checked (no prompts, or the check was skipped)."]

@@ -207,7 +207,8 @@ def _print_bundle(manifest: dict, dest: Path) -> None:
     if a:
         print(
             f"check: greedy answers equal on {a['answers_equal']}/{a['prompts']} prompts ({100 * a['rate']:.1f} %, "
-            f"first token {100 * a['first_token_equal']:.1f} %, {a['max_new_tokens']} new tokens)"
+            f"first token {100 * a['first_token_equal']:.1f} %, {a['max_new_tokens']} new tokens); the adapter "
+            f"changes the base model's answer on {a['adapter_changes_answer']} of them"
         )
     print(f"serve with vLLM (see {dest / 'README.md'}):\n  {manifest['serve']['vllm']}")
 
