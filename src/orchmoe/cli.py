@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, report, analyze, serve, predict.
+"""The `orchmoe` command: train, eval, report, analyze, serve, predict, export.
 
     orchmoe train                                     # the builtin suite with the defaults
     orchmoe train --method poly --data path/to/natural-instructions --tasks 100 --out runs/poly
@@ -11,6 +11,7 @@
     orchmoe analyze runs/orch
     orchmoe serve runs/orch                           # the OpenAI HTTP API (orchmoe.serving)
     orchmoe predict runs/orch --input rows.jsonl --output answers.jsonl
+    orchmoe export runs/orch --bundle bundles/orch    # PEFT LoRAs for vLLM / SGLang (orchmoe.recipe.export_run)
 
 ``train`` parses its options with `transformers.HfArgumentParser` (`orchmoe.recipe.parse`). Any expected
 failure is one line naming the problem and exit code 2; ``--debug`` shows the traceback.
@@ -95,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis)")
     a.add_argument("--model", help="where the base model is now (default: as trained)")
     a.add_argument("--data", help="where the data are now (default: as trained)")
+    from orchmoe.recipe.export_run import add_export_parser
     from orchmoe.serving.cli import add_predict_parser, add_serve_parser
 
     add_serve_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
     return p
 
 
@@ -129,6 +132,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         from orchmoe.serving import cli as serving_cli
 
         (serving_cli.run_serve if args.command == "serve" else serving_cli.run_predict)(args)
+    elif args.command == "export":
+        from orchmoe.recipe.export_run import run_export
+
+        run_export(args)
     elif args.command == "report":
         from orchmoe.recipe.report import write_report
 

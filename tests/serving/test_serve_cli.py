@@ -15,9 +15,9 @@ import httpx
 import pytest
 import torch
 
+from orchmoe.adapters.bundle import BundleManifest, lora_name
 from orchmoe.cli import main
 from orchmoe.loading.pretrained import load_model_and_tokenizer
-from orchmoe.serving.route_only import lora_name
 from orchmoe.serving.server import ServeOptions, build_app
 from serving_helpers import serving
 
@@ -85,11 +85,11 @@ def test_route_only_forwards_to_a_multi_lora_orchmoe_serve(runs, tiny_llama, tmp
     K = routed.adapter_config.n_abstract_tasks
     loras = []
     for k in range(K):
-        routed.export_peft_lora(tmp_path / lora_name("abstract", k), abstract_task=k)
-        loras += ["--lora", f"{lora_name('abstract', k)}={tmp_path / lora_name('abstract', k)}"]
+        routed.export_peft_lora(tmp_path / lora_name(abstract_task=k), abstract_task=k)
+        loras += ["--lora", f"{lora_name(abstract_task=k)}={tmp_path / lora_name(abstract_task=k)}"]
     with ServeProcess(*loras, "--model", str(tiny_llama)) as upstream:
         ids = {m["id"] for m in httpx.get(upstream.url + "/v1/models").json()["data"]}
-        assert {lora_name("abstract", k) for k in range(K)} <= ids
+        assert {lora_name(abstract_task=k) for k in range(K)} <= ids
         app, served = build_app(ServeOptions(path=str(runs["orchmoe"]), route_to=upstream.url))
         with serving(app) as url:
             seen = set()
@@ -104,9 +104,9 @@ def test_route_only_forwards_to_a_multi_lora_orchmoe_serve(runs, tiny_llama, tmp
                 seen.add(k)
                 direct = httpx.post(
                     upstream.url + "/v1/completions",
-                    json={"model": lora_name("abstract", k), "prompt": prompt, "max_tokens": 6},
+                    json={"model": lora_name(abstract_task=k), "prompt": prompt, "max_tokens": 6},
                 )
-                assert got.headers["x-orchmoe-route"] == lora_name("abstract", k)
+                assert got.headers["x-orchmoe-route"] == lora_name(abstract_task=k)
                 assert got.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
                 assert got.json()["usage"]["prompt_tokens"] == len(prompt)
             assert len(seen) >= 2  # the prompts of different tasks went to different LoRAs
@@ -138,7 +138,7 @@ def test_a_hard_to_reach_upstream_is_a_502(runs):
 def test_a_bundle_is_served_by_name_and_maps_the_routing(runs, tiny_llama, tmp_path, references):
     """An `orchmoe export --bundle` folder (its manifest's layout): `--bundle` serves its LoRAs by name, and
     route-only mode sends an abstract task without a LoRA of its own where the manifest says."""
-    from orchmoe.serving.route_only import read_bundle, route_of
+    from orchmoe.serving.route_only import route_of
 
     served = references["orchmoe"]
     (tmp_path / "loras").mkdir()
@@ -148,7 +148,7 @@ def test_a_bundle_is_served_by_name_and_maps_the_routing(runs, tiny_llama, tmp_p
     manifest = {"format": "orchmoe-lora-bundle", "method": "orchmoe",
                 "loras": {"abstract-0": {"path": "loras/abstract-0"}}, "route": route}  # fmt: skip
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    bundle = read_bundle(str(tmp_path))
+    bundle = BundleManifest.read(tmp_path)
     assert route_of(served, [5, 6, 7], None, bundle) == "abstract-0"
     app, lora_set = build_app(ServeOptions(bundle=str(tmp_path), model=str(tiny_llama)))
     with serving(app) as url:
@@ -157,4 +157,4 @@ def test_a_bundle_is_served_by_name_and_maps_the_routing(runs, tiny_llama, tmp_p
         assert httpx.post(url + "/v1/completions", json={"model": "abstract-0", "prompt": "abc"}).status_code == 200
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="not an orchmoe LoRA bundle"):
-        read_bundle(str(tmp_path))
+        BundleManifest.read(tmp_path)

@@ -6,15 +6,17 @@ Per-token routing (MoLoRA, MoDE) has no such form. Free functions over orchmoe's
 (`orchmoe.tuner.model.RoutedModel`, whose thin methods call them): `fixed_weights` asks the router for
 one routing's allocation, `export_peft_lora` writes it, `merge_and_unload` folds it into the base.
 
-An export never destroys anything: a folder that holds files is replaced only with ``overwrite=True``,
-an orchmoe adapter folder never (it would no longer load), and the folder is written as one unit.
+An export never destroys anything (`check_destination`, also used by the bundle of `orchmoe.adapters.bundle`): a
+folder that holds files is replaced only with ``overwrite=True`` and only when it holds an earlier export, the
+adapter being exported is never inside, around or at the destination, and the folder is written as one unit
+(`orchmoe.utils.fileio.atomic_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,35 +26,99 @@ from torch import nn
 from orchmoe.adapters.provenance import base_model_provenance
 from orchmoe.core.layer import Conv1D
 from orchmoe.core.routing import RoutingError
-from orchmoe.utils.fileio import UnsafePathError, atomic_write, atomic_write_text, check_replaceable, replace_dir
+from orchmoe.utils.fileio import atomic_folder, atomic_write, atomic_write_text, path_kind
 
-__all__ = ["EXPORT_NOTE", "export_peft_lora", "fixed_weights", "merge_and_unload", "prepare_output_folder"]
+__all__ = [
+    "EXPORT_NOTE",
+    "ExportError",
+    "check_destination",
+    "export_peft_lora",
+    "fixed_weights",
+    "merge_and_unload",
+    "refuse_token_routing",
+]
 
 #: beside the PEFT files: where the base model comes from (a GGUF file it was dequantised from), which routing
 EXPORT_NOTE = "orchmoe_export.json"
 
 
-def prepare_output_folder(path: str | Path, overwrite: bool) -> Path:
-    """Check that ``path`` may receive an export and return a fresh temporary sibling to write into
-    (`replace_dir` then puts it in place as one unit).
+class ExportError(ValueError):
+    """An export destination that would destroy something, or an export that cannot be written."""
 
+
+#: a multi-LoRA bundle's manifest (`orchmoe.adapters.bundle`): its name and ``format``, how an earlier export is known
+BUNDLE_MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "orchmoe-lora-bundle"
+
+
+def refuse_token_routing(method: str, routing: str) -> None:
+    """Raise `RoutingError` for a method whose routing has no LoRA form (MoLoRA, MoDE: per-token routing)."""
+    if routing == "tokens":
+        raise RoutingError(
+            f"{method} routes every token separately: its gates mix the experts' outputs inside every layer, token "
+            "by token, so no fixed LoRA (one per request) computes what it computes, and it cannot be exported as "
+            "LoRA adapters; serve it with orchmoe itself (orchmoe serve)"
+        )
+
+
+def _is_export(folder: Path) -> bool:
+    """A folder orchmoe wrote as an export: one exported LoRA (its note) or a bundle (its manifest)."""
+    if (folder / EXPORT_NOTE).is_file():
+        return True
+    try:
+        return json.loads((folder / BUNDLE_MANIFEST).read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(out: str | os.PathLike, *, overwrite: bool, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an export destination that would destroy something; return it resolved.
+
+    Args:
+        out: the folder to write.
+        overwrite: replace an earlier orchmoe export there.
+        protect: folders that must stay untouched (the adapter exported): the destination may be none of them,
+            inside none and contain none.
+    Returns:
+        The absolute destination.
     Raises:
-        UnsafePathError: ``path`` is not a folder, holds an orchmoe adapter, or holds files without ``overwrite``.
+        ExportError: a protected folder in the way, something other than a folder there, or a non-empty folder
+            that may not be replaced (without ``overwrite``, or not an earlier export).
     """
-    path = Path(path)
-    check_replaceable(path, "folder")
-    if path.is_dir():
-        config = path / "adapter_config.json"
-        if config.is_file() and "ORCHMOE_" in config.read_text(encoding="utf-8", errors="replace")[:100000]:
-            raise UnsafePathError(17, f"{path} holds an orchmoe adapter: exporting into it would replace it")
-        if any(path.iterdir()) and not overwrite:
-            raise UnsafePathError(17, f"{path} is not empty: choose an empty folder, or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    dest = Path(out).expanduser().absolute()
+    kind = path_kind(dest)
+    if kind not in (None, "folder"):
+        raise ExportError(f"{dest} is a {kind}, not a folder: choose another folder to export into")
+    dest = dest.resolve()
+    for folder in protect:
+        kept = Path(folder).expanduser().resolve()
+        if dest == kept or dest.is_relative_to(kept) or kept.is_relative_to(dest):
+            where = (
+                "the adapter folder itself"
+                if dest == kept
+                else f"inside the adapter folder {kept}"
+                if dest.is_relative_to(kept)
+                else f"a folder around the adapter folder {kept}"
+            )
+            raise ExportError(
+                f"refusing to export into {dest}: it is {where}, which the export reads and must not change; "
+                "choose another folder"
+            )
+    if kind == "folder" and any(dest.iterdir()):
+        if not overwrite:
+            raise ExportError(
+                f"{dest} exists and is not empty: pass --overwrite (overwrite=True) to replace an earlier export there"
+            )
+        if not _is_export(dest):
+            raise ExportError(
+                f"{dest} holds files that are not an orchmoe export; overwrite only replaces an earlier export "
+                "(choose another folder, or empty it yourself)"
+            )
+    return dest
 
 
 @torch.no_grad()
-def export_peft_lora(model, path, *, overwrite: bool = False, **routing) -> Path:
+def export_peft_lora(model, path, *, overwrite: bool = False, protect: Iterable = (), **routing) -> Path:
     """A folder `peft.PeftModel.from_pretrained(base, path)` loads: adapter_config.json + adapter_model.safetensors.
 
     ``base_model_name_or_path`` is the base model's source (`RoutedModel.base_model_source`: a local path or a
@@ -62,21 +128,20 @@ def export_peft_lora(model, path, *, overwrite: bool = False, **routing) -> Path
 
     Args:
         model: the `RoutedModel` of a parameter-mixing method.
-        path: the folder to write (absent or empty, or with ``overwrite``; never an orchmoe adapter folder).
-        overwrite: replace a folder that holds files.
+        path: the folder to write (absent or empty; with ``overwrite``, an earlier export; `check_destination`).
+        overwrite: replace an earlier export there.
+        protect: folders the export may not touch (the adapter exported).
         **routing: the fixed routing (``task_id=`` for Poly/MHR; ``abstract_task=`` or ``input_ids=`` for OrchMoE).
     Returns:
         The folder.
     """
-    allocations = fixed_weights(model, **routing)
-    path = Path(path)
-    tmp = prepare_output_folder(path, overwrite)
-    try:
-        _write_lora(model, tmp, allocations, routing)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    cfg = model.adapter_config
+    refuse_token_routing(cfg.method, cfg.routing)
+    allocations = fixed_weights(model, **routing)  # a bad routing fails before anything is written
+    dest = check_destination(path, overwrite=overwrite, protect=protect)
+    with atomic_folder(dest) as stage:
+        _write_lora(model, stage, allocations, routing)
+    return dest
 
 
 def _write_lora(model, path: Path, allocations: dict, routing: dict) -> None:
@@ -173,10 +238,7 @@ def fixed_weights(model, *, input_ids=None, attention_mask=None, **routing) -> d
     Raises:
         RoutingError: per-token routing (MoLoRA, MoDE), a batch of prompts, or a routing the router refuses.
     """
-    if model.router is None:
-        raise RoutingError(
-            f"{model.adapter_config.method} routes every token separately: it cannot be written as one LoRA adapter"
-        )
+    refuse_token_routing(model.adapter_config.method, model.adapter_config.routing)
     if input_ids is not None:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 2 and ids.shape[0] != 1:

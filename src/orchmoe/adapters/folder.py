@@ -376,7 +376,7 @@ def load_adapter(
         )
     folder = resolve_adapter_folder(path)
     meta = read_adapter_config(folder)
-    config = _config_of(meta, folder)
+    config = adapter_config_from_meta(meta, folder)
     _check_base(meta, config, base_model, folder, base_mismatch)
     config.inference_mode = not is_trainable
     try:
@@ -393,7 +393,12 @@ def load_adapter(
     return model
 
 
-def _config_of(meta: dict, folder: Path) -> Any:
+def adapter_config_from_meta(meta: dict, folder: Path) -> Any:
+    """The config of an ``adapter_config.json`` mapping (PEFT format, or a 0.1/0.2 folder's, converted).
+
+    Raises:
+        AdapterMismatchError: an invalid or unknown config, naming the file.
+    """
     from peft import PeftConfig
 
     if is_legacy(meta):

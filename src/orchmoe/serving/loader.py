@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchmoe.adapters.folder import describe_adapter_config, load_adapter, read_adapter_config
+from orchmoe.adapters.folder import load_adapter
 from orchmoe.data import PromptFormat
-from orchmoe.loading.pretrained import DEFAULT_MODEL, load_model_and_tokenizer
+from orchmoe.loading.pretrained import load_model_and_tokenizer
+from orchmoe.recipe.trained import locate_adapter
 from orchmoe.serving.errors import RequestError
 from orchmoe.serving.runner import PeftRunner, RoutedRunner
 
-__all__ = ["Served", "load_served", "load_lora_set", "locate_adapter", "UNSEEN"]
+__all__ = ["Served", "load_served", "load_lora_set", "UNSEEN"]
 
 #: the task name (besides the id -1) that routes Poly/MHR as an unseen task
 UNSEEN = "unseen"
@@ -131,32 +132,6 @@ class Served:
                             code="model_not_found")  # fmt: skip
 
 
-def locate_adapter(path: str | os.PathLike) -> tuple[Path, dict]:
-    """The adapter folder of a run folder or adapter folder, and the run's options (empty for an adapter folder)."""
-    p = Path(path).expanduser()
-    if (p / "adapter_config.json").is_file():
-        return p, {}
-    if (p / "adapter" / "adapter_config.json").is_file():
-        import yaml
-
-        config = p / "config.yaml"
-        options = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        return p / "adapter", options if isinstance(options, dict) else {}
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    raise FileNotFoundError(f"{p} is neither a run folder (with adapter/) nor an adapter folder (adapter_config.json)")
-
-
-def _recorded_base(meta: dict) -> str | None:
-    saved = describe_adapter_config(meta)["record"].get("base_model") or {}
-    name, source = saved.get("name"), saved.get("source")
-    if name and str(name).lower() == DEFAULT_MODEL.lower():
-        return DEFAULT_MODEL
-    if source and Path(source).exists():
-        return source
-    return name
-
-
 def load_served(
     path: str | os.PathLike, *, model: str | None = None, dtype: str | None = None, name: str | None = None
 ) -> Served:
@@ -168,10 +143,11 @@ def load_served(
         dtype: of the base weights (default: the run's, else ``auto``: float32 on CPU).
         name: the model id (default: the run folder's name, or the adapter folder's).
     """
-    adapter_dir, options = locate_adapter(path)
-    meta = read_adapter_config(adapter_dir)
-    spec = model or options.get("model") or _recorded_base(meta)
-    base, tokenizer, info = load_model_and_tokenizer(spec, dtype=dtype or options.get("dtype") or "auto")
+    trained = locate_adapter(path)
+    adapter_dir, options = trained.adapter_dir, trained.options
+    base, tokenizer, info = load_model_and_tokenizer(
+        trained.base_model(model), dtype=dtype or options.get("dtype") or "auto"
+    )
     routed = load_adapter(base, adapter_dir, base_model_name=info["name"])
     fmt = PromptFormat.from_adapter_metadata(routed.adapter_metadata, where=str(adapter_dir))
     fmt = dataclasses.replace(fmt, decoder_only=not info["is_encoder_decoder"])  # the model knows (old adapters)
@@ -180,8 +156,7 @@ def load_served(
     if routed.adapter_config.needs_task_ids and not tasks:
         n = int(getattr(routed.adapter_config, "n_tasks", 0) or 0)
         tasks = {str(i): i for i in range(n)}  # an adapter saved outside the recipe: tasks known by id only
-    folder = Path(path).expanduser().resolve()
-    default = folder.parent.name if folder.name == "adapter" else folder.name
+    default = trained.name
     served_name = _checked_name(name or default or "orchmoe")
     return Served(served_name, RoutedRunner(routed, tokenizer), tokenizer, fmt, method, tasks, [], info["name"], routed,
                   routed.adapter_config.routing)  # fmt: skip

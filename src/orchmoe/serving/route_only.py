@@ -17,52 +17,27 @@ from typing import Any
 
 import torch
 
+from orchmoe.adapters.bundle import BundleManifest, lora_name
 from orchmoe.serving.backend import Prepared
 from orchmoe.serving.engine import Event, Overloaded
 from orchmoe.serving.loader import Served
 from orchmoe.serving.protocol import ChatBody, CompletionBody, Limits, RequestError, build_request
 
-__all__ = ["RouteOnlyBackend", "lora_name", "route_of", "read_bundle"]
-
-BUNDLE_FORMAT = "orchmoe-lora-bundle"
+__all__ = ["RouteOnlyBackend", "route_of"]
 
 
-def lora_name(kind: str, index: int) -> str:
-    """The name of a bundle's LoRA, as ``orchmoe export --bundle`` names them (``orchmoe.bundle.lora_name``):
-    ``abstract-K`` for OrchMoE's abstract task K, ``task-T`` for a Poly/MHR task id T, ``task-unseen`` for -1."""
-    if kind not in ("abstract", "task"):
-        raise ValueError(f"a bundle LoRA is per 'abstract' task or per 'task', not {kind!r}")
-    return f"{kind}-unseen" if index < 0 else f"{kind}-{index}"
-
-
-def read_bundle(folder: str) -> dict[str, Any]:
-    """The ``manifest.json`` of an ``orchmoe export --bundle`` folder: its LoRAs (name -> folder) and routes."""
-    from pathlib import Path
-
-    path = Path(folder).expanduser() / "manifest.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--bundle {folder}: no readable manifest.json ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("loras"), dict):
-        raise ValueError(f"--bundle {folder}: {path} is not an orchmoe LoRA bundle manifest")
-    data["lora_folders"] = {n: str((path.parent / e["path"]).resolve()) for n, e in data["loras"].items()}
-    return data
-
-
-def route_of(served: Served, prompt_ids: list[int], route: Any, bundle: dict | None = None) -> str:
-    """The bundle LoRA that serves this prompt (see `lora_name`); with a bundle's manifest, an abstract task
-    without a LoRA of its own goes where the manifest sends it (``route.abstract_task_to_lora``)."""
+def route_of(served: Served, prompt_ids: list[int], route: Any, bundle: BundleManifest | None = None) -> str:
+    """The bundle LoRA that serves this prompt (named by `orchmoe.adapters.bundle.lora_name`); with a bundle's
+    manifest, the LoRA its routing maps to (an abstract task without a LoRA of its own goes where it says)."""
     model = served.model
     if served.routes_by_task:
-        return lora_name("task", int(route))
+        return bundle.lora_for(task=int(route)) if bundle is not None else lora_name(task_id=int(route))
     if served.routing == "prompt":
         ids = torch.as_tensor([prompt_ids], dtype=torch.long, device=served.runner.device)
         with torch.inference_mode():
             pi = model.task_probabilities(input_ids=ids, attention_mask=torch.ones_like(ids))  # (1, K)
         k = int(pi.argmax(-1))
-        mapped = ((bundle or {}).get("route") or {}).get("abstract_task_to_lora") or {}
-        return mapped.get(str(k), lora_name("abstract", k))
+        return bundle.lora_for(abstract_task=k) if bundle is not None else lora_name(abstract_task=k)
     raise ValueError(
         f"route-only mode needs an adapter that folds into plain LoRAs per routing (OrchMoE, Poly, MHR); "
         f"{served.method} routes every token and has no such form"
@@ -131,7 +106,7 @@ class RouteOnlyBackend:
         *,
         timeout: float = 600.0,
         api_key: str | None = None,
-        bundle: dict | None = None,
+        bundle: BundleManifest | None = None,
     ):
         import httpx
 

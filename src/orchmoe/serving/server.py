@@ -75,9 +75,10 @@ def build_app(opts: ServeOptions):
         max_body_bytes=opts.max_body_bytes,
         max_streams=opts.max_streams,
     )
-    from orchmoe.serving.route_only import RouteOnlyBackend, read_bundle
+    from orchmoe.adapters.bundle import BundleManifest
+    from orchmoe.serving.route_only import RouteOnlyBackend
 
-    bundle = read_bundle(opts.bundle) if opts.bundle else None
+    bundle = BundleManifest.read(opts.bundle) if opts.bundle else None
     if opts.route_to:
         if opts.loras:
             raise ValueError("--route-to forwards every request; it serves no --lora itself")
@@ -86,7 +87,7 @@ def build_app(opts: ServeOptions):
                                    api_key=os.environ.get(UPSTREAM_KEY_ENV), bundle=bundle)  # fmt: skip
         return create_app(backend, settings, metrics), served
     if bundle is not None:
-        opts.loras = {**bundle["lora_folders"], **opts.loras}
+        opts.loras = {**{name: str(path) for name, path in bundle.lora_paths().items()}, **opts.loras}
     if opts.loras:
         if opts.path:
             raise ValueError("give either PATH (a routed adapter) or --lora NAME=PATH ..., not both")

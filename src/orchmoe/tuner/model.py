@@ -468,9 +468,9 @@ class RoutedModel(BaseTuner):
         """Evaluation-mode allocation (1, h, S) per layer for one fixed routing (`orchmoe.adapters.export`)."""
         return export.fixed_weights(self, input_ids=input_ids, attention_mask=attention_mask, **routing)
 
-    def export_peft_lora(self, path: str | os.PathLike, *, overwrite: bool = False, **routing) -> Any:
+    def export_peft_lora(self, path: str | os.PathLike, *, overwrite: bool = False, protect=(), **routing) -> Any:
         """Write one fixed routing as a standard PEFT LoRA folder (`orchmoe.adapters.export.export_peft_lora`)."""
-        return export.export_peft_lora(self, path, overwrite=overwrite, **routing)
+        return export.export_peft_lora(self, path, overwrite=overwrite, protect=protect, **routing)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, **routing) -> nn.Module:
         """Fold one fixed routing into the base weights and return the base model; this model cannot run after."""

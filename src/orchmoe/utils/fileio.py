@@ -36,6 +36,7 @@ __all__ = [
     "append_lines",
     "fsync_tree",
     "fsync_dir",
+    "atomic_folder",
     "DiskFullError",
     "reporting_disk_full",
     "is_disk_full",
@@ -256,6 +257,58 @@ def fsync_tree(path: Path) -> None:
         if p.is_file():
             _fsync_file(p)
     fsync_dir(path)
+
+
+_PARTIAL_MARK = ".orchmoe-partial"  # inside a folder `atomic_folder` is still writing
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder as one unit: the one way orchmoe (re)places a folder (adapters, exports, bundles).
+
+    Yields an empty hidden sibling (``.NAME.partial-PID``) to fill; on a clean exit it is flushed and put at
+    ``target`` by `replace_dir` (an atomic exchange where the kernel offers it), so ``target`` is the old folder
+    or the new one at every moment. On an error the sibling is deleted; a killed process leaves only the hidden
+    sibling, which the next `atomic_folder` for the same target deletes once that process is gone. The caller
+    decides whether an existing folder may be replaced.
+
+    Args:
+        target: the folder to (re)place.
+    Yields:
+        The folder to write into.
+    Raises:
+        UnsafePathError: ``target`` is not a folder (a file, a link, a FIFO, ...).
+    """
+    target = Path(target)
+    check_replaceable(target, "folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    for p in target.parent.glob(f".{target.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if path_kind(p) == "folder" and (p / _PARTIAL_MARK).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    stage = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    (stage / _PARTIAL_MARK).touch()
+    try:
+        with reporting_disk_full(target):
+            yield stage
+            (stage / _PARTIAL_MARK).unlink()
+            replace_dir(stage, target)
+    finally:
+        if path_kind(stage) is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class PolyRouter(ModelRouter):
         """Evaluation-mode weights of one training task, for export and merging.
 
         Args:
-            task_id: the task, 0..T-1 (required).
+            task_id: the task, 0..T-1, or -1 for an unseen task (the mean allocation, as `forward` routes it).
             **other: must be empty (other routing arguments are an error).
         Returns:
             (L, 1, h, S).
@@ -153,7 +153,9 @@ class PolyRouter(ModelRouter):
         if other:
             raise RoutingError(f"Poly/MHR export takes task_id=..., not {sorted(other)}")
         if task_id is None:
-            raise RoutingError(f"exporting a Poly/MHR adapter needs task_id=... (0..{self.n_tasks - 1})")
-        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < self.n_tasks:
-            raise RoutingError(f"task id {task_id!r} out of range: n_tasks={self.n_tasks}")
+            raise RoutingError(f"exporting a Poly/MHR adapter needs task_id=... (0..{self.n_tasks - 1}, or -1)")
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not -1 <= task_id < self.n_tasks:
+            raise RoutingError(f"task id {task_id!r} out of range: n_tasks={self.n_tasks} (or -1 for an unseen task)")
+        if task_id == -1:
+            return self.mean_allocation().unsqueeze(1)  # (L, 1, h, S)
         return self.allocation(task_id).unsqueeze(1)  # (L, 1, h, S)
