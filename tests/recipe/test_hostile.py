@@ -388,7 +388,7 @@ def _dup_ids(t, same_input: bool) -> None:
 
 
 DATA = [
-    ("null-input", _edit_task(lambda t: t["Instances"][3].update(input=None)), "has a null input"),
+    ("null-input", _edit_task(lambda t: t["Instances"][3].update(input=None)), "has a null 'input'"),
     ("null-output", _edit_task(lambda t: t["Instances"][3].update(output=None)), "must be a string or a list"),
     ("null-demo-input", _edit_task(lambda t: t["Positive Examples"][0].update(input=None)), "has a null 'input'"),
     ("dup-id-other-input", _edit_task(lambda t: _dup_ids(t, False)), "repeats id"),

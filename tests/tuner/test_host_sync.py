@@ -160,10 +160,10 @@ def test_the_counter_sees_each_kind_of_host_sync():
 
 
 def test_host_checks_are_excluded_only_by_name():
-    def _task_ids():
+    def checked_task_ids():
         return bool(torch.ones(1) > 0)
 
     with OpCounter(exclude=HOST_CHECKS) as c:
-        _task_ids()
+        checked_task_ids()
         bool(torch.ones(1) > 0)
     assert c.host_syncs == 1 and sum(c.excluded.values()) == 1

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,11 +37,11 @@ from orchmoe.core.targets import find_target_layers
 from orchmoe.utils.fileio import (
     FileFormatError,
     UnsafePathError,
+    atomic_folder,
     check_replaceable,
     path_kind,
     read_json,
     recover_dir,
-    replace_dir,
 )
 from orchmoe.version import __version__
 
@@ -306,14 +304,8 @@ def save_adapter(model: Any, path: str | os.PathLike, *, metadata: dict | None =
             )
     if metadata is not None:
         tuner.adapter_metadata = dict(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(path) as stage:
+        model.save_pretrained(str(stage))
     return path
 
 
