@@ -47,7 +47,8 @@ def tiny_base(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
 def method_config(method: str, target_modules=None, **overrides):
     """The registry's small config of each method (`AdapterConfig.small`: every test runs in milliseconds) for
     the suite's `N_TASKS` tasks."""
-    return config_class(method).small(N_TASKS, target_modules=target_modules, **overrides)
+    n_tasks = overrides.pop("n_tasks", N_TASKS)
+    return config_class(method).small(n_tasks, target_modules=target_modules, **overrides)
 
 
 def randomize_adapter(model, seed: int = 1, std: float = 0.3) -> None:

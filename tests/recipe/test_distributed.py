@@ -5,8 +5,6 @@ run independent copies (or an unsupported engine) fails loudly with the command 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +14,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from distributed_helpers import free_port, launch
 from orchmoe.evaluation.generate import process_batches
 from orchmoe.recipe.args import ArgumentsError
 from orchmoe.recipe.launch import LaunchError, check_launch, env_world_size, launch_problem
 from orchmoe.recipe.train import train
-from recipe_helpers import REPO, tiny_train_argv, tiny_train_config
+from recipe_helpers import tiny_train_argv, tiny_train_config
 
 STEPS, PER_PROCESS, WORLD = 4, 2, 2
 # The tiny run (recipe_helpers) with LoRA without dropout: nothing random in training, so one process and two
@@ -42,35 +41,6 @@ def cli_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
     return tiny_train_argv(model, data, out, **{**OPTIONS, **overrides})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's environment without any launcher's variables, one thread per process."""
-    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "FSDP_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-#: what a C++ runtime prints when a thread is still joinable as the process ends: seen once under load, as a
-#: SIGABRT of one gloo process after its work had finished (the same run passed alone)
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def launch(cmd: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run a launcher; retried once, saying so, when a process aborted in the C++ teardown (any other failure
-    is returned as it is)."""
-    for attempt in (1, 2):
-        proc = subprocess.run(cmd, cwd=REPO, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr or attempt == 2:
-            return proc
-        print(f"launch: a process aborted at teardown ({TEARDOWN_ABORT!r}); retrying once: {' '.join(cmd[:6])} ...")
-    return proc
-
-
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return launch(
         [
@@ -80,7 +50,7 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
             "--nproc_per_node",
             str(WORLD),
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "orchmoe",
             *args,
@@ -143,7 +113,7 @@ def test_accelerate_multi_gpu_flag_runs_gloo_processes_on_cpu(tiny_llama, supern
             "--num_processes",
             str(WORLD),
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",

@@ -76,6 +76,9 @@ def test_cli_train_writes_every_artefact(tiny_llama, superni, tmp_path):
         "max_source_len": 96,
         "max_target_len": 12,
         "chat_template": False,
+        "decoder_only": True,
+        "definition": True,
+        "max_new_tokens": None,
     }
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())

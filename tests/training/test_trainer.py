@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from core_helpers import method_config
+from distributed_helpers import free_port, launch
 from orchmoe import AdapterMismatchError, RoutedAdamW, get_model, load_adapter
 from orchmoe.training import NonFiniteLossError, RoutedDataCollator, add_routing_callbacks
 from tiny_models import tiny_model
@@ -237,15 +237,8 @@ torch.distributed.all_gather(every, digest)
 if trainer.is_world_process_zero():
     json.dump({{"world": world, "same": all(torch.equal(every[0], d) for d in every),
                "logs": trainer.state.log_history}}, open(os.path.join({out!r}, "result.json"), "w"))
+torch.distributed.destroy_process_group()  # a gloo group still open at exit can abort the process
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_with_molora_aux_loss(tmp_path):
@@ -265,10 +258,10 @@ def test_two_process_ddp_with_molora_aux_loss(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(script),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["world"] == 2 and result["same"]
