@@ -123,6 +123,7 @@ def test_analyze_calls_the_analysis_module(two_runs, monkeypatch, capsys):
         (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
         (["--lr", "1", "--learning_rate", "2"], "--learning_rate and --lr set the same option"),
         (["--report_to", "tensorboard", "wandb"], "wandb is not installed"),
+        (["--deepspeed", "ds.json"], "--deepspeed: not supported by orchmoe's recipe"),
     ],
 )
 def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):

@@ -265,6 +265,11 @@ class OrchmoeTrainingArguments(TrainingArguments):
             raise ArgumentsError("--out (output_dir) is empty: name the run folder")
         if self.max_steps < -1:
             raise ArgumentsError(f"--max-steps must be >= 0 (or -1: by epochs), got {self.max_steps}")
+        if self.deepspeed:
+            raise ArgumentsError(
+                "--deepspeed: not supported by orchmoe's recipe (ZeRO partitions and saves the model it wraps whole; "
+                "the adapter-only checkpoints and the routers' state are not wired to it); use DDP or --fsdp on GPUs"
+            )
         self.remove_unused_columns = False  # task_ids travel with the batches
         self.eval_strategy = "no"  # the evaluation is by generation, after training
         if not _has_accelerator():
