@@ -126,12 +126,22 @@ def folder(run: dict, root: Path, quality_root: Path | None) -> Path:
     return own
 
 
-def train_missing(runs: list[dict], root: Path, quality_root: Path | None, extra: list[str], dry: bool) -> int:
-    """Train the runs that have not finished (each name once); returns how many were (or would be) trained."""
+def train_missing(
+    runs: list[dict],
+    root: Path,
+    quality_root: Path | None,
+    extra: list[str],
+    dry: bool,
+    shard: tuple[int, int] = (0, 1),
+) -> int:
+    """Train the runs that have not finished (each name once; with ``shard`` (i, n) the i-th of every n, so n
+    processes can share the list); returns how many were (or would be) trained."""
     size = SIZES[runs[0]["size"]] if runs else None
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    mine = set(names[shard[0] :: shard[1]])
     done, todo = set(), 0
     for r in runs:
-        if r["name"] in done:
+        if r["name"] in done or r["name"] not in mine:
             continue
         done.add(r["name"])
         out = folder(r, root, quality_root)
@@ -294,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the tables and figure")
     p.add_argument("--dry-run", action="store_true", help="list the runs still to train, train nothing")
+    p.add_argument("--shard", default="0/1", help="I/N: train only every N-th run from the I-th (N processes)")
     args, extra = p.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in SWEEP]
@@ -304,14 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--k: {e}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else SIZES[args.size]["seeds"]
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     root = Path(args.out or REPO / "runs" / f"ablations-{args.size}")
     quality_root = Path(args.quality_root or REPO / "runs" / f"quality-{args.size}")
     runs = [{**r, "size": args.size} for r in plan(args.experiment, args.size, methods, ks, seeds)]
     if args.model:
         extra = ["--model", args.model, *extra]
     if not args.summary_only:
-        todo = train_missing(runs, root, quality_root, extra, args.dry_run)
-        print(f"{len({r['name'] for r in runs})} runs in all, {todo} to train", flush=True)
+        todo = train_missing(runs, root, quality_root, extra, args.dry_run, shard)
+        print(f"{len({r['name'] for r in runs})} runs in all, {todo} to train in shard {args.shard}", flush=True)
         if args.dry_run:
             return 0
     print(summarise(runs, root, quality_root, Path(args.results), args.size))

@@ -288,7 +288,7 @@ def means_table(scores: Scores, labels: list[str]) -> str:
 
 def report(scores: Scores, pairs: list[tuple[str, str]], metric: str, where: str, n_boot: int = 4000) -> str:
     """The means table, then each available comparison's table and sentence (Markdown)."""
-    order = ["base", "lora", "poly", "mhr", "mode", "molora", "orchmoe", "orchmoe-frozen"]
+    order = ["copy-input", "base", "lora", "poly", "mhr", "mode", "molora", "orchmoe", "orchmoe-frozen"]
     labels = sorted(scores, key=lambda lab: (order.index(lab) if lab in order else len(order), lab))
     parts = [f"### {metric} on {where} (mean ± sd over seeds; seeds in brackets)", "", means_table(scores, labels)]
     for a, b in pairs:
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", default="unseen14", help="unseen_eval's folder name, or seen / unseen (runs' own)")
     ap.add_argument("--metric", default="rougeL", choices=sorted(METRICS))
     ap.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help="a:b comparisons (those with results run)")
+    ap.add_argument("--tasks", default=None, help="only these tasks (comma-separated)")
     ap.add_argument("--n-boot", type=int, default=4000)
     ap.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = ap.parse_args(argv)
@@ -320,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         scores, where = load_run_predictions(paths, args.metric, args.part), f"{args.part} tasks (runs' own eval)"
     else:
         scores, where = load_unseen_results(paths, args.metric, args.part), f"test-split tasks ({args.part})"
+    if args.tasks:
+        keep = {t.strip() for t in args.tasks.split(",") if t.strip()}
+        scores = {
+            lab: {s: {t: d for t, d in per.items() if t in keep} for s, per in by.items()} for lab, by in scores.items()
+        }
+        where += f", {len(keep)} named tasks"
     if not scores:
         print(f"error: no results found under {', '.join(map(str, paths))}", file=sys.stderr)
         return 2

@@ -324,6 +324,30 @@ def evaluate_run(
     return results
 
 
+def copy_input_results(out: Path, data: str, eval_set: dict) -> dict:
+    """A reference row that needs no model: every instance "predicts" its own input. It shows how much a task
+    rewards copying the input (a fluent rewrite of a disfluent question scores high; a summary does not)."""
+    fp = {"format": FORMAT, "copy_input": True, "data": str(data),
+          "instances": {t: [i["id"] for i in insts] for t, (_, insts) in eval_set.items()}}  # fmt: skip
+    tasks = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (task, instances) in eval_set.items():
+        rows = [
+            {"id": i["id"], "prediction": i["input"], "scores": score_example(i["input"], list(i["output"]))}
+            for i in instances
+        ]
+        records = [{"task": name, "pred": r["prediction"], "refs": ["-"], "scores": r["scores"]} for r in rows]
+        tasks[name] = {"category": task.category, "n": len(rows), "mean": aggregate(records)["overall"]}
+        tasks[name]["instances"] = [{**r, "prediction": None} for r in rows]  # the input itself: not stored again
+    records = [
+        {"task": t, "pred": "", "refs": ["-"], "scores": i["scores"]} for t, r in tasks.items() for i in r["instances"]
+    ]
+    results = {"run": None, "label": "copy-input", "method": "copy-input", "seed": None, "fingerprint": fp,
+               "overall": aggregate(records)["overall"], "tasks": tasks, "seconds": 0.0}  # fmt: skip
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=1, ensure_ascii=False))
+    return results
+
+
 def base_settings(like: RunSettings) -> RunSettings:
     """The base model scored with a run's prompt settings (it has no seed and no adapter)."""
     return RunSettings(**{**asdict(like), "label": "base", "method": "base", "seed": None})
@@ -338,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=DEFAULT_NAME, help="results folder inside each run (default unseen14)")
     p.add_argument("--out", default=None, help="put each run's results folder under OUT/<parent>/<run>/ instead")
     p.add_argument("--base", default=None, help="also score the base model, into BASE/<name>/")
+    p.add_argument("--copy-input", default=None, help="also score 'predict the input' (no model), into COPY/<name>/")
     p.add_argument("--like", default=None, help="run whose prompt settings the base model uses (default: the first)")
     p.add_argument("--model", default=None, help="base model for every run (default: each run's own)")
     p.add_argument("--batch-size", type=int, default=None, help="generation batch (default: each run's eval batch)")
@@ -348,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(r) for r in runs if not r.is_dir()]
     if missing:
         p.error(f"not a folder: {', '.join(missing)}")
-    if not runs and args.base is None:
-        p.error("name run folders and/or --base OUT")
+    if not runs and args.base is None and args.copy_input is None:
+        p.error("name run folders, --base OUT and/or --copy-input OUT")
     try:
         return _score_all(args, runs)
     except (UnseenEvalError, FileNotFoundError) as e:
@@ -366,6 +391,9 @@ def _score_all(args, runs: list[Path]) -> int:
     for r in runs:
         if r not in finished:
             print(f"- {r}: not finished (no final adapter), skipped", flush=True)
+    if args.copy_input is not None:
+        res = copy_input_results(Path(args.copy_input) / args.name, args.data, eval_set)
+        print(f"= copy-input: overall ROUGE-L {res['overall']['rougeL']:.2f}", flush=True)
     if args.base is not None:
         like = Path(args.like) if args.like else (finished[0] if finished else None)
         if like is None:

@@ -125,7 +125,8 @@ def scored(tiny_runs, superni, tmp_path_factory) -> tuple[Path, Path, str]:
     base = tmp_path_factory.mktemp("base")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert unseen_eval.main([*_scoring_argv(tiny_runs, superni), "--base", str(base)]) == 0
+        argv = [*_scoring_argv(tiny_runs, superni), "--base", str(base), "--copy-input", str(base.parent / "copy")]
+        assert unseen_eval.main(argv) == 0
     return tiny_runs, base, printed.getvalue()
 
 
@@ -147,6 +148,9 @@ def test_unseen_eval_scores_every_test_task_on_fixed_instances_and_resumes(score
     base = json.loads((base_dir / "unseen14" / "results.json").read_text())
     assert (base["label"], base["seed"], base["fingerprint"]["adapter_sha256"]) == ("base", None, None)
     assert not (tiny_runs / "lora-s0" / "unseen14" / "partial").exists()
+    copied = json.loads((base_dir.parent / "copy" / "unseen14" / "results.json").read_text())
+    inst = load_task(superni, TEST_TASKS[0]).instances[0]  # "predict the input": a reference without a model
+    assert copied["tasks"][TEST_TASKS[0]]["instances"][0]["scores"] == score_example(inst["input"], inst["output"])
 
     stamp = (tiny_runs / "lora-s0" / "unseen14" / "results.json").stat().st_mtime_ns
     assert unseen_eval.main(_scoring_argv(tiny_runs, superni)) == 0  # done: skipped, nothing rewritten
@@ -189,6 +193,9 @@ def test_paired_stats_cli_reads_unseen_results_and_runs_own_predictions(scored, 
     assert "With one seed the interval covers instance noise only." in out and report.read_text() in out + "\n"
     assert ps.main([str(tiny_runs), "--part", "seen", "--pairs", "poly:lora", "--n-boot", "200"]) == 0
     assert "seen tasks (runs' own eval)" in capsys.readouterr().out
+    assert ps.main([str(tiny_runs), "--pairs", "poly:lora", "--n-boot", "200", "--tasks", TEST_TASKS[1]]) == 0
+    out = capsys.readouterr().out
+    assert f"| poly − lora | {TEST_TASKS[1]} |" in out and f"| poly − lora | {TEST_TASKS[0]} |" not in out
     assert ps.main([str(tmp_path)]) == 2
 
 
@@ -232,7 +239,9 @@ def test_ablations_summarise_finished_runs_with_paired_cis(tiny_runs, tmp_path, 
     argv = ["all", "--size", "cpu", "--seeds", "0", "--methods", "lora,orchmoe", "--k", "1,T", "--out", str(root),
             "--quality-root", str(tmp_path / "none"), "--results", str(tmp_path / "res")]  # fmt: skip
     assert ablations.main([*argv, "--dry-run"]) == 0
-    assert "7 runs in all, 4 to train" in capsys.readouterr().out
+    assert "7 runs in all, 4 to train in shard 0/1" in capsys.readouterr().out
+    assert ablations.main([*argv, "--dry-run", "--shard", "1/2"]) == 0  # names 1, 3, 5 of 7: r8 is done
+    assert "7 runs in all, 2 to train in shard 1/2" in capsys.readouterr().out
     assert ablations.main([*argv, "--summary-only"]) == 0
     out = capsys.readouterr().out
     assert "| orchmoe | 4x2 | 1× LoRA-r8 |" in out and "| 1 |" in out and "| 10 (T) |" in out
