@@ -51,7 +51,7 @@ def test_a_constant_shift_is_resolved_with_its_size():
     assert overall["p"] == pytest.approx(2 / 32)  # the smallest a 5-seed sign test can give
     assert all(r["resolved"] for r in rows)
     text = ps.sentence(overall)
-    assert "resolved: the interval excludes 0, orchmoe is above lora" in text and "+2.00" in text
+    assert "resolved: the interval and the t-interval over the seed means (+2.00 to +2.00) exclude 0" in text
 
 
 def test_pure_noise_is_not_resolved():
@@ -72,6 +72,16 @@ def test_the_bootstrap_resamples_seeds_not_only_instances():
     assert overall["t"][0] < -1.0  # the t-interval over three seed means is wider still
 
 
+def test_a_bootstrap_interval_that_excludes_0_is_not_enough_when_the_seed_means_disagree():
+    """Seed means +1, +2, +6: every resampled mean is positive, but three seeds this far apart do not pin the
+    mean down (t-interval with 2 degrees of freedom), so the comparison is not called resolved."""
+    shifts = [1.0, 2.0, 6.0]
+    row = ps.compare(_scores(lambda s, t, noise: np.full(20, shifts[s]), seeds=3), "orchmoe", "lora", n_boot=500)[-1]
+    assert row["boot_resolved"] and row["lo"] >= 1.0 and row["t"][0] < 0 < row["t"][1]
+    assert not row["resolved"]
+    assert "not resolved: the bootstrap interval excludes 0 but the t-interval" in ps.sentence(row)
+
+
 def test_instances_are_crossed_when_every_seed_has_the_same_ones_and_nested_otherwise():
     crossed = _scores(lambda s, t, noise: noise, seeds=2, tasks=1)
     assert ps.pair(crossed, "orchmoe", "lora").crossed == {"t0": True}
@@ -80,6 +90,11 @@ def test_instances_are_crossed_when_every_seed_has_the_same_ones_and_nested_othe
     assert ps.pair(nested, "orchmoe", "lora").crossed == {"t0": False}
     with pytest.raises(ps.StatsError, match="share no seed"):
         ps.pair({"a": {0: {}}, "b": {1: {}}}, "a", "b")
+
+
+def test_simulated_coverage_is_reported_for_both_intervals():
+    boot, t = ps.simulate_coverage(3, 0.0, 0.0, 20.0, reps=20, tasks=2, n=5)
+    assert 0.5 <= boot <= 1.0 and 0.5 <= t <= 1.0
 
 
 def test_sign_test_and_t_quantile():
