@@ -132,7 +132,7 @@ def sha256_file_list(files: list[Path]) -> str:
 # The evaluation set: the first n instances of every test-split task present in the data
 
 
-def test_split_tasks(data: str, split: str) -> list[str]:
+def split_test_tasks(data: str, split: str) -> list[str]:
     """Test-split tasks of ``split`` that have a task file in ``data`` (sorted)."""
     from orchmoe.data import available_tasks
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score_all(args, runs: list[Path]) -> int:
-    eval_set = load_eval_set(args.data, test_split_tasks(args.data, args.split), args.per_task)
+    eval_set = load_eval_set(args.data, split_test_tasks(args.data, args.split), args.per_task)
     n = sum(len(i) for _, i in eval_set.values())
     print(f"{len(eval_set)} test-split tasks x {args.per_task} instances = {n} from {args.data}", flush=True)
     models = Models(args.model)
