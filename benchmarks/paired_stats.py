@@ -333,6 +333,10 @@ def report(scores: Scores, pairs: list[tuple[str, str]], metric: str, where: str
     order = ["copy-input", "base", "lora", "poly", "mhr", "mode", "molora", "orchmoe", "orchmoe-frozen"]
     labels = sorted(scores, key=lambda lab: (order.index(lab) if lab in order else len(order), lab))
     parts = [f"### {metric} on {where} (mean ± sd over seeds; seeds in brackets)", "", means_table(scores, labels)]
+    legend = ("Paired on seed and instance; 95% CI: bootstrap over seeds, then instances within tasks; resolved: "
+              "that CI and the t-interval over the seed means both exclude 0.")  # fmt: skip
+    if any(a in scores and b in scores for a, b in pairs):
+        parts += ["", legend]
     for a, b in pairs:
         if a not in scores or b not in scores or not set(scores[a]) & set(scores[b]):
             continue
