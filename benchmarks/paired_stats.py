@@ -67,11 +67,14 @@ def run_label(run: Path, method: str, router_lr) -> str:
     return label or method
 
 
+def _results_files(paths: list[Path], name: str) -> list[Path]:
+    return sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob(f"{name}/results.json"))})
+
+
 def load_unseen_results(paths: list[Path], metric: str = "rougeL", name: str = "unseen14") -> Scores:
     """Per-instance scores from `unseen_eval.py`'s ``<name>/results.json`` files under ``paths``."""
     scores: Scores = {}
-    files = sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob(f"{name}/results.json"))})
-    for f in files:
+    for f in _results_files(paths, name):
         res = json.loads(f.read_text(encoding="utf-8"))
         seed = -1 if res.get("seed") is None else int(res["seed"])  # the base model: one deterministic "seed"
         per_task = scores.setdefault(res["label"], {}).setdefault(seed, {})
@@ -80,6 +83,34 @@ def load_unseen_results(paths: list[Path], metric: str = "rougeL", name: str = "
         for task, r in res["tasks"].items():
             per_task[task] = {i["id"]: float(i["scores"][metric]) for i in r["instances"]}
     return scores
+
+
+def empty_predictions(paths: list[Path], name: str = "unseen14") -> dict[str, dict[str, list[int]]]:
+    """``{label: {task: [empty, total]}}`` over seeds: predictions that ended at once (the model "abstained"),
+    which explain a method's collapse on a task better than its mean does."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for f in _results_files(paths, name):
+        res = json.loads(f.read_text(encoding="utf-8"))
+        if res.get("label") == "copy-input":
+            continue
+        for task, r in res["tasks"].items():
+            cell = out.setdefault(res["label"], {}).setdefault(task, [0, 0])
+            cell[0] += sum(not i["prediction"] for i in r["instances"])
+            cell[1] += len(r["instances"])
+    return out
+
+
+def empty_table(empty: dict[str, dict[str, list[int]]]) -> str:
+    """Markdown: share of empty predictions per task and label (only tasks where some label has one)."""
+    labels = list(empty)
+    tasks = sorted({t for lab in labels for t, (e, _) in empty[lab].items() if e})
+    if not tasks:
+        return "No empty predictions."
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for t in tasks:
+        cells = [f"{empty[lab][t][0]}/{empty[lab][t][1]}" if t in empty[lab] else "-" for lab in labels]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scores_from_runs(runs: dict[str, dict[int, Path]], metric: str = "rougeL", part: str = "seen") -> Scores:
@@ -222,7 +253,7 @@ def compare(scores: Scores, a: str, b: str, n_boot: int = 4000) -> list[dict]:
                          n_seeds=len(p.seeds), n_instances=n, t=t_interval(seeds[key])))  # fmt: skip
         t = rows[-1]["t"]
         rows[-1]["boot_resolved"] = lo > 0 or hi < 0
-        rows[-1]["resolved"] = rows[-1]["boot_resolved"] and (t is None or t[0] > 0 or t[1] < 0)
+        rows[-1]["resolved"] = rows[-1]["boot_resolved"] and t is not None and (t[0] > 0 or t[1] < 0)  # >= 2 seeds
     return rows
 
 
@@ -234,19 +265,25 @@ def sentence(row: dict, metric: str = "ROUGE-L", where: str = "unseen tasks") ->
         f"{S} seed{'s' if S != 1 else ''} × {row['n_instances']} instances)"
     )
     t = row.get("t")
-    t_text = "" if t is None else f" and the t-interval over the seed means ({t[0]:+.2f} to {t[1]:+.2f})"
     if row["resolved"]:
         side = "above" if row["mean"] > 0 else "below"
-        verdict = f"resolved: the interval{t_text} exclude{'' if t else 's'} 0, {a} is {side} {b}"
+        verdict = (f"resolved: the interval and the t-interval over the seed means ({t[0]:+.2f} to {t[1]:+.2f}) "
+                   f"exclude 0, {a} is {side} {b}")  # fmt: skip
+    elif row["boot_resolved"] and t is None:
+        verdict = (
+            "not resolved: one seed; the interval excludes 0 for this seed's instances, which says nothing of others"
+        )
     elif row["boot_resolved"]:
-        verdict = f"not resolved: the bootstrap interval excludes 0 but the t-interval over the seed means " \
-                  f"({t[0]:+.2f} to {t[1]:+.2f}) does not"  # fmt: skip
+        verdict = (f"not resolved: the bootstrap interval excludes 0 but the t-interval over the seed means "
+                   f"({t[0]:+.2f} to {t[1]:+.2f}) does not")  # fmt: skip
     else:
         verdict = "not resolved: the interval includes 0"
-    signs = f"{a} above on {row['above']} of {S} seeds, below on {row['below']} (sign test p = {row['p']:.3f}"
-    floor = f"; {S} seeds cannot give less than {2 / 2**S:.3f})" if S <= 5 else ")"
-    note = " With one seed the interval covers instance noise only." if S == 1 else ""
-    return f"{head}: {verdict}; {signs}{floor}.{note}"
+    signs = f"{a} above on {row['above']} of {S} seeds, below on {row['below']}"
+    if S > 1:
+        signs += f" (sign test p = {row['p']:.3f}" + (
+            f"; {S} seeds cannot give less than {2 / 2**S:.3f})" if S <= 5 else ")"
+        )
+    return f"{head}: {verdict}; {signs}."
 
 
 def simulate_coverage(
@@ -289,6 +326,12 @@ def _fmt(v: float) -> str:
     return f"{v:+.2f}"
 
 
+def _verdict(row: dict) -> str:
+    if row["resolved"]:
+        return "yes"
+    return "no (1 seed)" if row["t"] is None and row["boot_resolved"] else "no"
+
+
 def comparison_table(rows: list[dict]) -> str:
     """Markdown: one line per (comparison, task)."""
     lines = [
@@ -301,7 +344,7 @@ def comparison_table(rows: list[dict]) -> str:
         t = "-" if r.get("t") is None else f"[{_fmt(r['t'][0])}, {_fmt(r['t'][1])}]"
         lines.append(
             f"| {r['a']} − {r['b']} | {task} | {_fmt(r['mean'])} | [{_fmt(r['lo'])}, {_fmt(r['hi'])}] | {t} | "
-            f"{r['above']} / {r['below']} | {r['p']:.3f} | {'yes' if r['resolved'] else 'no'} |"
+            f"{r['above']} / {r['below']} | {r['p']:.3f} | {_verdict(r)} |"
         )
     return "\n".join(lines)
 
@@ -384,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         text = report(scores, pairs, METRICS[args.metric], where, args.n_boot)
+        if args.part not in ("seen", "unseen"):
+            text += "\n#### Empty predictions (generation ended at once), over seeds\n\n"
+            text += empty_table(empty_predictions(paths, args.part)) + "\n"
     except StatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -302,7 +302,10 @@ def evaluate_run(
         tokenizer = models.base(settings)[1]
         tasks[name] = score_task(gen, tokenizer, task, instances, settings, batch_size or settings.batch_size)
         atomic_write_text(part, json.dumps({"fingerprint": fp, "result": tasks[name]}, ensure_ascii=False))
-        print(f"  {name}: ROUGE-L {tasks[name]['mean']['rougeL']:.2f} (n={tasks[name]['n']})", flush=True)
+        empty = sum(not i["prediction"] for i in tasks[name]["instances"])  # generation ended at once
+        print(
+            f"  {name}: ROUGE-L {tasks[name]['mean']['rougeL']:.2f} (n={tasks[name]['n']}, {empty} empty)", flush=True
+        )
     records = [
         {"task": t, "category": r["category"], "pred": i["prediction"], "refs": ["-"], "scores": i["scores"]}
         for t, r in tasks.items()

@@ -52,6 +52,9 @@ def test_a_constant_shift_is_resolved_with_its_size():
     assert all(r["resolved"] for r in rows)
     text = ps.sentence(overall)
     assert "resolved: the interval and the t-interval over the seed means (+2.00 to +2.00) exclude 0" in text
+    one_seed = ps.compare(_scores(lambda s, t, noise: np.full(20, 2.0), seeds=1), "orchmoe", "lora", n_boot=200)[-1]
+    assert one_seed["boot_resolved"] and not one_seed["resolved"]  # one seed says nothing about the others
+    assert "no (1 seed)" in ps.comparison_table([one_seed])
 
 
 def test_pure_noise_is_not_resolved():
@@ -205,7 +208,11 @@ def test_paired_stats_cli_reads_unseen_results_and_runs_own_predictions(scored, 
     )
     out = capsys.readouterr().out
     assert "| task | base (1) | lora (1) | poly (1) |" in out and "| poly − lora | **all tasks** |" in out
-    assert "With one seed the interval covers instance noise only." in out and report.read_text() in out + "\n"
+    assert (
+        "1 seed × 6 instances): not resolved" in out
+        and "#### Empty predictions" in out
+        and report.read_text() in out + "\n"
+    )
     assert ps.main([str(tiny_runs), "--part", "seen", "--pairs", "poly:lora", "--n-boot", "200"]) == 0
     assert "seen tasks (runs' own eval)" in capsys.readouterr().out
     assert ps.main([str(tiny_runs), "--pairs", "poly:lora", "--n-boot", "200", "--tasks", TEST_TASKS[1]]) == 0
