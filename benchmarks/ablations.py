@@ -274,7 +274,7 @@ def summarise(runs: list[dict], root: Path, quality_root: Path | None, results: 
     seeds = sorted({r["seed"] for r in runs})
     note = (
         f"\n\nSize `{size_name}`, seeds {seeds}; mean ± sd over seeds; paired = on seed and held-out instance, "
-        "bootstrap over seeds and instances (`paired_stats.py`), (k/S) = seeds above, * = the CI excludes 0."
+        "bootstrap over seeds and instances (`paired_stats.py`), (k/S) = seeds above, * = resolved (the bootstrap CI and the t-interval over the seed means exclude 0)."
     )
     parts = []
     if any(p["group"] == "sweep" for p in points.values()):
