@@ -38,9 +38,9 @@ import yaml
 
 from orchmoe import load_adapter
 from orchmoe.data import encode_prompt, load_task, pad_batch, read_split, unseen_eval_instances
-from orchmoe.utils.fileio import atomic_write_text, sha256_file
-from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer
 from orchmoe.evaluation.metrics import aggregate, score_example
+from orchmoe.loading import is_encoder_decoder, load_model_and_tokenizer
+from orchmoe.utils.fileio import atomic_write_text, sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_stats import run_label  # noqa: E402
