@@ -89,3 +89,14 @@ def toy_batch(arch: str, n_per_task: int = 4, seed: int = 0):
         labels[:, : prompts_t.shape[1]] = -100
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return batch, task_ids
+
+
+def decoder_inputs(model, batch) -> dict:
+    """An encoder-decoder's ``decoder_input_ids`` for a batch (its labels, -100 as 0); nothing for a decoder."""
+    return {"decoder_input_ids": batch["labels"].clamp_min(0)} if model.config.is_encoder_decoder else {}
+
+
+def lm_logits(model, batch, **kw):
+    """The model's logits on a batch (labels left out, so no loss), without gradients."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, **decoder_inputs(model, batch), **kw).logits

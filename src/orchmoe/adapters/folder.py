@@ -33,7 +33,6 @@ from orchmoe.adapters.legacy import config_from_legacy, is_legacy, upgrade_legac
 from orchmoe.adapters.provenance import base_model_provenance, model_fingerprint, model_source
 from orchmoe.core.config import ConfigError
 from orchmoe.core.layer import RoutedLoraLayer
-from orchmoe.core.targets import find_target_layers
 from orchmoe.utils.fileio import (
     FileFormatError,
     UnsafePathError,
@@ -311,18 +310,14 @@ def save_adapter(model: Any, path: str | os.PathLike, *, metadata: dict | None =
 
 # -- load ------------------------------------------------------------------------------------------
 def _check_base(meta: dict, config: Any, base_model: nn.Module, where: Path, base_mismatch: str) -> None:
-    """The adapter's recorded base model against this one: architecture must match; weights warn or refuse."""
+    """The adapter's recorded base model against this one, before anything is built: architecture must match;
+    weights warn or refuse. (The adapted layers are compared once the tuner has found them: `_check_layers`.)"""
     saved = (config.orchmoe or {}).get("base_model") or {}
     ours = model_fingerprint(base_model)
     arch = {k: (saved[k], ours[k]) for k in ours if k in saved and k != "weights_sample" and saved[k] != ours[k]}
     if arch:
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in arch.items())
         raise AdapterMismatchError(f"adapter in {where} was saved for another model ({saved.get('name')!r}): {details}")
-    shapes = find_target_layers(base_model, config.target_modules)
-    want = {k: tuple(v) for k, v in ((config.orchmoe or {}).get("layers") or {}).items()}
-    if want and shapes != want:
-        off = sorted(set(shapes.items()) ^ set(want.items()))[:3]
-        raise AdapterMismatchError(f"adapter in {where} was saved for other layers than this model has ({off})")
     sample = saved.get("weights_sample")
     if sample and ours.get("weights_sample") and sample != ours["weights_sample"]:
         msg = (
@@ -334,6 +329,14 @@ def _check_base(meta: dict, config: Any, base_model: nn.Module, where: Path, bas
             raise AdapterMismatchError(msg + " (refused: base_mismatch='error')")
         if base_mismatch == "warn":
             warnings.warn(msg + " (pass base_mismatch='error' to refuse)", BaseModelMismatchWarning, stacklevel=4)
+
+
+def _check_layers(config: Any, tuner: Any, where: Path) -> None:
+    """The layers the tuner adapted (found once, as it injected them) against those the adapter was saved for."""
+    want = {k: tuple(v) for k, v in ((config.orchmoe or {}).get("layers") or {}).items()}
+    if want and tuner.layer_shapes != want:
+        off = sorted(set(tuner.layer_shapes.items()) ^ set(want.items()))[:3]
+        raise AdapterMismatchError(f"adapter in {where} was saved for other layers than this model has ({off})")
 
 
 def load_adapter(
@@ -414,6 +417,7 @@ def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, meta: dict
     model = get_peft_model(base_model, config)
     model.peft_config["default"].base_model_name_or_path = model_source(base_model) or source
     tuner = _tuner(model)
+    _check_layers(config, tuner, folder)
     tuner.loading_from = str(folder / ADAPTER_WEIGHTS)  # named by the load hook's errors
     try:
         set_peft_model_state_dict(model, tensors)  # the tuner's load hook checks them (adapter_tensors_for_load)
