@@ -124,6 +124,8 @@ def test_analyze_calls_the_analysis_module(two_runs, monkeypatch, capsys):
         (["--lr", "1", "--learning_rate", "2"], "--learning_rate and --lr set the same option"),
         (["--report_to", "tensorboard", "wandb"], "wandb is not installed"),
         (["--deepspeed", "ds.json"], "--deepspeed: not supported by orchmoe's recipe"),
+        (["--eval_strategy", "steps"], "--eval_strategy: orchmoe's recipe evaluates by generation"),
+        (["--optim", "sgd"], "--optim sgd: orchmoe's recipe trains with AdamW in the references' two-speed groups"),
     ],
 )
 def test_errors_are_one_clear_line(extra, message, tiny_llama, superni, tmp_path, capsys):

@@ -265,13 +265,24 @@ class OrchmoeTrainingArguments(TrainingArguments):
             raise ArgumentsError("--out (output_dir) is empty: name the run folder")
         if self.max_steps < -1:
             raise ArgumentsError(f"--max-steps must be >= 0 (or -1: by epochs), got {self.max_steps}")
+        if str(getattr(self.optim, "value", self.optim)) not in ("adamw_torch", "adamw_torch_fused") or self.optim_args:
+            raise ArgumentsError(
+                f"--optim {getattr(self.optim, 'value', self.optim)}{' --optim_args' if self.optim_args else ''}: "
+                "orchmoe's recipe trains with AdamW in the references' two-speed groups (orchmoe.RoutedAdamW: "
+                "--learning_rate, --router_lr, --weight_decay, --adam_beta1/2, --adam_epsilon); for another optimiser "
+                "use a transformers Trainer with orchmoe.create_routed_optimizer(model, optimizer_cls, ...)"
+            )
         if self.deepspeed:
             raise ArgumentsError(
                 "--deepspeed: not supported by orchmoe's recipe (ZeRO partitions and saves the model it wraps whole; "
                 "the adapter-only checkpoints and the routers' state are not wired to it); use DDP or --fsdp on GPUs"
             )
         self.remove_unused_columns = False  # task_ids travel with the batches
-        self.eval_strategy = "no"  # the evaluation is by generation, after training
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
+            raise ArgumentsError(
+                "--eval_strategy: orchmoe's recipe evaluates by generation with the official scores after training "
+                "(--eval / --no_eval; `orchmoe eval RUN` for a checkpoint); the Trainer's loss evaluation is not run"
+            )
         if not _has_accelerator():
             self.use_cpu = True  # explicit, so bf16/fp16 checks and device placement agree with the machine
             if self.fsdp:

@@ -145,6 +145,9 @@ def _trainer(options: RunOptions, model, tokenizer, features, run: RunFolder, re
             "weight_decay": training.weight_decay,
             "betas": (training.adam_beta1, training.adam_beta2),
             "eps": training.adam_epsilon,
+            # the Trainer's default (adamw_torch_fused) where torch has the fused kernel for the device
+            "fused": str(getattr(training.optim, "value", training.optim)) == "adamw_torch_fused"
+            and model.get_base_model().device.type == "cuda",
         },
     )
     trainer = Trainer(
