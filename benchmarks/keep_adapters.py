@@ -9,6 +9,11 @@ the files that describe and score it -- ``adapter/``, ``config.yaml``, ``train_s
 ``<size>`` is the root's name without ``quality-`` (``cpu-long``, ``cpu-long-frozen``). Checkpoints are
 left behind. A copy is a run folder to `unseen_eval.py` and `paired_stats.py`.
 
+``benchmarks/results/adapters`` is ignored on ``main`` and is a worktree of the orphan branch
+``bench-adapters`` (``git worktree add benchmarks/results/adapters bench-adapters``), where kept runs are
+committed: ~1.8 MB an adapter would soon push main's tree, which the GPU check sends with every device call
+(64 MiB a call), over that limit (``scripts/gpu_bundle.sh`` checks it).
+
 Each run is copied into a temporary folder and renamed into place; a run already kept with the same
 adapter only has its other files refreshed (e.g. a results file added since); a different adapter under
 the same name is an error unless ``--overwrite``. Prints each run's size and the total.
