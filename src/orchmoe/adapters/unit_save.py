@@ -24,7 +24,7 @@ from orchmoe.utils.fileio import atomic_folder, check_replaceable, path_kind
 __all__ = ["adopt_saves", "save_pretrained_as_unit"]
 
 
-def save_pretrained_as_unit(peft_save: Any, save_directory: str | os.PathLike, **kwargs: Any) -> Any:
+def save_pretrained_as_unit(peft_save: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
     """PEFT's ``save_pretrained`` over an existing adapter, as one unit (installed on orchmoe's PeftModels by
     `adopt_saves`): written into a hidden sibling, then swapped in (`orchmoe.utils.fileio.atomic_folder`), so a kill
     leaves the old adapter or the new one, never new weights beside the old config's checksum. The folder's other
@@ -33,17 +33,17 @@ def save_pretrained_as_unit(peft_save: Any, save_directory: str | os.PathLike, *
 
     Args:
         peft_save: PEFT's own ``save_pretrained`` of the model.
-        save_directory, kwargs: its arguments.
+        save_directory, args, kwargs: its arguments.
     """
     path = Path(save_directory)
     if not kwargs.get("is_main_process", True) or path_kind(path / ADAPTER_CONFIG) is None:
-        return peft_save(save_directory, **kwargs)
+        return peft_save(save_directory, *args, **kwargs)
     check_replaceable(path, "folder")
     with atomic_folder(path) as stage:
         for child in path.iterdir():
             if child.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin"):
                 _carry(child, stage / child.name)
-        return peft_save(str(stage), **kwargs)
+        return peft_save(str(stage), *args, **kwargs)
 
 
 def _carry(src: Path, dst: Path) -> None:

@@ -85,7 +85,7 @@ def _group_rows(part: Part, schema: Schema) -> dict[str, np.ndarray]:
     if col.null_count:
         row = int(np.flatnonzero(np.asarray(col.is_null()))[0])
         raise DataError(f"{part.origin}: row {row + 1} has a null task name in column {schema.task!r}")
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type)):
+    if pa.types.is_nested(col.type):
         raise DataError(
             f"{part.origin}: column {schema.task!r} holds {col.type} values, not task names (a file of columns? "
             "write one JSON object per row)"
