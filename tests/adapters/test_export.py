@@ -216,3 +216,26 @@ def test_merge_and_unload_equals_routed_output(case):
 
     assert not any(isinstance(m, RoutedLoraLayer) for m in merged.modules())
     torch.testing.assert_close(_logits(merged, ids), expected, **CROSS_PATH)
+
+
+def test_an_export_never_deletes_a_users_file_nor_lands_in_the_working_folder(tmp_path, monkeypatch):
+    """``overwrite`` replaces an earlier export whole, so a user's file put into it is named, not deleted; an empty
+    path is no folder (it would export into the working directory)."""
+    from orchmoe.adapters.export import ExportError
+
+    orch = _routed("llama", OrchMoEConfig(n_skills=2, rank=2, n_abstract_tasks=3, target_modules=TARGETS))
+    dest = orch.export_peft_lora(tmp_path / "lora", abstract_task=0)
+    (dest / "NOTES.md").write_text("mine")
+    (dest / "extra").mkdir()
+    (dest / "extra" / "x.txt").write_text("mine too")
+    with pytest.raises(ExportError, match=r"files no export writes \(NOTES.md, extra/x.txt\)"):
+        orch.export_peft_lora(dest, overwrite=True, abstract_task=1)
+    assert (dest / "NOTES.md").read_text() == "mine" and (dest / "extra" / "x.txt").is_file()
+    (dest / "NOTES.md").unlink()
+    (dest / "extra" / "x.txt").unlink()
+    (dest / "extra").rmdir()
+    assert orch.export_peft_lora(dest, overwrite=True, abstract_task=1) == dest  # an earlier export alone: replaced
+    monkeypatch.chdir(tmp_path / "lora")
+    for empty in ("", "  "):
+        with pytest.raises(ExportError, match="the export folder is empty"):
+            orch.export_peft_lora(empty, overwrite=True, abstract_task=0)

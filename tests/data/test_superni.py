@@ -326,8 +326,10 @@ def test_deeply_nested_json_is_a_data_error(data_dir):
         (lambda c: c["Instances"][2].update(id={"an": "object"}), r"Instances\[2\]: 'id' must be a string, got dict"),
         (lambda c: c["Positive Examples"][0].update(input={"x": 1}), r"Positive Examples\[0\]: 'input' must be a str"),
         (lambda c: c["Positive Examples"][0].update(output=None), r"Positive Examples\[0\] has a null 'output'"),
+        (lambda c: c["Instances"][1].update(input=float("nan")), r"Instances\[1\] has nan as its 'input' \(a missing"),
+        (lambda c: c["Instances"][1].update(id=float("inf")), r"Instances\[1\] has inf as its 'id'"),
     ],
-    ids=["list-input", "empty-references", "object-id", "object-demo", "null-demo"],
+    ids=["list-input", "empty-references", "object-id", "object-demo", "null-demo", "nan-input", "inf-id"],
 )
 def test_values_that_are_not_text_are_named_not_stringified(data_dir, change, message):
     content = _task_json()
@@ -342,3 +344,19 @@ def test_numbers_are_text(data_dir):
     content["Instances"][0].update(id=7, input=12.5, output=["3"])
     _write(data_dir, "numbers", content)
     assert load_task(data_dir, "numbers").instances[0] == {"id": "7", "input": "12.5", "output": ["3"]}
+
+
+def test_a_fifo_or_folder_in_place_of_a_task_or_split_file_is_named(data_dir):
+    """Never opened (a FIFO would block the reader), never called "not found" (it is there)."""
+    import os
+
+    os.mkfifo(data_dir / "tasks" / "fifo.json")
+    (data_dir / "tasks" / "folder.json").mkdir()
+    with pytest.raises(DataError, match=r"fifo.json is a FIFO \(named pipe\), not a task file"):
+        load_task(data_dir, "fifo")
+    with pytest.raises(DataError, match="folder.json is a folder, not a task file"):
+        load_task(data_dir, "folder")
+    split = data_dir / "splits" / "default" / "train_tasks.txt"  # (none yet)
+    os.mkfifo(split)
+    with pytest.raises(DataError, match=r"train_tasks.txt is a FIFO \(named pipe\), not a split file"):
+        read_split(data_dir, "default")

@@ -387,3 +387,42 @@ def test_many_files_are_read_by_folder_and_errors_still_name_the_file(tmp_path, 
     for t in ("a", "b", "c"):
         write_jsonl(flat / f"{t}.jsonl", [{"prompt": f"{t}{i}", "completion": "x"} for i in range(3)])
     assert available_tasks(flat) == ["a", "b", "c"]
+
+
+def test_nan_cells_are_missing_values_not_text(tmp_path):
+    """A float column with a NaN (how pandas writes an empty cell) never puts "nan" into a prompt or an answer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = ni_rows("t_a", 6)
+    for i, r in enumerate(rows):
+        r["inputs"] = float("nan") if i == 3 else float(i)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet: row 4 \(task 't_a'\) has nan as its 'inputs' \(a missing value"):
+        load_task(tmp_path / "d.parquet", "t_a")
+    write_jsonl(tmp_path / "e.jsonl", ni_rows("t_a", 3))
+    (tmp_path / "e.jsonl").write_text((tmp_path / "e.jsonl").read_text().replace('"answer 1"', "NaN"))
+    with pytest.raises(DataError, match="e.jsonl: row 2"):
+        load_task(tmp_path / "e.jsonl", "t_a")
+
+
+@pytest.mark.parametrize("name", ["", "   "], ids=["empty", "blank"])
+def test_an_empty_task_name_is_named(name, tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ni_rows("t_b", 3) + ni_rows(name, 3))
+    with pytest.raises(DataError, match=r"d.jsonl: row 4 has an empty task name in column 'task_name'"):
+        available_tasks(tmp_path / "d.jsonl")
+
+
+def test_a_json_file_of_columns_and_a_fifo_are_named(tmp_path):
+    import os
+
+    rows = ni_rows("t_a", 3)
+    (tmp_path / "cols.json").write_text(json.dumps({k: [r[k] for r in rows] for k in rows[0]}))
+    with pytest.raises(DataError, match=r"cols.json: column 'task_name' holds list<item: string> values, not task"):
+        available_tasks(tmp_path / "cols.json")
+    os.mkfifo(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match=r"rows.jsonl' is a FIFO \(named pipe\), not a data folder or file"):
+        open_source(tmp_path / "rows.jsonl")
+    write_jsonl(tmp_path / "data" / "a.jsonl", ni_rows("t_a", 3))
+    os.mkfifo(tmp_path / "data" / "b.jsonl")  # beside real data: skipped, never opened
+    assert available_tasks(tmp_path / "data") == ["t_a"]

@@ -101,13 +101,16 @@ def test_refusals(runs, tmp_path, capsys):
     assert "use them with --out" in capsys.readouterr().err
 
 
-def test_overwrite_replaces_only_an_earlier_export(runs, tmp_path):
+def test_overwrite_replaces_only_an_earlier_export(runs, tmp_path, capsys):
     dest = tmp_path / "b"
     assert _export(runs["poly"], "--bundle", dest, "--check", 0) == 0
     assert _export(runs["poly"], "--bundle", dest, "--check", 0) == 2
-    (dest / "stale.txt").write_text("from before")
+    (dest / "loras" / "notes.txt").write_text("mine, put beside the LoRAs")
+    assert _export(runs["poly"], "--bundle", dest, "--check", 0, "--overwrite") == 2  # never deletes a user's file
+    assert "files no export writes (loras/notes.txt)" in capsys.readouterr().err
+    (dest / "loras" / "notes.txt").unlink()
     assert _export(runs["poly"], "--bundle", dest, "--check", 0, "--overwrite") == 0
-    assert not (dest / "stale.txt").exists() and BundleManifest.read(dest).names
+    assert BundleManifest.read(dest).names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 

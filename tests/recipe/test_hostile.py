@@ -88,6 +88,7 @@ OPTIONS = [
     (["--out", "  "], "--out (output_dir) is empty"),
     (["--out", "/"], "a run needs a folder of its own"),
     (["--eval", "--eval-per-task", "0", "--unseen-tasks", "0"], "nothing to evaluate"),
+    (["--seed", str(2**32)], "seed must be < 2**32"),  # numpy's generators take 32 bits
 ]
 
 
@@ -121,6 +122,9 @@ CONFIG_FILES = [
     ("anchors", "a: &x [1, 2]\nb: *x\n", "anchors and aliases (&name, *name) are not allowed"),
     ("billion-laughs", "a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nd: [*c, *c]\n", "anchors and aliases"),
     ("deep", "a: " + "[" * 200 + "]" * 200 + "\n", "nested deeper than 32 levels"),
+    ("two-spellings-one-name", "learning-rate: 1e-3\nlearning_rate: 2e-3\n", "set the same option (learning_rate)"),
+    ("list-as-a-key", "? [a, b]\n: 1\n", "a key must be an option name, got a list"),
+    ("method-a-list", "method: [lora, poly]\n", "unknown method ['lora', 'poly']"),
 ]
 
 
@@ -342,6 +346,24 @@ COMMANDS = [
         "config.yaml is a regular file; name a new or empty folder",
     ),
     (
+        "report-metrics-a-list",
+        ["report", "{run}"],
+        lambda r: (r / "metrics.json").write_text("[]"),
+        "metrics.json holds a list, not the metrics of an evaluation",
+    ),
+    (
+        "report-metrics-part-a-number",
+        ["report", "{run}"],
+        lambda r: (r / "metrics.json").write_text(json.dumps({"seen": 3})),
+        "metrics.json: 'seen' is not a mapping",
+    ),
+    (
+        "report-out-is-the-runs-metrics",
+        ["report", "{run}", "--out", "{run}/metrics.json"],
+        lambda r: None,
+        "metrics.json exists and is not an earlier report",
+    ),
+    (
         "analyze-garbage-config",
         ["analyze", "{run}"],
         lambda r: (r / "config.yaml").write_text("- 1\n"),
@@ -364,6 +386,27 @@ def test_bad_run_folder_commands(name, args, spoil, message, adapter_run, tmp_pa
     argv = [a.format(run=run, tmp=tmp_path) for a in args] + (["--no-progress"] if args[0] == "eval" else [])
     rc, _, err = run_cli(argv, capsys)
     assert_clear_error(rc, err, message)
+
+
+def test_report_out_replaces_an_earlier_report_never_another_file(adapter_run, tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    rc, _, err = run_cli(["report", str(adapter_run), "--out", str(notes)], capsys)
+    assert_clear_error(rc, err, "notes.md exists and is not an earlier report")
+    assert notes.read_text() == "# my notes\n"
+    report = tmp_path / "report.md"
+    for _ in range(2):  # written, then an earlier report replaced
+        rc, _, err = run_cli(["report", str(adapter_run), "--out", str(report)], capsys)
+        assert rc == 0, err
+    assert report.read_text().startswith("## Runs\n")
+
+
+def test_data_that_is_a_fifo_is_named_not_read(tiny_llama, superni, tmp_path, capsys):
+    os.mkfifo(tmp_path / "rows.jsonl")
+    rc, _, err = run_cli(
+        train_args(tiny_llama, superni, tmp_path / "run", "--data", str(tmp_path / "rows.jsonl")), capsys
+    )
+    assert_clear_error(rc, err, "rows.jsonl' is a FIFO (named pipe), not a data folder or file")
 
 
 # -- 5. data files ------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import torch
 
 from hostile_helpers import assert_clear_error, run_cli, same_adapter, train_args, tree_bytes
 from orchmoe.recipe.run_folder import RunFolder
-from orchmoe.utils.fileio import DiskFullError, FolderLock, is_disk_full, reporting_disk_full, write_manifest
+from orchmoe.utils.fileio import DiskFullError, is_disk_full, reporting_disk_full, write_manifest
+from orchmoe.utils.folder_lock import FolderLock
 
 CKPT = "checkpoint-{}"
 
@@ -357,6 +358,28 @@ def test_refusals_keep_every_file(name, make, extra, message, reference, tiny_ll
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("extra", [["--overwrite"], []], ids=["overwrite", "resume"])
+def test_a_manifest_naming_a_file_outside_the_run_never_gets_it_deleted(
+    extra, reference, tiny_llama, superni, tmp_path, capsys
+):
+    """A received run folder whose checkpoint manifests name files elsewhere (absolute paths): --overwrite deletes
+    only what is inside the run folder; resuming refuses such checkpoints, naming the entry."""
+    run = killed_copy(reference, tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for step in (2, 4):
+        manifest = json.loads((run / CKPT.format(step) / "manifest.json").read_text())
+        manifest["files"][str(victim)] = {"size": 9, "sha256": "0"}
+        (run / CKPT.format(step) / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run_cli(train_args(tiny_llama, superni, run, *extra), capsys)
+    assert victim.read_text() == "precious\n"
+    if extra:
+        assert rc == 0 and same_adapter(run, reference), err  # started afresh: the Trainer's files deleted by name
+    else:  # such checkpoints are not resumed from, and named
+        assert_clear_error(rc, err, "manifest.json names")
+        assert "a path outside its folder" in err
+
+
 @pytest.mark.parametrize("out_arg", [".", ""], ids=["dot", "empty"])
 def test_current_directory_files_are_never_clobbered(out_arg, tiny_llama, superni, tmp_path, capsys, monkeypatch):
     work = _foreign(tmp_path / "work", "config.yaml", "README.md")
@@ -399,8 +422,8 @@ def test_overwrite_deletes_only_orchmoe_files(reference, tiny_llama, superni, tm
 
 # -- locks ---------------------------------------------------------------------------------------------------
 _HOLDER = (
-    "import sys, time; from orchmoe.utils.fileio import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('x'); "
-    "print('locked', flush=True); time.sleep(120)"
+    "import sys, time; from orchmoe.utils.folder_lock import FolderLock; lock = FolderLock(sys.argv[1]); "
+    "lock.acquire('x'); print('locked', flush=True); time.sleep(120)"
 )
 
 

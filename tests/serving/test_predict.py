@@ -112,3 +112,56 @@ def test_a_killed_run_resumes_where_it_stopped(runs, references, task_requests, 
     assert [g["index"] for g in got] == list(range(len(rows))) and not journal.exists()
     for g in got[kept - 3 : kept + 3] + got[-2:]:  # around the kill and the torn line's row
         assert g["prediction"] == lone(references["orchmoe"], rows[g["index"]], 24), g
+
+
+_ROW = {"definition": "Say the year.", "input": "France"}
+BAD_INPUTS = [  # (file name, content, what the one error line names)
+    ("in.jsonl", b'{"prompt": "caf\xe9"}\n', "in.jsonl line 1: not UTF-8 text"),
+    ("in.parquet", b"PAR1 not a parquet file PAR1", "in.parquet cannot be read as parquet"),
+    ("in.jsonl", [_ROW, {**_ROW, "definition": ["Say", "the year."]}], "in.jsonl row 1: definition: Input should be"),
+    ("in.jsonl", [_ROW, {**_ROW, "examples": "France -> 1789"}], "in.jsonl row 1: examples: Input should be a valid"),
+    ("in.jsonl", [_ROW, {**_ROW, "examples": [{"input": 1, "output": "x"}]}], "row 1: examples.0.input: Input"),
+    ("in.jsonl", [_ROW, {**_ROW, "task": ["a"]}], "in.jsonl row 1: task: Input should be"),
+    ("in.jsonl", [_ROW, "just text"], "in.jsonl line 2: a row must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_INPUTS, ids=[m.split(": ", 1)[-1][:30] for *_, m in BAD_INPUTS])
+def test_a_malformed_input_file_or_row_is_one_line_naming_it(name, content, message, runs, tmp_path, capsys):
+    """A row holds what a completion request holds, with its types: a list is never stringified into a prompt,
+    a string never iterated as demonstrations; the file and the row are named, before any model is loaded."""
+    inp = tmp_path / name
+    if isinstance(content, bytes):
+        inp.write_bytes(content)
+    else:
+        write_jsonl(inp, content)
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(runs["orchmoe"]), "--input", str(inp), "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("orchmoe predict: error: ") and message in err and "Error:" not in err, err
+    assert not out.exists() and not journal_path(out).exists()
+
+
+def test_an_input_fifo_and_a_foreign_journal_are_named(runs, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "in.jsonl")
+    base = ["predict", str(runs["orchmoe"]), "--no-progress", "--output", str(tmp_path / "out.jsonl")]
+    assert main([*base, "--input", str(tmp_path / "in.jsonl")]) == 2  # not a hang on the FIFO
+    assert "in.jsonl is a FIFO (named pipe)" in capsys.readouterr().err
+    write_jsonl(tmp_path / "rows.jsonl", [_ROW])
+    journal_path(tmp_path / "out.jsonl").write_text("garbage\n")
+    assert main([*base, "--input", str(tmp_path / "rows.jsonl")]) == 2
+    assert "is not the journal of an orchmoe predict" in capsys.readouterr().err
+    assert journal_path(tmp_path / "out.jsonl").read_text() == "garbage\n"  # kept for the user to look at
+
+
+def test_parquet_answers_keep_ids_of_mixed_types(runs, tmp_path):
+    """Ids of two types (1 and "two") are written as text in the parquet column, not lost after all the work."""
+    import pyarrow.parquet as pq
+
+    write_jsonl(tmp_path / "in.jsonl", [{**_ROW, "id": 1}, {**_ROW, "id": "two"}])
+    out = tmp_path / "out.parquet"
+    assert main(["predict", str(runs["orchmoe"]), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+                 "--max-tokens", "2", "--no-progress"]) == 0  # fmt: skip
+    assert pq.read_table(out).column("id").to_pylist() == ["1", "two"]

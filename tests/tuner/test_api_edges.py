@@ -46,3 +46,16 @@ def test_report_warns_when_runs_used_different_tasks(tmp_path, capsys):
     c = _fake_run(tmp_path / "c", ["t1", "t2"])
     assert main(["report", str(a), str(c)]) == 0
     assert "Warning" not in capsys.readouterr().out
+
+
+def test_an_empty_prompt_and_task_ids_that_are_not_numbers_are_routing_errors():
+    """Named by orchmoe before the model meets them (a reshape error deep in attention, a raw TypeError)."""
+    from orchmoe import PolyConfig
+
+    model = get_model(tiny_base("llama"), OrchMoEConfig(n_skills=2, rank=2, n_abstract_tasks=3))
+    with pytest.raises(RoutingError, match=r"the prompt is empty or not a batch: input shape \(1, 0\)"):
+        model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    poly = get_model(tiny_base("llama"), PolyConfig(n_tasks=3, n_skills=2, rank=2))
+    for bad in ("0", ["a", "b"], [[0], [1, 2]]):
+        with pytest.raises(RoutingError, match="task_ids must be integers"):
+            poly.generate(input_ids=torch.ones(2, 3, dtype=torch.long), task_ids=bad, max_new_tokens=1)

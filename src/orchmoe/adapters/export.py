@@ -49,6 +49,15 @@ class ExportError(ValueError):
 #: a multi-LoRA bundle's manifest (`orchmoe.adapters.bundle`): its name and ``format``, how an earlier export is known
 BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "orchmoe-lora-bundle"
+#: the other files of a bundle (`orchmoe.adapters.bundle.names`): its README, router, and one LoRA folder per routing
+BUNDLE_README, BUNDLE_ROUTER_CONFIG, BUNDLE_ROUTER_WEIGHTS, BUNDLE_LORAS = (
+    "README.md",
+    "router.json",
+    "router.safetensors",
+    "loras",
+)
+#: what an export of one routing holds (also each LoRA folder of a bundle)
+EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", EXPORT_NOTE, "README.md")
 
 
 def refuse_token_routing(method: str, routing: str) -> None:
@@ -61,14 +70,35 @@ def refuse_token_routing(method: str, routing: str) -> None:
         )
 
 
-def _is_export(folder: Path) -> bool:
-    """A folder orchmoe wrote as an export: one exported LoRA (its note) or a bundle (its manifest)."""
-    if (folder / EXPORT_NOTE).is_file():
-        return True
+def _is_bundle(folder: Path) -> bool:
     try:
         return json.loads((folder / BUNDLE_MANIFEST).read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _is_export(folder: Path) -> bool:
+    """A folder orchmoe wrote as an export: one exported LoRA (its note) or a bundle (its manifest)."""
+    return (folder / EXPORT_NOTE).is_file() or _is_bundle(folder)
+
+
+def _not_written_by_export(folder: Path) -> list[str]:
+    """The files of an earlier export that no export writes (a user's notes put there): an overwrite, which
+    replaces the whole folder, would delete them."""
+    bundle = _is_bundle(folder)
+    top = {BUNDLE_MANIFEST, BUNDLE_README, BUNDLE_ROUTER_CONFIG, BUNDLE_ROUTER_WEIGHTS} if bundle else set(EXPORT_FILES)
+
+    def written(parts: tuple[str, ...], is_folder: bool) -> bool:
+        if bundle and parts[0] == BUNDLE_LORAS:  # loras/, loras/<name>/, loras/<name>/<an export's file>
+            return is_folder if len(parts) <= 2 else len(parts) == 3 and parts[2] in EXPORT_FILES and not is_folder
+        return len(parts) == 1 and parts[0] in top and not is_folder
+
+    out = []
+    for p in sorted(folder.rglob("*")):
+        is_folder = path_kind(p) == "folder"
+        if not written(p.relative_to(folder).parts, is_folder) and not (is_folder and any(p.iterdir())):
+            out.append(p.relative_to(folder).as_posix())
+    return out
 
 
 def check_destination(out: str | os.PathLike, *, overwrite: bool, protect: Iterable[str | os.PathLike] = ()) -> Path:
@@ -85,6 +115,8 @@ def check_destination(out: str | os.PathLike, *, overwrite: bool, protect: Itera
         ExportError: a protected folder in the way, something other than a folder there, or a non-empty folder
             that may not be replaced (without ``overwrite``, or not an earlier export).
     """
+    if not str(out).strip():
+        raise ExportError("the export folder is empty (''): name a folder to export into")
     dest = Path(out).expanduser().absolute()
     kind = path_kind(dest)
     if kind not in (None, "folder"):
@@ -113,6 +145,12 @@ def check_destination(out: str | os.PathLike, *, overwrite: bool, protect: Itera
             raise ExportError(
                 f"{dest} holds files that are not an orchmoe export; overwrite only replaces an earlier export "
                 "(choose another folder, or empty it yourself)"
+            )
+        foreign = _not_written_by_export(dest)
+        if foreign:
+            raise ExportError(
+                f"{dest} holds an earlier export and files no export writes ({', '.join(foreign[:3])}): overwrite "
+                "would delete them; move them out first"
             )
     return dest
 

@@ -21,6 +21,7 @@ model as it was when anything fails.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -144,6 +145,8 @@ def _check_tensors(tuner: Any, tensors: dict[str, torch.Tensor], where: str, wan
         t = tensors[name]
         if tuple(t.shape) != tuple(p.shape):
             raise AdapterMismatchError(f"{where}: {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
+        if p.is_floating_point() and not t.is_floating_point():  # copied into the weights, it would be cast silently
+            raise AdapterMismatchError(f"{where}: {name} holds {t.dtype} values, not floating-point weights")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise AdapterMismatchError(f"{where}: tensor {name!r} holds NaN or infinite values")
     if isinstance(want_digest, str) and tensor_digest(tensors) != want_digest:
@@ -191,6 +194,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise AdapterMismatchError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
     if is_legacy(meta):
+        _check_layers(meta.get("layers"), folder / ADAPTER_CONFIG, "layers")
         version = meta.get("orchmoe_version")
     else:
         peft_type = str(meta.get("peft_type") or "")
@@ -235,7 +239,16 @@ def _check_record(meta: dict, file: Path) -> None:
     for key in ("layers", "base_model", "metadata"):
         if key in record and not isinstance(record[key], dict):
             raise AdapterMismatchError(f"{file}: 'orchmoe.{key}' must be a mapping, got {type(record[key]).__name__}")
-    for key, shape in (record.get("layers") or {}).items():
+    _check_layers(record.get("layers"), file, "orchmoe.layers")
+
+
+def _check_layers(layers: Any, file: Path, field: str) -> None:
+    """The recorded layer shapes (either format): a mapping of layer paths to [in, out] positive integers."""
+    if layers is None:
+        return
+    if not isinstance(layers, dict):
+        raise AdapterMismatchError(f"{file}: {field!r} must be a mapping, got {type(layers).__name__}")
+    for key, shape in layers.items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
             raise AdapterMismatchError(
                 f"{file}: layer {key!r} must have a shape [in, out] of two positive integers, got {shape!r}"
@@ -302,6 +315,10 @@ def save_adapter(model: Any, path: str | os.PathLike, *, metadata: dict | None =
                 17, f"{path} holds files that are not an adapter's ({foreign[:3]}): refusing to replace it"
             )
     if metadata is not None:
+        try:  # checked before anything changes: a refused save leaves the model as it was
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"save_adapter: metadata must be JSON (strings, numbers, lists, mappings): {e}") from None
         tuner.adapter_metadata = dict(metadata)
     with atomic_folder(path) as stage:
         model.save_pretrained(str(stage))
@@ -373,9 +390,11 @@ def load_adapter(
     meta = read_adapter_config(folder)
     config = adapter_config_from_meta(meta, folder)
     _check_base(meta, config, base_model, folder, base_mismatch)
+    tensors = read_adapter_tensors(folder)
+    _check_size(config, base_model, tensors, folder)
     config.inference_mode = not is_trainable
     try:
-        model = _build_and_fill(base_model, config, folder, meta)
+        model = _build_and_fill(base_model, config, folder, tensors)
     except BaseException:
         _restore(base_model)
         raise
@@ -407,12 +426,30 @@ def adapter_config_from_meta(meta: dict, folder: Path) -> Any:
         raise AdapterMismatchError(f"{folder / ADAPTER_CONFIG}: invalid adapter config: {e}") from None
 
 
-def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, meta: dict) -> Any:
+def _check_size(config: Any, base_model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """What the config would allocate, bounded by what the weights file holds, before anything is allocated: a
+    config edited to claim a million skills or a billion tasks would otherwise take all memory (a config of a few
+    hundred bytes cannot be trusted with the size of what it builds)."""
+    from orchmoe.core.budget import model_dims
+
+    try:
+        shapes, d_model = model_dims(base_model, config.target_modules)
+        want = config.count_parameters(shapes, d_model)
+    except (ConfigError, ValueError, TypeError, AttributeError):  # the build names what is wrong
+        return
+    have = sum(t.numel() for t in tensors.values())
+    if want > 2 * have + (1 << 20):  # far more than the file: a slightly short file gets the tensor-by-tensor check
+        raise AdapterMismatchError(
+            f"{folder / ADAPTER_CONFIG} describes an adapter of {want:,} parameters on this model, but "
+            f"{ADAPTER_WEIGHTS} holds {have:,} values: the config does not belong to these weights (edited or swapped?)"
+        )
+
+
+def _build_and_fill(base_model: nn.Module, config: Any, folder: Path, tensors: dict[str, torch.Tensor]) -> Any:
     """A PeftModel of ``config`` on ``base_model`` with the folder's tensors (PEFT's set_peft_model_state_dict)."""
     from peft import get_peft_model
     from peft.utils import set_peft_model_state_dict
 
-    tensors = read_adapter_tensors(folder)
     source = config.base_model_name_or_path  # get_peft_model records the model's own name_or_path (maybe none)
     model = get_peft_model(base_model, config)
     model.peft_config["default"].base_model_name_or_path = model_source(base_model) or source

@@ -207,7 +207,13 @@ def checked_task_ids(cfg: Any, task_ids: Any, batch: int, device: torch.device) 
         return None
     if not cfg.needs_task_ids:
         raise RoutingError(f"{cfg.method} does not route by task id: drop task_ids (they would be ignored)")
-    ids = torch.as_tensor(task_ids)
+    try:
+        ids = torch.as_tensor(task_ids)
+    except (TypeError, ValueError, RuntimeError):  # a string, a ragged list, objects
+        raise RoutingError(
+            f"task_ids must be integers (a list or tensor, one per example), got {type(task_ids).__name__} "
+            f"{task_ids!r:.60}"
+        ) from None
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise RoutingError(f"task_ids must be integers, got {ids.dtype}")
     if ids.dim() > 1 and not (ids.dim() == 2 and ids.shape[1] == 1):

@@ -8,6 +8,7 @@ This module imports nothing else from :mod:`orchmoe.data`, so every other module
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +165,12 @@ class TaskSource:
 def as_text(value: Any, where: str, what: str) -> str:
     """``value`` as the text of a prompt or an answer: a string, or a number written out. A null, a list or an
     object is a :class:`DataError` naming ``where`` and ``what``: stringified, it would put ``None`` or
-    ``['a', 'b']`` into a prompt without a word. Shared by the folder and table readers."""
+    ``['a', 'b']`` into a prompt without a word; so is a NaN or infinite number (``nan`` is how pandas and JSON
+    writers spell an empty cell). Shared by the folder and table readers."""
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # how tables and JSON writers spell a missing cell
+        raise DataError(f"{where} has {value!r} as its {what!r} (a missing value?); fill it in or remove it")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if value is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchmoe.data.core import BUILTIN, DataError, PathLike, TaskSource, names_builtin
 from orchmoe.data.superni import FolderSource, is_superni_dir
+from orchmoe.utils.fileio import path_kind
 
 _OPEN: OrderedDict[tuple, TaskSource] = OrderedDict()
 _KEEP = 4
@@ -59,6 +60,8 @@ def open_source(data: Any, *, task_column: str | None = None, cache_dir: PathLik
         return FolderSource(BUILTIN)
     path = Path(data).expanduser()
     if path.exists():
+        if not (path.is_dir() or path.is_file()):  # a FIFO would block the reader, a device never end
+            raise DataError(f"{str(path)!r} is a {path_kind(path)}, not a data folder or file")
         if is_superni_dir(path):
             return FolderSource(path)
         from orchmoe.data.reading import parts_from_path

@@ -30,6 +30,7 @@ from orchmoe.data.core import (
     names_builtin,
     parse_examples,
 )
+from orchmoe.utils.fileio import FileFormatError, check_regular_file, path_kind
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,18 @@ def read_split_file(root: Path, split: str, part: str) -> list[str]:
     if part not in ("train", "test"):
         raise ValueError(f"part must be 'train' or 'test', got {part!r}")
     path = root / "splits" / plain_name(split, "split") / f"{part}_tasks.txt"
-    if not path.is_file():
+    if path_kind(path) is None:
         known = sorted(p.name for p in (root / "splits").glob("*") if p.is_dir())
         raise DataError(f"split file {path} not found (splits present in {root}: {known})")
-    return read_name_file(path)
+    return read_name_file(_regular(path, "split file"))
+
+
+def _regular(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file: a FIFO would block the reader, a folder is not a file (named either way)."""
+    try:
+        return check_regular_file(path, what)
+    except (FileNotFoundError, FileFormatError) as e:
+        raise DataError(str(e)) from None
 
 
 def split_dirs(root: Path) -> list[str]:
@@ -209,13 +218,13 @@ class FolderSource(TaskSource):
         return sorted(p.stem for p in (self.root / "tasks").glob("*.json"))
 
     def has_task(self, name: str) -> bool:
-        return task_path(self.root, name).is_file()
+        return path_kind(task_path(self.root, name)) is not None  # a FIFO or a folder there is named on load
 
     def load_task(self, name: str) -> SuperNITask:
         path = task_path(self.root, name)
-        if not path.is_file():
+        if path_kind(path) is None:
             raise DataError(f"task file {path} not found (task {name!r} is not in {self.root})")
-        return read_task_file(path, name)
+        return read_task_file(_regular(path, "task file"), name)
 
     def split_names(self) -> list[str]:
         return split_dirs(self.root)

@@ -85,8 +85,15 @@ def _group_rows(part: Part, schema: Schema) -> dict[str, np.ndarray]:
     if col.null_count:
         row = int(np.flatnonzero(np.asarray(col.is_null()))[0])
         raise DataError(f"{part.origin}: row {row + 1} has a null task name in column {schema.task!r}")
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        col = pc.cast(col, pa.string())
+    if pa.types.is_nested(col.type):
+        raise DataError(
+            f"{part.origin}: column {schema.task!r} holds {col.type} values, not task names (a file of columns? "
+            "write one JSON object per row)"
+        )
+    col = pc.cast(col, pa.string())
+    blank = np.flatnonzero(np.asarray(pc.equal(pc.utf8_trim_whitespace(col), "")))
+    if len(blank):  # a task named '' (or '  ') would train and be scored like any other
+        raise DataError(f"{part.origin}: row {int(blank[0]) + 1} has an empty task name in column {schema.task!r}")
     encoded = col.dictionary_encode()
     codes = np.asarray(encoded.indices)
     order = np.argsort(codes, kind="stable")  # rows of each task, ascending

@@ -255,6 +255,8 @@ class OrchmoeTrainingArguments(TrainingArguments):
         ):
             _at_least(f"--{name.replace('_', '-')}", name, getattr(self, name), 1)
         _at_least("--seed", "seed", self.seed, 0)
+        if self.seed >= 2**32:  # numpy's generators (seeded by the Trainer) take 32 bits
+            raise ArgumentsError(f"--seed: seed must be < 2**32 (4294967296), got {self.seed}")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ArgumentsError(
                 "--warmup-steps: warmup_steps must be a ratio in [0, 1) or a whole number of steps, got "

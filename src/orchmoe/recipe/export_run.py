@@ -15,13 +15,13 @@ checked against the routed adapter on up to ``--check`` prompts (greedy answers 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from orchmoe.data import PromptFormat
 from orchmoe.recipe.run_folder import RunFolder
 from orchmoe.recipe.trained import locate_adapter
+from orchmoe.utils.fileio import read_json_lines
 
 __all__ = ["add_export_parser", "run_export"]
 
@@ -106,19 +106,8 @@ def _file_prompt(row: Any, where: str, tokenizer, fmt: PromptFormat, task_to_id:
 def file_prompts(path: str, tokenizer, fmt: PromptFormat, task_to_id: dict) -> list:
     """Prompts of a jsonl file: each line ``{"prompt": ...}`` (sent as it is) or ``{"definition", "input",
     "examples"?}`` (built as the training prompt); an optional ``task`` names its task (Poly/MHR route by it)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {path!r} does not exist")
-    out = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            out.append(_file_prompt(row, f"{path}:{n}", tokenizer, fmt, task_to_id))
+    rows = read_json_lines(path, "prompts file (JSON lines)")
+    out = [_file_prompt(row, f"{path}:{n}", tokenizer, fmt, task_to_id) for n, row in rows]
     if not out:
         raise ValueError(f"{path} holds no prompts")
     return out

@@ -121,6 +121,10 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # a list or a mapping as a key
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be an option name, got a {type(key).__name__}", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
@@ -193,16 +197,16 @@ def _unknown(parser: argparse.ArgumentParser, option: str, where: str) -> Argume
     return ArgumentsError(f"{where}: unknown option {option!r}{hint}")
 
 
-def _check_given_once(parser: argparse.ArgumentParser, options: list[str], where: str) -> None:
+def _check_given_once(parser: argparse.ArgumentParser, options: list[str], where: str, overrides: bool = True) -> None:
     """Refuse one option under two spellings (``--lr`` and ``--learning_rate``): which one wins would be an
-    accident of their order. The same name again (dashes or underscores, or its ``--no-`` form) is an override,
-    as on any command line."""
+    accident of their order. On a command line (``overrides``) the same name again (dashes or underscores, or its
+    ``--no-`` form) is an override, as on any command line; in a file every option is given once."""
     seen: dict[str, str] = {}
     for option in options:
         dest = _dest_of(parser, option)
         if dest is None:
             raise _unknown(parser, option, where)
-        if dest in seen and _family(seen[dest]) != _family(option):
+        if dest in seen and (not overrides or _family(seen[dest]) != _family(option)):
             raise ArgumentsError(f"{where}: {option} and {seen[dest]} set the same option ({dest}); give it once")
         seen[dest] = option
 
@@ -218,7 +222,7 @@ def _file_flags(parser: argparse.ArgumentParser, options: dict[str, Any], where:
     for k in options:
         spellings = [f"--{k}", f"--{k.replace('-', '_')}", f"--{k.replace('_', '-')}"]
         keys.append(next((s for s in spellings if s in known), spellings[0]))
-    _check_given_once(parser, keys, where)
+    _check_given_once(parser, keys, where, overrides=False)
     argv: list[str] = []
     for key, value in zip(keys, options.values()):
         if value is None or value == []:
@@ -252,11 +256,12 @@ def parse_train_args(argv: list[str]) -> RunOptions:
     pre.add_argument("--method", default=None)
     known, rest = pre.parse_known_args(argv)
     file_options = load_config_file(known.config) if known.config else {}
-    method = known.method or str(file_options.get("method") or "orchmoe")
-    if method not in METHODS:
-        close = difflib.get_close_matches(method, sorted(METHODS), n=1)
+    method = known.method or file_options.get("method") or "orchmoe"
+    if not isinstance(method, str) or method not in METHODS:
+        where = "" if known.method else f"config file {known.config}: "
+        close = difflib.get_close_matches(method, sorted(METHODS), n=1) if isinstance(method, str) else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ArgumentsError(f"unknown method {method!r}; choose one of {sorted(METHODS)}{hint}")
+        raise ArgumentsError(f"{where}unknown method {method!r}; choose one of {sorted(METHODS)}{hint}")
     parser = build_parser(method)
     file_argv = _file_flags(parser, file_options, f"config file {known.config}") if file_options else []
     if file_argv:  # the file alone first, so that a bad value in it is named with the file

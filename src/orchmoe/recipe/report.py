@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchmoe.recipe.run_folder import RunFolder
-from orchmoe.utils.fileio import atomic_write_text
+from orchmoe.utils.fileio import atomic_write_text, check_replaceable, path_kind
 from orchmoe.utils.markdown import markdown_table
 
 __all__ = ["load_run", "build_report", "write_report"]
+
+_REPORT_HEAD = b"## Runs\n"  # how every report begins (`build_report`)
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -120,7 +122,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
     for i, r in enumerate(runs):
         for part in ("seen", "unseen"):
             for cat, s in r.get(part, {}).get("per_category", {}).items():
-                cats.setdefault((part, cat), [None] * len(runs))[i] = s["rougeL"]
+                cats.setdefault((part, cat), [None] * len(runs))[i] = s.get("rougeL")
     if cats:
         cat_rows = [[cat, part, *vals] for (part, cat), vals in sorted(cats.items())]
         parts += [
@@ -134,14 +136,32 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> str:
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
     """Build the report, print it, and write it to `out` when given."""
+    if out is not None:
+        _check_report_out(Path(out))
     text = build_report(run_dirs)
     print(text, end="")
     if out is not None:
         path = Path(out)
-        if path.is_dir():
-            raise IsADirectoryError(f"report output {path} is a directory; name a file")
         if path.parent != Path(""):
             path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
         print(f"report written to {path}")
     return text
+
+
+def _check_report_out(path: Path) -> None:
+    """``--out`` may be a new file or an earlier report (it starts with ``## Runs``): never a user's file, nor
+    another file of a run folder (its metrics.json, its config.yaml), which a mistyped ``--out`` would destroy."""
+    kind = path_kind(path)
+    if kind == "folder":
+        raise IsADirectoryError(f"report output {path} is a directory; name a file")
+    if kind is None:
+        return
+    check_replaceable(path)
+    with open(path, "rb") as fh:
+        head = fh.read(len(_REPORT_HEAD))
+    if head != _REPORT_HEAD:
+        raise FileExistsError(
+            f"report output {path} exists and is not an earlier report: orchmoe replaces only its own reports; "
+            "choose another --out (or remove the file)"
+        )

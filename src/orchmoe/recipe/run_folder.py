@@ -38,13 +38,14 @@ import yaml
 from orchmoe.recipe.args import ArgumentsError
 from orchmoe.utils.fileio import (
     FileFormatError,
-    FolderLock,
     atomic_write_text,
+    manifest_files,
     path_kind,
     read_json,
     reporting_disk_full,
     verify_manifest,
 )
+from orchmoe.utils.folder_lock import FolderLock
 from orchmoe.version import __version__
 
 __all__ = ["CheckpointError", "ResumePlan", "RunFolder"]
@@ -150,11 +151,24 @@ class RunFolder:
         return self.read_json(self.SUMMARY) if (self.path / self.SUMMARY).is_file() else {}
 
     def read_metrics(self) -> dict:
+        """``metrics.json``, checked to be what an evaluation writes: a mapping whose parts (``seen``, ``unseen``)
+        and their ``overall`` / ``per_task`` / ``per_category`` entries are mappings."""
         if not (self.path / self.METRICS).is_file():
             raise FileNotFoundError(
                 f"{self.path} has no {self.METRICS}: evaluate it first with `orchmoe eval {self.path}`"
             )
-        return self.read_json(self.METRICS)
+        metrics = self.read_json(self.METRICS)
+        where = self.path / self.METRICS
+        if not isinstance(metrics, dict):
+            raise ArgumentsError(f"{where} holds a {type(metrics).__name__}, not the metrics of an evaluation")
+        for part in ("seen", "unseen"):
+            value = metrics.get(part, {})
+            entries = list(value.values()) if isinstance(value, dict) else None
+            if isinstance(value, dict) and isinstance(value.get("per_category"), dict):
+                entries += list(value["per_category"].values())
+            if entries is None or not all(isinstance(v, dict) for v in entries):
+                raise ArgumentsError(f"{where}: {part!r} is not a mapping of overall / per-task / per-category scores")
+        return metrics
 
     def write_results(self, metrics: dict, markdown: str, predictions: list[dict], folder: Path | None = None) -> Path:
         """metrics.json, metrics.md and predictions.jsonl of an evaluation (in ``folder``: an ``eval-*`` one)."""
@@ -447,13 +461,14 @@ def _written_files(folder: Path) -> list[str]:
     """The files orchmoe (or the Trainer under it) wrote into one of its sub-folders: its manifest's list, the
     known names of analysis/eval folders, an adapter's files, tracker event files."""
     out: list[str] = []
+    listed = False
     manifest = folder / RunFolder.MANIFEST
     if path_kind(manifest) == "regular file":
-        try:
-            files = read_json(manifest, "manifest").get("files", {})
-            out += [rel for rel in files if isinstance(rel, str) and ".." not in Path(rel).parts]
-        except (OSError, ValueError, AttributeError):
-            pass
+        try:  # never a path outside the folder (a received run's manifest may name any)
+            out += list(manifest_files(folder, RunFolder.MANIFEST))
+            listed = True
+        except (OSError, ValueError):
+            pass  # unreadable, or naming files outside: judged by the names below, as without one
         out.append(RunFolder.MANIFEST)
     name = folder.name
     if name == RunFolder.ANALYSIS:
@@ -464,8 +479,8 @@ def _written_files(folder: Path) -> list[str]:
         out += ["adapter_config.json", "adapter_model.safetensors", "README.md"]
     elif name == RunFolder.LOGS:
         out += [str(p.relative_to(folder)) for p in folder.rglob("events.out.tfevents.*")]
-    elif name.startswith(("checkpoint-", "corrupt-checkpoint-")) and not out:
-        # a checkpoint cut short before its manifest: the Trainer's own names
+    elif name.startswith(("checkpoint-", "corrupt-checkpoint-")) and not listed:
+        # a checkpoint cut short before its manifest (or with one that cannot be trusted): the Trainer's own names
         out += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and _trainer_file(p.name)]
     return out
 

@@ -20,7 +20,7 @@ from typing import Any
 from orchmoe.serving.engine import Engine, GenerationRequest
 from orchmoe.serving.errors import RequestError
 from orchmoe.serving.sampling import SamplingParams
-from orchmoe.utils.fileio import append_lines, atomic_write, atomic_write_text
+from orchmoe.utils.fileio import append_lines, atomic_write, atomic_write_text, check_regular_file, read_json_lines
 
 __all__ = ["predict", "read_rows", "journal_path"]
 
@@ -28,34 +28,46 @@ _FORMAT = "orchmoe-predict-1"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl`` / ``.json`` (lines) or ``.parquet`` file, each checked to hold a prompt."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    """The rows of a ``.jsonl`` / ``.json`` (lines) or ``.parquet`` file, each checked as a request body is
+    (`orchmoe.serving.protocol`: ``prompt``, or ``definition`` and ``input``, ``examples``, ``task``), so a
+    malformed row is named before any model is loaded."""
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(check_regular_file(path, "parquet file")).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} cannot be read as parquet ({e})") from None
     else:
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path} line {n}: a row must be a JSON object")
-                rows.append(row)
+        rows = [row for _, row in read_json_lines(path, "JSON lines file of rows")]
     for i, row in enumerate(rows):
-        has_prompt = isinstance(row.get("prompt"), str) and row["prompt"].strip()
-        has_input = isinstance(row.get("input"), str) and row["input"].strip()
-        if not (has_prompt or has_input):
-            raise ValueError(f"{path} row {i}: needs a non-empty 'prompt', or 'definition' and 'input'")
+        _check_row(row, f"{path} row {i}")
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows
+
+
+def _check_row(row: dict, where: str) -> None:
+    """A row holds what a completion request would, with the same types (a list where a string belongs is not
+    stringified into the prompt) and a prompt to answer."""
+    from pydantic import ValidationError
+
+    from orchmoe.serving.protocol import CompletionBody, _first_error
+
+    fields = {k: row[k] for k in ("prompt", "definition", "input", "examples", "task") if row.get(k) is not None}
+    if "examples" not in fields and row.get("positive_examples") is not None:
+        fields["examples"] = row["positive_examples"]
+    try:
+        CompletionBody.model_validate(fields)
+    except ValidationError as e:
+        raise ValueError(f"{where}: {_first_error(e).message}") from None
+    has_prompt = isinstance(row.get("prompt"), str) and row["prompt"].strip()
+    has_input = isinstance(row.get("input"), str) and row["input"].strip()
+    if not (has_prompt or has_input):
+        raise ValueError(f"{where}: needs a non-empty 'prompt', or 'definition' and 'input'")
 
 
 def journal_path(output: Path) -> Path:
@@ -69,17 +81,25 @@ def _header(input_path: Path, settings: dict) -> dict:
 
 def _resume(journal: Path, header: dict) -> dict[int, dict]:
     """The finished records of a journal (its torn last line cut off); an incompatible journal is an error."""
-    raw = journal.read_bytes()
+    raw = check_regular_file(journal, "predict journal").read_bytes()
     whole = raw[: raw.rfind(b"\n") + 1]
-    if len(whole) != len(raw):
-        with open(journal, "r+b") as fh:  # a line torn by a kill: drop it
-            fh.truncate(len(whole))
-    lines = whole.decode("utf-8").splitlines()
-    if not lines or json.loads(lines[0]) != header:
+    try:
+        lines = whole.decode("utf-8").splitlines()
+        same = bool(lines) and json.loads(lines[0]) == header
+        records = {rec["index"]: rec for rec in map(json.loads, lines[1:])} if same else {}
+    except (ValueError, KeyError, TypeError):  # not JSON lines, or not records of orchmoe predict
+        raise ValueError(
+            f"{journal} is not the journal of an orchmoe predict (its lines are not its records): run with "
+            "--overwrite to start over"
+        ) from None
+    if not same:
         raise ValueError(
             f"{journal} holds the answers of another input or other settings: run with --overwrite to start over"
         )
-    return {rec["index"]: rec for rec in map(json.loads, lines[1:])}
+    if len(whole) != len(raw):
+        with open(journal, "r+b") as fh:  # a line torn by a kill: drop it
+            fh.truncate(len(whole))
+    return records
 
 
 def _request(served: Any, row: dict, max_tokens: int) -> GenerationRequest:
@@ -195,6 +215,22 @@ def _write_output(out: Path, records: list[dict]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        atomic_write(out, lambda p: pq.write_table(pa.Table.from_pylist(records), p))
+        table = pa.Table.from_pylist(_one_type_per_column(records))
+        atomic_write(out, lambda p: pq.write_table(table, p))
     else:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _one_type_per_column(records: list[dict]) -> list[dict]:
+    """Records whose columns mix types (ids 1 and "two" copied from the input) with those values as JSON text: a
+    parquet column has one type, and the answers are written only after all of them were computed."""
+
+    def kind(v: Any) -> str:
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+    keys = {k for r in records for k in r}
+    mixed = {k for k in keys if len({kind(r[k]) for r in records if r.get(k) is not None}) > 1}
+    if not mixed:
+        return records
+    text = lambda v: v if isinstance(v, str) or v is None else json.dumps(v)  # noqa: E731
+    return [{k: (text(v) if k in mixed else v) for k, v in r.items()} for r in records]

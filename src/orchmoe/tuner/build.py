@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from orchmoe.adapters.peft_lora import from_peft_config, init_from_peft_lora
+from orchmoe.adapters.unit_save import adopt_saves
 from orchmoe.core.config import AdapterConfig
 from orchmoe.core.layer import RoutedLoraLayer
 from orchmoe.tuner.calls import accept_task_ids
@@ -56,7 +57,7 @@ def get_model(
     if config.task_type is None:
         enc_dec = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", False))
         config = dataclasses.replace(config, task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM")
-    model = accept_task_ids(get_peft_model(base_model, config))
+    model = adopt_saves(accept_task_ids(get_peft_model(base_model, config)))
     tuner = model.base_model
     if base_model_source:
         model.peft_config["default"].base_model_name_or_path = base_model_source

@@ -30,7 +30,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from orchmoe.adapters import export, folder
+from orchmoe.adapters import export, folder, unit_save
 from orchmoe.adapters.provenance import model_source
 from orchmoe.core.config import AdapterConfig, ConfigError
 from orchmoe.core.layer import RoutedLoraLayer
@@ -190,6 +190,7 @@ class RoutedModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         tuner = _tuner_of(model)
         calls.accept_task_ids(model)
+        unit_save.adopt_saves(model)
         return folder.adapter_tensors_for_save(tuner, model, state_dict)
 
     @classmethod
@@ -200,6 +201,7 @@ class RoutedModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = _tuner_of(model)
         calls.accept_task_ids(model)
+        unit_save.adopt_saves(model)
         return folder.adapter_tensors_for_load(tuner, model, config, state_dict)
 
     # -- the adapter ---------------------------------------------------------------------------
@@ -320,6 +322,8 @@ class RoutedModel(BaseTuner):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise RoutingError("routing needs input_ids or inputs_embeds")
+        if ref.dim() < 2 or ref.shape[1] == 0:  # shapes only (no host sync); a model cannot read an empty prompt
+            raise RoutingError(f"the prompt is empty or not a batch: input shape {tuple(ref.shape)}, want (b, n>0)")
         batch = ref.shape[0]
         inputs = RoutingInputs(batch=batch, task_ids=checked_task_ids(cfg, task_ids, batch, ref.device))
         if cfg.routing == "prompt":

@@ -5,8 +5,9 @@ to disk, then rename it over the target. A failure leaves the previous file unto
 the temporary; a full disk is reported as such, naming the file. Only a regular file (or nothing) is
 ever replaced: a symlink, a device, a FIFO or a folder at the target is refused, so a path from a
 received run folder or a careless ``--out`` cannot redirect a write. A whole folder is replaced as one
-unit by `replace_dir` (an atomic exchange where the kernel offers one). Also here: the checksummed
-manifest that marks a folder complete, and the exclusive lock of a folder (which never follows a link).
+unit by `replace_dir` (an atomic exchange where the kernel offers one). Also here: the readers of what a user
+gives (JSON, JSON lines: only regular files, sizes bounded, every problem named with the file) and the checksummed
+manifest that marks a folder complete. The exclusive lock of a folder is `orchmoe.utils.folder_lock`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import stat
-import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +40,13 @@ __all__ = [
     "is_disk_full",
     "sha256_file",
     "read_json",
+    "read_json_lines",
+    "check_regular_file",
+    "manifest_files",
     "FileFormatError",
     "MAX_JSON_BYTES",
     "write_manifest",
     "verify_manifest",
-    "FolderLock",
-    "FolderLockedError",
     "cache_root",
     "CACHE_ENV",
 ]
@@ -231,7 +230,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     if path_kind(target) is None:
         os.rename(new, target)
     elif _exchange(new, target):
-        shutil.rmtree(new)  # now the old folder
+        _discard(new)  # now the old folder
     else:
         parked = target.with_name(f".{target.name}.old")
         if parked.exists():
@@ -249,6 +248,16 @@ def recover_dir(target: str | os.PathLike) -> None:
     parked = target.with_name(f".{target.name}.old")
     if path_kind(target) is None and path_kind(parked) == "folder":
         os.rename(parked, target)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder that was just swapped out of place, marked first and the mark deleted last: a kill during
+    the deletion leaves a marked partial that the next `atomic_folder` sweeps, not an orphan."""
+    (folder / _PARTIAL_MARK).touch()
+    for child in folder.iterdir():
+        if child.name != _PARTIAL_MARK:
+            shutil.rmtree(child) if path_kind(child) == "folder" else child.unlink()
+    shutil.rmtree(folder)
 
 
 def fsync_tree(path: Path) -> None:
@@ -304,6 +313,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     try:
         with reporting_disk_full(target):
             yield stage
+            fsync_tree(stage)  # the slow part while the mark still says "partial": a kill here leaves a swept stage
             (stage / _PARTIAL_MARK).unlink()
             replace_dir(stage, target)
     finally:
@@ -321,6 +331,71 @@ class FileFormatError(ValueError):
     """A file that cannot be read as what it should be (not UTF-8, not JSON, nested too deeply, too large)."""
 
 
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a regular file (or a link to one): a FIFO would block a reader, a device never end.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        FileFormatError: something else than a file there (named: a folder, a FIFO, a device, ...).
+    """
+    path = Path(path)
+    kind = path_kind(path)
+    if kind is None:
+        raise FileNotFoundError(f"no {what} at {path}")
+    if kind != "regular file" and not (kind == "symbolic link" and path.is_file()):
+        target = f" (a link to a {_target_kind(path)})" if kind == "symbolic link" else ""
+        raise FileFormatError(f"{path} is a {kind}{target}, not a {what}")
+    return path
+
+
+def _target_kind(link: Path) -> str:
+    try:
+        return _KINDS.get(stat.S_IFMT(os.stat(link).st_mode), "special file")
+    except OSError:
+        return "missing target"
+
+
+def _read_regular(path: Path, what: str, max_bytes: int) -> bytes:
+    check_regular_file(path, what)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FileFormatError(f"{path} is {size:,} bytes, over the {max_bytes:,} bytes a {what} may have")
+    return path.read_bytes()
+
+
+def read_json_lines(
+    path: str | os.PathLike, what: str = "JSON lines file", max_bytes: int = 1 << 30
+) -> list[tuple[int, dict]]:
+    """The rows of a JSON-lines file with their line numbers (blank lines skipped), each a JSON object; any way
+    the file is unreadable is a `FileFormatError` naming the file and the line (the one reader of the jsonl files
+    a user gives orchmoe).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        FileFormatError: not a regular file, too large, not UTF-8, a line that is not JSON or not an object.
+    """
+    path = Path(path)
+    data = _read_regular(path, what, max_bytes)
+    rows = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise FileFormatError(f"{path} line {n}: not UTF-8 text (byte {e.start}): not a {what}") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileFormatError(f"{path} line {n}: not valid JSON ({e.msg}): not a {what}") from None
+        except RecursionError:
+            raise FileFormatError(f"{path} line {n}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise FileFormatError(f"{path} line {n}: a row must be a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path``; any way the file is unreadable is a `FileFormatError` naming it.
 
@@ -332,15 +407,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int =
         FileFormatError: anything else that keeps it from being read.
     """
     path = Path(path)
-    kind = path_kind(path)
-    if kind is None:
-        raise FileNotFoundError(f"no {what} at {path}")
-    if kind != "regular file" and not (kind == "symbolic link" and path.is_file()):
-        raise FileFormatError(f"{path} is a {kind}, not a {what}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise FileFormatError(f"{path} is {size:,} bytes, over the {max_bytes:,} bytes a {what} may have")
-    data = path.read_bytes()
+    data = _read_regular(path, what, max_bytes)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -377,17 +444,36 @@ def write_manifest(folder: str | os.PathLike, name: str = "manifest.json") -> di
     return files
 
 
+def manifest_files(folder: str | os.PathLike, name: str = "manifest.json") -> dict[str, Any]:
+    """The file list of ``folder/name``: relative paths inside ``folder`` mapped to their recorded size and sha256.
+
+    A manifest comes with a folder that may have been received from anyone: an entry that is absolute or climbs
+    out with ``..`` would make a check read, or a clean-up delete, a file outside the folder, so it is refused.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        FileFormatError: unreadable, not a manifest, or an entry outside the folder.
+    """
+    path = Path(folder) / name
+    manifest = read_json(path, "manifest")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise FileFormatError(f"{path} has no file list")
+    for rel in files:
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+            raise FileFormatError(f"{path} names {rel!r}, a path outside its folder: not an orchmoe manifest")
+    return files
+
+
 def verify_manifest(folder: str | os.PathLike, name: str = "manifest.json") -> str | None:
     """None when every file of ``folder/name`` is present with its size and checksum, else what is wrong."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / name).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if not isinstance(files, dict) or not files:
-            raise ValueError("no file list")
+        files = manifest_files(folder, name)
     except FileNotFoundError:
         return f"no {name}"
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except FileFormatError as e:
         return f"{name} is unreadable ({e})"
     for rel, want in files.items():
         p = folder / rel
@@ -398,91 +484,3 @@ def verify_manifest(folder: str | os.PathLike, name: str = "manifest.json") -> s
         if sha256_file(p) != want.get("sha256"):
             return f"{rel} does not match its checksum (corrupted)"
     return None
-
-
-# -- an exclusive lock on a folder -------------------------------------------------------------
-
-
-class FolderLockedError(RuntimeError):
-    """Another process holds the folder's lock."""
-
-
-class FolderLock:
-    """An exclusive `fcntl.flock` on a lock file, holding the holder's pid, host and start time.
-
-    The kernel drops the lock when the holder exits, however it exits (a SIGKILL included), so a stale
-    lock file never blocks anyone. On a filesystem without locks it warns and carries on unlocked.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self, what: str) -> None:
-        """Take the lock or raise `FolderLockedError` naming ``what`` and the holder."""
-        if self._fd is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not a POSIX system
-            warnings.warn(f"cannot lock {what} on this platform: do not run two trainings into it", stacklevel=2)
-            return
-        try:  # never through a link: a lock file linking elsewhere must not truncate its target
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
-        except OSError as e:
-            raise UnsafePathError(
-                errno.ELOOP,
-                f"cannot lock {what}: {self.path} is a {path_kind(self.path) or 'path that cannot be opened'} "
-                f"({e.strerror}); orchmoe's lock file must be a regular file it created (remove it)",
-            ) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafePathError(
-                errno.EEXIST, f"cannot lock {what}: {self.path} is not a regular file (remove it and start again)"
-            )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise FolderLockedError(
-                f"{what} is in use by another orchmoe run ({holder}); wait for it to finish, or use another --out"
-            ) from None
-        except OSError as e:  # pragma: no cover - e.g. a network filesystem without flock
-            os.close(fd)
-            warnings.warn(f"cannot lock {what} ({e}): do not run two trainings into it", stacklevel=2)
-            return
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        try:
-            with reporting_disk_full(self.path):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(info).encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def __del__(self) -> None:  # a lock object dropped without release() does not keep the folder locked
-        self.release()
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)  # no stale holder shown to the next one
-        except OSError:  # pragma: no cover
-            pass
-        os.close(self._fd)  # closing the descriptor releases the flock
-        self._fd = None
-
-
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "its pid is not recorded yet"

@@ -21,7 +21,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchmoe.adapters.export import BUNDLE_FORMAT, BUNDLE_MANIFEST, ExportError
+from orchmoe.adapters.export import (
+    BUNDLE_FORMAT,
+    BUNDLE_LORAS,
+    BUNDLE_MANIFEST,
+    BUNDLE_README,
+    BUNDLE_ROUTER_CONFIG,
+    BUNDLE_ROUTER_WEIGHTS,
+    ExportError,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -37,10 +45,10 @@ __all__ = [
 
 BUNDLE_VERSION = 1
 MANIFEST = BUNDLE_MANIFEST
-README = "README.md"
-ROUTER_CONFIG = "router.json"
-ROUTER_WEIGHTS = "router.safetensors"
-LORAS = "loras"
+README = BUNDLE_README
+ROUTER_CONFIG = BUNDLE_ROUTER_CONFIG
+ROUTER_WEIGHTS = BUNDLE_ROUTER_WEIGHTS
+LORAS = BUNDLE_LORAS
 
 
 class BundleError(ExportError):
