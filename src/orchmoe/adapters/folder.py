@@ -194,7 +194,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise AdapterMismatchError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
     if is_legacy(meta):
-        _check_layers(meta.get("layers"), folder / ADAPTER_CONFIG, "layers")
+        _check_layer_shapes_field(meta.get("layers"), folder / ADAPTER_CONFIG, "layers")
         version = meta.get("orchmoe_version")
     else:
         peft_type = str(meta.get("peft_type") or "")
@@ -239,10 +239,10 @@ def _check_record(meta: dict, file: Path) -> None:
     for key in ("layers", "base_model", "metadata"):
         if key in record and not isinstance(record[key], dict):
             raise AdapterMismatchError(f"{file}: 'orchmoe.{key}' must be a mapping, got {type(record[key]).__name__}")
-    _check_layers(record.get("layers"), file, "orchmoe.layers")
+    _check_layer_shapes_field(record.get("layers"), file, "orchmoe.layers")
 
 
-def _check_layers(layers: Any, file: Path, field: str) -> None:
+def _check_layer_shapes_field(layers: Any, file: Path, field: str) -> None:
     """The recorded layer shapes (either format): a mapping of layer paths to [in, out] positive integers."""
     if layers is None:
         return
