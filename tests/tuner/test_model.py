@@ -4,8 +4,6 @@ Saving and loading adapter folders: tests/adapters/test_folder.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,24 +32,6 @@ from orchmoe import (
     RoutingError,
     get_model,
 )
-from orchmoe.adapters.folder import ADAPTER_CONFIG
-from orchmoe.adapters.provenance import model_fingerprint
-
-
-def write_legacy_config(model, folder, version, alpha):
-    """The adapter_config.json orchmoe 0.1 / 0.2 wrote for this model (the tensors were named alike)."""
-    cfg = model.adapter_config.method_fields()
-    cfg["alpha"] = alpha
-    meta = {
-        "format": "orchmoe-adapter",
-        "orchmoe_version": version,
-        "method": cfg["method"],
-        "config": cfg,
-        "base_model": {"name": "tiny", **model_fingerprint(model.get_base_model(), with_weights=False)},
-        "layers": {k: list(v) for k, v in model.layer_shapes.items()},
-        "metadata": {},
-    }
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta))
 
 
 def _routed(arch, method, seed=0, **overrides):
