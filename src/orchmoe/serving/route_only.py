@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from orchmoe.adapters.bundle import BundleManifest, lora_name
-from orchmoe.serving.backend import Prepared
+from orchmoe.serving.backend import EventStream, Prepared
 from orchmoe.serving.engine import Event, Overloaded
 from orchmoe.serving.loader import Served
 from orchmoe.serving.protocol import ChatBody, CompletionBody, Limits, RequestError, build_request
@@ -44,14 +44,13 @@ def route_of(served: Served, prompt_ids: list[int], route: Any, bundle: BundleMa
     )
 
 
-class _UpstreamStream:
+class _UpstreamStream(EventStream):
     """The upstream server's SSE chunks as engine `Event`s. A task of its own reads the upstream response into a
     queue, so a reader that stops waiting (to check its client) never interrupts the upstream read."""
 
     def __init__(self, response, prompt_tokens: int) -> None:
+        super().__init__()  # the queue and the iteration over it (EventStream's)
         self.response, self.prompt_tokens = response, prompt_tokens
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.finished = False
         self.task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
@@ -77,16 +76,6 @@ class _UpstreamStream:
             await self.response.aclose()
         self.queue.put_nowait(Event("done", text="".join(text), finish_reason=reason,
                                     prompt_tokens=self.prompt_tokens, completion_tokens=tokens))  # fmt: skip
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Event:
-        if self.finished:
-            raise StopAsyncIteration
-        event = await self.queue.get()
-        self.finished = event.kind != "delta"
-        return event
 
     def close(self) -> None:
         """Stop reading: closing the connection ends the upstream request too."""
